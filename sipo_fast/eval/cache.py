@@ -1,0 +1,86 @@
+"""Scoring cache: every (prompt, response, scorer) is scored once per run directory.
+
+A sweep scores W weights × P prompts × M methods responses per objective, and greedy decoding often gives
+the same response at neighbouring weights or across methods; the scorers (a sentence-embedding model, or a
+7B reward model in the paper's setting) dominate evaluation time once generation is batched. Scores are
+kept in SQLite (stdlib, safe for concurrent readers, one file) at ``<run_dir>/eval/scores.sqlite``.
+The key is the scorer's ``name`` plus the exact prompt and response text, so two scorers must not share a
+name unless they give the same numbers.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+_SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
+    scorer TEXT NOT NULL, prompt TEXT NOT NULL, response TEXT NOT NULL, score REAL NOT NULL,
+    PRIMARY KEY (scorer, prompt, response))"""
+
+
+class ScoreCache:
+    """Persistent map (scorer name, prompt, response) → float. ``path=None`` keeps it in memory."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:")
+        self._db.execute(_SCHEMA)
+        self._db.commit()
+
+    def get(self, scorer: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float | None]:
+        """Cached scores in input order, None where missing."""
+        q = "SELECT score FROM scores WHERE scorer=? AND prompt=? AND response=?"
+        out = []
+        for p, r in zip(prompts, responses):
+            row = self._db.execute(q, (scorer, p, r)).fetchone()
+            out.append(None if row is None else float(row[0]))
+        return out
+
+    def put(self, scorer: str, prompts: Sequence[str], responses: Sequence[str], scores: Sequence[float]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?)",
+                             [(scorer, p, r, float(s)) for p, r, s in zip(prompts, responses, scores)])
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM scores").fetchone()[0])
+
+    def close(self) -> None:
+        self._db.close()
+
+
+class CachedScorer:
+    """Wraps a scorer (``name``, ``higher_is_better``, ``score(prompts, responses) -> [B]``) with a
+    :class:`ScoreCache`: each call scores only the distinct (prompt, response) pairs not yet cached, in one
+    batched call, and returns scores in input order. ``calls`` / ``scored`` count the underlying work."""
+
+    def __init__(self, scorer, cache: ScoreCache):
+        for attr in ("name", "higher_is_better", "score"):
+            if not hasattr(scorer, attr):
+                raise ValueError(f"CachedScorer: {scorer!r} has no {attr!r}; scorers need name, higher_is_better "
+                                 "and score(prompts, responses)")
+        self.scorer, self.cache = scorer, cache
+        self.name, self.higher_is_better = scorer.name, bool(scorer.higher_is_better)
+        self.calls = self.scored = 0
+
+    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        if len(prompts) != len(responses):
+            raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
+        cached = self.cache.get(self.name, prompts, responses)
+        todo = list(dict.fromkeys((p, r) for p, r, s in zip(prompts, responses, cached) if s is None))
+        if todo:
+            ps, rs = [p for p, _ in todo], [r for _, r in todo]
+            fresh = torch.as_tensor(self.scorer.score(ps, rs), dtype=torch.float64).reshape(-1)
+            if fresh.numel() != len(todo):
+                raise ValueError(f"scorer {self.name!r} returned {fresh.numel()} scores for {len(todo)} inputs")
+            self.cache.put(self.name, ps, rs, fresh.tolist())
+            self.calls, self.scored = self.calls + 1, self.scored + len(todo)
+            lookup = dict(zip(todo, fresh.tolist()))
+            cached = [lookup[(p, r)] if s is None else s for p, r, s in zip(prompts, responses, cached)]
+        return torch.tensor(cached, dtype=torch.float32)
+
+    __call__ = score
