@@ -3,6 +3,7 @@
 
 namespace sipo_fast {
 void register_all(pybind11::module_& m) {
-  (void)m;  // components: see the init_* calls added below as they land
+  init_block_manager(m);    // block_manager.cpp: BlockManager, OutOfBlocksError
+  init_paged_attention(m);  // paged_attention.cpp: paged_attention_decode (CPU)
 }
 }  // namespace sipo_fast

@@ -1,0 +1,24 @@
+"""Shared paged KV cache: one block table for all policies, prompts prefilled once and shared by every sample.
+
+- :class:`BlockManager` (C++, ``sipo_fast._C``): which blocks each sequence owns; fork, copy-on-write,
+  optional prefix caching. Errors: :class:`OutOfBlocksError` (a RuntimeError), KeyError, ValueError.
+- :class:`PagedKVPool`: one policy's K/V pages, ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
+- :class:`SharedPagedKV`: one BlockManager + one pool per policy (same geometry, same block tables), and the
+  per-forward bookkeeping (which rows, which new tokens, where they go).
+- :class:`PagedCache` + :func:`paged_attention_enabled`: the transformers integration (a ``Cache`` whose
+  layers write K/V into pages and an attention function, ``"sipo_paged"``, that reads them in place), so stock
+  HF Llama, Mistral and Qwen2 models run on it unchanged.
+"""
+from __future__ import annotations
+
+from sipo_fast import _ext
+
+__all__ = ["BlockManager", "OutOfBlocksError"]
+
+
+def __getattr__(name: str):
+    # The block manager lives in the compiled extension; resolve it on first use so `import sipo_fast.kv`
+    # works without it and the error (with the build command) appears only when the cache is used.
+    if name in ("BlockManager", "OutOfBlocksError"):
+        return getattr(_ext.require(f"sipo_fast.kv.{name}"), name)
+    raise AttributeError(f"module 'sipo_fast.kv' has no attribute {name!r}")
