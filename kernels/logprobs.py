@@ -25,7 +25,7 @@ def _token_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, out_ptr, lse_ptr,
     M, V, K,
     stride_hm, stride_hk, stride_wv, stride_wk,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -46,6 +46,9 @@ def _token_logprobs_fwd_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_K)
             w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
                         mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # (BLOCK_K, BLOCK_V)
+            if UPCAST_DOT:
+                h = h.to(ACC_DTYPE)
+                w = w.to(ACC_DTYPE)
             z = tl.dot(h, w, z, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -65,7 +68,7 @@ def _token_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr, dz_ptr,
     M, V, K,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_dm, stride_dv,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -82,6 +85,9 @@ def _token_logprobs_bwd_kernel(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         w = tl.load(w_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wk,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)
+        if UPCAST_DOT:
+            h = h.to(ACC_DTYPE)
+            w = w.to(ACC_DTYPE)
         z = tl.dot(h, w, z, out_dtype=ACC_DTYPE)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
@@ -115,6 +121,13 @@ def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _upcast_dot(t: torch.Tensor) -> bool:
+    """Triton 3.9's interpreter returns garbage for tl.dot on bf16/fp16 tiles, so under the interpreter the
+    tiles are upcast first. Same numbers as the GPU's half-precision dot: products of two half-precision values
+    are exact in fp32, and both accumulate in fp32."""
+    return _interpreting(t) and t.dtype in (torch.bfloat16, torch.float16)
+
+
 def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                            bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """log p(label) and lse for every row. hidden [M,K], weight [V,K], labels [M] in [0, V) (no ignored rows:
@@ -132,7 +145,7 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
         hidden, weight, bias if bias is not None else hidden, labels, out, lse,
         M, V, K,
         hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype),
+        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden),
         BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
     )
     return out, lse
@@ -155,7 +168,10 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     grad_b = torch.zeros(V, dtype=acc, device=weight.device) if (need_bias and bias is not None) else None
     bm, bv, bk = _blocks(K, hidden.dtype, _interpreting(hidden))
     chunk = max(1, min(chunk_size, M))
-    dz = torch.empty((chunk, V), dtype=hidden.dtype, device=hidden.device)
+    # The interpreter converts fp32 -> bf16 by truncation, not round-to-nearest as GPUs do, doubling the rounding
+    # error; there the kernel writes fp32 and torch rounds (the .to below is a no-op on GPUs).
+    dz_dtype = acc if _upcast_dot(hidden) else hidden.dtype
+    dz = torch.empty((chunk, V), dtype=dz_dtype, device=hidden.device)
     g = grad_out.to(acc).contiguous()
     labels = labels.contiguous()
     for start in range(0, M, chunk):
@@ -166,9 +182,10 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
             h_c, weight, bias if bias is not None else h_c, labels[start:stop], lse[start:stop], g[start:stop], dz_c,
             stop - start, V, K,
             h_c.stride(0), h_c.stride(1), weight.stride(0), weight.stride(1), dz_c.stride(0), dz_c.stride(1),
-            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype),
+            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden),
             BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
         )
+        dz_c = dz_c.to(hidden.dtype)
         torch.matmul(dz_c, weight, out=grad_h[start:stop])
         if grad_w is not None:
             if hidden.dtype == acc:
