@@ -1,0 +1,159 @@
+"""``sipo-fast``: the command line. Thin on purpose: it parses arguments and calls ``sipo_fast.pipeline``.
+
+    sipo-fast demo                                   # the whole pipeline + evaluation on the embedded model
+    sipo-fast run --preset smoke --output-dir runs/smoke sample.max_new_tokens=16
+    sipo-fast align|sample|refine|filter|finetune|evaluate --preset demo --output-dir runs/demo
+    sipo-fast status --output-dir runs/demo          # which stages are done, stale or waiting, and why
+    sipo-fast config --preset demo > my.yaml         # the resolved config, to edit and pass with --config
+    sipo-fast eval ...                               # stand-alone evaluation (sipo_fast.eval)
+    sipo-fast env                                    # versions and build facts
+
+No torch import at module level: ``sipo-fast --help`` answers instantly.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+STAGE_COMMANDS = {
+    "align": "stage 1: one DPO run per objective from the reference model",
+    "sample": "stage 2.1: MOD over the stage-1 policies at every weight, on the conflicting prompts",
+    "refine": "stage 2.2: review and rewrite each candidate (a pass-through when refine.enabled=false)",
+    "filter": "stage 2.3: keep candidates that strictly dominate both originals; build D_c",
+    "finetune": "stage 3: fine-tune each policy on D_c with the SIPO loss",
+    "evaluate": "the pipeline's evaluation stage: MOD sweeps of the fine-tuned policies and baselines",
+}
+_OVERRIDES_HELP = "config overrides section.key=value (value parsed as YAML), e.g. sample.max_new_tokens=32"
+
+
+def _config_args(p: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:
+    p.add_argument("--config", metavar="FILE.yaml", help="YAML config (mirrors PipelineConfig; see configs/)")
+    p.add_argument("--preset", default=default_preset, help="named preset: smoke, demo, beavertails, helpsteer"
+                   + (f" (default: {default_preset})" if default_preset else ""))
+    p.add_argument("overrides", nargs="*", metavar="section.key=value", help=_OVERRIDES_HELP)
+
+
+def _run_args(p: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:
+    _config_args(p, default_preset=default_preset)
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset or config name>)")
+    p.add_argument("--force", action="store_true", help="discard an existing run directory and start over")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help="warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sipo-fast", description="SIPO multi-objective alignment, made fast.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    p = sub.add_parser("run", help="run every stage that is not up to date (resumes an interrupted run)",
+                       description="Run the pipeline: align, sample, refine, filter, finetune, evaluate. Finished "
+                                   "stages whose inputs did not change are skipped; changed ones re-run.")
+    _run_args(p)
+    p = sub.add_parser("demo", help="the whole pipeline + evaluation on the embedded SmolLM2-135M (~15 min on 2 cores)",
+                       description="sipo-fast run --preset demo, ending with the evaluation report.")
+    _run_args(p, default_preset="demo")
+    for name, text in STAGE_COMMANDS.items():
+        p = sub.add_parser(name, help=text, description=f"Run only {text}. Upstream stages must be done (same "
+                           "config and --output-dir).")
+        _run_args(p)
+        p.add_argument("--rerun", action="store_true", help="run the stage even if it is up to date")
+    p = sub.add_parser("status", help="show which stages are done, stale or waiting, and why")
+    _config_args(p)
+    p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset or config name>)")
+    p = sub.add_parser("config", help="print the resolved config as YAML")
+    _config_args(p)
+    p = sub.add_parser("eval", help="stand-alone evaluation of saved policies (sipo_fast.eval)")
+    _add_eval_arguments(p)
+    sub.add_parser("env", help="print versions and build facts (torch, triton, CUDA, extension)")
+    return parser
+
+
+def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
+    try:
+        from sipo_fast.eval import cli as eval_cli
+    except ImportError:
+        eval_cli = None
+    if eval_cli is not None and hasattr(eval_cli, "add_arguments"):
+        eval_cli.add_arguments(p)
+        p.set_defaults(_eval_run=eval_cli.run)
+    else:  # the evaluation package has no CLI of its own: evaluate a run directory through the pipeline
+        _run_args(p)
+        p.set_defaults(_eval_run=None)
+
+
+def _load_config(args):
+    from sipo_fast.pipeline import load_config
+
+    return load_config(args.config, args.preset, args.overrides)
+
+
+def _output_dir(args) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir)
+    name = args.preset or (Path(args.config).stem if args.config else "sipo")
+    return Path("runs") / name
+
+
+def _setup_logging(quiet: bool) -> None:
+    logger = logging.getLogger("sipo_fast")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[sipo] %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _pipeline(args):
+    from sipo_fast.pipeline import SIPOPipeline
+
+    return SIPOPipeline(_load_config(args), _output_dir(args), force=getattr(args, "force", False),
+                        progress=not getattr(args, "no_progress", False))
+
+
+def _print_summary(out_dir: Path, summary: dict) -> None:
+    filt = summary.get("filter")
+    if filt:
+        print(f"filter: {filt['candidates']} candidates, {filt['rewrites_kept']} rewrites kept, {filt['survivors']} "
+              f"strictly dominating, {filt['prompts_covered']}/{filt['conflicting_prompts']} prompts covered, "
+              f"{filt['pairs']} pairs")
+    report = out_dir / "eval" / "report.md"
+    if "eval" in summary and report.exists():
+        print(report.read_text())
+        print(f"report: {report}")
+    print(f"run directory: {out_dir}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "env":
+        from sipo_fast.env_report import report
+
+        print(report())
+        return 0
+    try:
+        if args.command == "config":
+            print(_load_config(args).to_yaml(), end="")
+            return 0
+        if args.command == "status":
+            for row in _pipeline(args).status():
+                print(f"{row['stage']:<9} {row['state']:<9} {row['reason']}")
+            return 0
+        if args.command == "eval" and args._eval_run is not None:
+            return int(args._eval_run(args) or 0)
+        _setup_logging(args.quiet)
+        pipe = _pipeline(args)
+        if args.command in ("run", "demo"):
+            summary = pipe.run()
+        else:
+            stage = "eval" if args.command in ("evaluate", "eval") else args.command
+            summary = pipe.run([stage], rerun=getattr(args, "rerun", False))
+        _print_summary(pipe.run_dir.root, summary)
+        return 0
+    except ValueError as exc:  # bad input: the message says what to do; no traceback
+        print(f"sipo-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,397 @@
+"""Pipeline configuration: one dataclass per stage, composed into :class:`PipelineConfig`.
+
+Every field is documented once, here, and validated in ``__post_init__`` with a message that says what to
+do. YAML files under ``configs/`` mirror these dataclasses key for key; ``PipelineConfig.from_dict`` rejects
+unknown keys so a typo in a YAML file fails loudly instead of being ignored.
+
+Weights: a weight vector w lies on the simplex (w_i >= 0, sum w_i = 1), one entry per objective. For two
+objectives a bare number w is shorthand for [w, 1 - w]; for N > 2 objectives give explicit vectors.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import yaml
+
+SIMPLEX_TOL = 1e-6
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[float]]:
+    """Turn ``weights`` (numbers for N=2, or vectors of length N) into a list of simplex vectors.
+
+    Raises ValueError for an empty list, a vector of the wrong length, a negative entry or a sum that is
+    not 1 (within 1e-6), naming the offending entry and ``where`` it came from.
+    """
+    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
+        raise ValueError(f"{where}: give a non-empty list of weights, e.g. [0.2, 0.4, 0.6, 0.8] for two objectives")
+    out = []
+    for w in weights:
+        if isinstance(w, (int, float)) and not isinstance(w, bool):
+            if n_objectives != 2:
+                raise ValueError(f"{where}: the bare weight {w} is shorthand for [w, 1-w], which only works with two "
+                                 f"objectives; with {n_objectives} objectives give vectors of length {n_objectives}")
+            vec = [float(w), round(1.0 - float(w), 12)]  # round: 1 - 0.7 is 0.30000000000000004
+        elif isinstance(w, (list, tuple)):
+            vec = [float(x) for x in w]
+        else:
+            raise ValueError(f"{where}: weight {w!r} is neither a number nor a list of numbers")
+        if len(vec) != n_objectives:
+            raise ValueError(f"{where}: weight {list(w)} has {len(vec)} entries but there are {n_objectives} objectives")
+        if any(not math.isfinite(x) or x < -SIMPLEX_TOL for x in vec) or abs(sum(vec) - 1.0) > SIMPLEX_TOL:
+            raise ValueError(f"{where}: weight {w!r} -> {vec} is off the simplex; every entry must be >= 0 and the "
+                             f"entries must sum to 1")
+        out.append([max(0.0, x) for x in vec])
+    return out
+
+
+def _positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
+    if not ok:
+        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
+
+
+class _Section:
+    """Shared dict conversion for the section dataclasses (strict about unknown keys)."""
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str):
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in section '{where}'; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class ModelConfig(_Section):
+    """Which model every policy starts from (π_ref) and how to load it."""
+
+    name: str = "default"
+    """"default" (embedded SmolLM2-135M-Instruct), "tiny" / "tiny:<arch>" (random test model), or a HF name/path."""
+    trust_remote_code: bool = False
+    """Load hub code with the model. Off unless you trust the repository: it runs arbitrary Python."""
+    dtype: str = "auto"
+    """"auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16" or "float16"."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    template: str = "chat"
+    """Prompt template: "chat" (the tokenizer's chat template), "none", or a format string with {prompt}."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("model.name must be 'default', 'tiny', 'tiny:<arch>' or a Hugging Face model name/path")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if self.template not in ("chat", "none") and "{prompt}" not in self.template:
+            raise ValueError(f"model.template={self.template!r} must be 'chat', 'none' or contain '{{prompt}}'")
+
+
+@dataclass
+class DataConfig(_Section):
+    """Preference data (``sipo_fast.data.load_preferences`` schema) and the objectives taken from it."""
+
+    source: str = "demo"
+    """"demo" (shipped), "pku" / "pku-10k" (PKU-SafeRLHF-10K), "helpsteer", or a local file/dataset path."""
+    objectives: list = field(default_factory=lambda: ["helpful", "harmless"])
+    """Objective names, one column pref_<name> each; at least two."""
+    max_rows: int | None = None
+    """Use at most this many training rows (after the seeded shuffle); None = all."""
+    eval_fraction: float = 0.1
+    """Share of rows held out for stage 1's eval loss (best-checkpoint choice). 0 disables."""
+    split_seed: int = 0
+    """Seed of the train/eval split (the paper splits 90/10 with seed 0)."""
+    max_conflict_prompts: int | None = None
+    """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
+    drop_long_prompts: bool = False
+    """Drop prompts that do not fit the context instead of failing."""
+
+    def __post_init__(self):
+        if not isinstance(self.objectives, (list, tuple)) or len(self.objectives) < 2:
+            raise ValueError(f"data.objectives={self.objectives!r}: SIPO needs at least two objectives")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"data.objectives={self.objectives!r} repeats a name; list each objective once")
+        self.objectives = [str(o) for o in self.objectives]
+        _positive("data.max_rows", self.max_rows, allow_none=True)
+        _positive("data.max_conflict_prompts", self.max_conflict_prompts, allow_none=True)
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+
+
+@dataclass
+class AlignConfig(_Section):
+    """Stage 1: one DPO run per objective from π_ref (SIPO.md §3 defaults)."""
+
+    use_lora: bool = True
+    """LoRA adapters (default) or full fine-tuning."""
+    lora_r: int = 64
+    lora_alpha: float = 1.0
+    """LoRA scaling is lora_alpha / lora_r: 1/64 with the paper's values, hence the large learning rate."""
+    lora_dropout: float = 0.0
+    target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
+    learning_rate: float = 5e-4
+    beta: float = 0.1
+    epochs: float = 3.0
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: run all epochs)."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
+    select_best: bool = True
+    """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0)."""
+    eval_steps: int | None = None
+    """Evaluate every this many steps (None: once per epoch)."""
+    policies: list | None = None
+    """Adopt these already-aligned per-objective policies (one per objective: LoRA adapter dirs, or full
+    model paths) instead of training; their tokenizers must equal π_ref's."""
+
+    def __post_init__(self):
+        _positive("align.lora_r", self.lora_r)
+        _positive("align.lora_alpha", self.lora_alpha)
+        _positive("align.learning_rate", self.learning_rate)
+        _positive("align.beta", self.beta)
+        _positive("align.epochs", self.epochs)
+        _positive("align.batch_size", self.batch_size)
+        _positive("align.grad_accum", self.grad_accum)
+        _positive("align.max_length", self.max_length)
+        _positive("align.eval_steps", self.eval_steps, allow_none=True)
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"align.lora_dropout={self.lora_dropout} must be in [0, 1)")
+
+
+@dataclass
+class SampleConfig(_Section):
+    """Stage 2a: MOD over the stage-1 policies at every weight in W, on the conflicting prompts."""
+
+    weights: list = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    """W: numbers (two objectives, w -> [w, 1-w]) or simplex vectors."""
+    max_new_tokens: int = 256
+    do_sample: bool = False
+    """Greedy by default, as in the paper."""
+    temperature: float = 1.0
+    top_p: float = 1.0
+    batch_size: int = 8
+
+    def __post_init__(self):
+        _positive("sample.max_new_tokens", self.max_new_tokens)
+        _positive("sample.batch_size", self.batch_size)
+        _positive("sample.temperature", self.temperature)
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"sample.top_p={self.top_p} must be in (0, 1]")
+
+
+@dataclass
+class RefineConfig(_Section):
+    """Stage 2b (optional): review with a one-hot weight w_e, rewrite with MOD at the candidate's weight."""
+
+    enabled: bool = True
+    review_objective: str | None = None
+    """Objective whose policy writes the review (w_e is one-hot on it); None = the first objective."""
+    review_template: str | None = None
+    """One-shot review prompt with {question} and {response}; None = the default for the objectives."""
+    rewrite_template: str | None = None
+    """One-shot rewrite prompt with {question}, {response} and {review}; None = the default."""
+    review_max_new_tokens: int = 128
+    rewrite_max_new_tokens: int = 256
+    batch_size: int = 8
+
+    def __post_init__(self):
+        _positive("refine.review_max_new_tokens", self.review_max_new_tokens)
+        _positive("refine.rewrite_max_new_tokens", self.rewrite_max_new_tokens)
+        _positive("refine.batch_size", self.batch_size)
+        for name, keys in (("review_template", ("{question}", "{response}")),
+                           ("rewrite_template", ("{question}", "{response}", "{review}"))):
+            text = getattr(self, name)
+            if text is not None and not all(k in text for k in keys):
+                raise ValueError(f"refine.{name} must contain {', '.join(keys)}")
+
+
+@dataclass
+class FilterConfig(_Section):
+    """Stage 2c: strict dominance under every implicit reward model, then the max-sum pick."""
+
+    beta: float = 0.1
+    """β of the implicit reward r = β (log π − log π_ref)."""
+    soups: bool = True
+    """Add DPO soups (exact LoRA ΔW interpolation) at the soup weights as extra reward models."""
+    soup_weights: list | None = None
+    """Weights of the soups; None = sample.weights."""
+    batch_size: int = 8
+    max_length: int = 512
+
+    def __post_init__(self):
+        _positive("filter.beta", self.beta)
+        _positive("filter.batch_size", self.batch_size)
+        _positive("filter.max_length", self.max_length)
+
+
+@dataclass
+class FinetuneConfig(_Section):
+    """Stage 3: each stage-1 policy (adapter merged) fine-tuned on D_c with the SIPO loss, itself as reference."""
+
+    loss: str = "sipo"
+    """"sipo" (DPO + α·NLL/|y_c|, SIPO.md §2) or "sigmoid" (plain DPO, for ablations)."""
+    alpha: float = 0.1
+    beta: float = 0.1
+    learning_rate: float = 5e-6
+    epochs: float = 3.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+
+    def __post_init__(self):
+        if self.loss not in ("sipo", "sigmoid"):
+            raise ValueError(f"finetune.loss={self.loss!r}: choose 'sipo' or 'sigmoid'")
+        _positive("finetune.alpha", self.alpha, allow_zero=True)
+        _positive("finetune.beta", self.beta)
+        _positive("finetune.learning_rate", self.learning_rate)
+        _positive("finetune.epochs", self.epochs)
+        _positive("finetune.batch_size", self.batch_size)
+        _positive("finetune.grad_accum", self.grad_accum)
+        _positive("finetune.max_length", self.max_length)
+
+
+@dataclass
+class EvalConfig(_Section):
+    """Evaluation after stage 3 (``sipo_fast.eval``): MOD sweeps of the fine-tuned and baseline policies."""
+
+    enabled: bool = True
+    weights: list | None = None
+    """Weights of the sweep; None = sample.weights."""
+    num_prompts: int = 64
+    """Held-out prompts scored per weight."""
+    max_new_tokens: int = 128
+    batch_size: int = 8
+    baselines: list = field(default_factory=lambda: ["mod"])
+    """Baselines swept beside SIPO: "mod" (MOD over the stage-1 policies), "soups"."""
+    scorers: list | None = None
+    """Ground-truth scorer per objective (sipo_fast.scoring names); None = the data source's defaults."""
+
+    def __post_init__(self):
+        _positive("eval.num_prompts", self.num_prompts)
+        _positive("eval.max_new_tokens", self.max_new_tokens)
+        _positive("eval.batch_size", self.batch_size)
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+_SECTIONS = {"model": ModelConfig, "data": DataConfig, "align": AlignConfig, "sample": SampleConfig,
+             "refine": RefineConfig, "filter": FilterConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
+
+
+@dataclass
+class PipelineConfig:
+    """The whole SIPO run: a seed plus one section per stage. Cross-section rules are checked here."""
+
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    refine: RefineConfig = field(default_factory=RefineConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        n = len(self.data.objectives)
+        self.sample.weights = resolve_weights(self.sample.weights, n, "sample.weights")
+        if self.filter.soup_weights is not None:
+            self.filter.soup_weights = resolve_weights(self.filter.soup_weights, n, "filter.soup_weights")
+        if self.eval.weights is not None:
+            self.eval.weights = resolve_weights(self.eval.weights, n, "eval.weights")
+        ro = self.refine.review_objective
+        if ro is not None and ro not in self.data.objectives:
+            raise ValueError(f"refine.review_objective={ro!r} is not one of data.objectives {self.data.objectives}")
+        if self.align.policies is not None and len(self.align.policies) != n:
+            raise ValueError(f"align.policies lists {len(self.align.policies)} models but there are {n} objectives; "
+                             f"give one per objective, in the order of data.objectives")
+        if self.align.select_best and self.data.eval_fraction == 0 and self.align.policies is None:
+            raise ValueError("align.select_best needs held-out data: set data.eval_fraction > 0 or align.select_best=false")
+        if self.eval.scorers is not None and len(self.eval.scorers) != n:
+            raise ValueError(f"eval.scorers lists {len(self.eval.scorers)} scorers; give one per objective ({n})")
+
+    # -- derived values -------------------------------------------------------------------------------------
+    @property
+    def objectives(self) -> list[str]:
+        return self.data.objectives
+
+    @property
+    def soup_weights(self) -> list[list[float]]:
+        return self.filter.soup_weights if self.filter.soup_weights is not None else self.sample.weights
+
+    @property
+    def eval_weights(self) -> list[list[float]]:
+        return self.eval.weights if self.eval.weights is not None else self.sample.weights
+
+    @property
+    def review_objective(self) -> str:
+        return self.refine.review_objective or self.data.objectives[0]
+
+    # -- conversion -----------------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict | None) -> "PipelineConfig":
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(_SECTIONS) - {"seed"})
+        if unknown:
+            raise ValueError(f"unknown top-level key(s) {unknown}; valid keys: seed, {', '.join(_SECTIONS)}")
+        sections = {name: sec.from_dict(data.get(name), name) for name, sec in _SECTIONS.items()}
+        return cls(seed=int(data.get("seed", 0)), **sections)
+
+    def to_dict(self) -> dict:
+        return {"seed": self.seed, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
+
+    def to_yaml(self) -> str:
+        """Block-style sections with one field per line and lists inline: easy to read and to diff."""
+        return yaml.dump(self.to_dict(), Dumper=_Dumper, sort_keys=False, width=110)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> "PipelineConfig":
+        data = yaml.safe_load(text)
+        if data is not None and not isinstance(data, dict):
+            raise ValueError("a pipeline YAML file must hold a mapping of sections (model, data, align, ...)")
+        return cls.from_dict(data)
+
+    def override(self, assignments: list[str]) -> "PipelineConfig":
+        """A copy with ``section.key=value`` assignments applied (values parsed as YAML: 32, true, [0.3, 0.7])."""
+        data = self.to_dict()
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep or not key:
+                raise ValueError(f"override {item!r} must look like section.key=value, e.g. sample.max_new_tokens=32")
+            value = yaml.safe_load(raw) if raw.strip() else None
+            parts = key.strip().split(".")
+            if parts == ["seed"]:
+                data["seed"] = value
+                continue
+            if len(parts) != 2 or parts[0] not in _SECTIONS:
+                raise ValueError(f"override {item!r}: the key must be seed or <section>.<field> with section one of "
+                                 f"{', '.join(_SECTIONS)}")
+            section, name = parts
+            if name not in {f.name for f in fields(_SECTIONS[section])}:
+                raise ValueError(f"override {item!r}: section '{section}' has no field '{name}'; valid: "
+                                 f"{sorted(f.name for f in fields(_SECTIONS[section]))}")
+            data[section][name] = value
+        return PipelineConfig.from_dict(data)
+
+    def get(self, dotted: str) -> Any:
+        """Value at ``section.field`` (or ``seed``), used by stage fingerprints."""
+        obj: Any = self
+        for part in dotted.split("."):
+            obj = getattr(obj, part)
+        return obj.to_dict() if isinstance(obj, _Section) else obj

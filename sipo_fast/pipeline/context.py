@@ -1,0 +1,232 @@
+"""What every stage shares: the config, the tokenizer, model loading, the data split and the fail-fast checks.
+
+Model names: ``"default"`` is the embedded SmolLM2-135M-Instruct (``sipo_fast.models.load_default``),
+``"tiny"`` / ``"tiny:<arch>"`` a small random model with the same tokenizer (``sipo_fast.models.tiny``), and
+anything else a Hugging Face name or local path, loaded with ``trust_remote_code`` only when the config says so.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+from functools import cached_property
+from pathlib import Path
+
+import torch
+
+from .config import PipelineConfig
+from .rundir import RunDir
+
+log = logging.getLogger("sipo_fast.pipeline")
+_NAME_OK = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def tokenizer_mismatch(a, b) -> str | None:
+    """Why two tokenizers would tokenise differently (vocabulary, special ids), or None if they agree."""
+    if len(a) != len(b):
+        return f"vocabulary sizes differ ({len(a)} vs {len(b)})"
+    for attr in ("eos_token_id", "bos_token_id", "pad_token_id"):
+        if getattr(a, attr) != getattr(b, attr):
+            return f"{attr} differs ({getattr(a, attr)} vs {getattr(b, attr)})"
+    if a.get_vocab() != b.get_vocab():
+        return "the token-to-id maps differ"
+    return None
+
+
+def context_length(model_config) -> int | None:
+    """Longest sequence the model's position embeddings allow, or None if the config does not say."""
+    for attr in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(model_config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class Context:
+    """Shared state of one pipeline invocation (cached tokenizer, data split); stages receive it."""
+
+    def __init__(self, config: PipelineConfig, run_dir: RunDir, *, progress: bool = True):
+        self.config, self.run_dir, self.progress = config, run_dir, progress
+
+    # -- device, dtype, models ----------------------------------------------------------------------------
+    @cached_property
+    def device(self) -> torch.device:
+        d = self.config.model.device
+        if d == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if d.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(f"model.device={d!r} but no CUDA device is visible; use model.device=auto or cpu")
+        return torch.device(d)
+
+    @cached_property
+    def dtype(self) -> torch.dtype:
+        d = self.config.model.dtype
+        if d == "auto":
+            return torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return _DTYPES[d]
+
+    @cached_property
+    def tokenizer(self):
+        name = self.config.model.name
+        if name == "default" or name.startswith("tiny"):
+            from sipo_fast.models import load_tokenizer
+
+            tok = load_tokenizer()
+        else:
+            from transformers import AutoTokenizer
+
+            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=self.config.model.trust_remote_code)
+        if tok.pad_token is None:
+            tok.pad_token = tok.eos_token  # batched scoring/generation need a pad id; EOS is what SmolLM2 uses
+        return tok
+
+    @cached_property
+    def model_config(self):
+        name = self.config.model.name
+        if name.startswith("tiny"):
+            return self.load_base().config  # building a tiny model costs milliseconds
+        from transformers import AutoConfig
+
+        if name == "default":
+            from sipo_fast.models import default_model_dir
+
+            return AutoConfig.from_pretrained(default_model_dir())
+        return AutoConfig.from_pretrained(name, trust_remote_code=self.config.model.trust_remote_code)
+
+    def load_base(self):
+        """A fresh copy of π_ref on the run's device and dtype, in eval mode (stages mutate their copy)."""
+        name = self.config.model.name
+        if name == "default":
+            from sipo_fast.models import load_default
+
+            model, _ = load_default(dtype=self.dtype, device=self.device)
+        elif name == "tiny" or name.startswith("tiny:"):
+            from sipo_fast.models import tiny
+
+            arch = name.partition(":")[2] or "llama"
+            model, _ = tiny(arch, dtype=self.dtype, tokenizer=self.tokenizer)
+            model = model.to(self.device)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=self.dtype,
+                                                         trust_remote_code=self.config.model.trust_remote_code)
+            model = model.to(self.device)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
+        return model.eval()
+
+    # -- data ---------------------------------------------------------------------------------------------
+    @cached_property
+    def split(self) -> dict[str, list[dict]]:
+        """{"train": rows, "eval": rows} of normalised preferences restricted to the configured objectives.
+
+        Seeded shuffle (data.split_seed), then data.max_rows, then the eval share is held out. Rows carry
+        prompt, response_0, response_1 and pref_<objective> for each objective.
+        """
+        from sipo_fast.data import load_preferences, objectives as available_objectives
+
+        cfg = self.config.data
+        ds = load_preferences(cfg.source, split="train")
+        have = available_objectives(ds)
+        missing = [o for o in cfg.objectives if o not in have]
+        if missing:
+            raise ValueError(f"unknown objective(s) {missing} for data.source={cfg.source!r}; it provides "
+                             f"{have}. Set data.objectives to names from that list")
+        cols = ["prompt", "response_0", "response_1"] + [f"pref_{o}" for o in cfg.objectives]
+        rows = [dict(zip(cols, vals)) for vals in zip(*(ds[c] for c in cols))]
+        if not rows:
+            raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
+        random.Random(cfg.split_seed).shuffle(rows)
+        if cfg.max_rows is not None:
+            rows = rows[: cfg.max_rows]
+        rows = self._fit_context(rows)
+        n_eval = int(round(len(rows) * cfg.eval_fraction))
+        if cfg.eval_fraction > 0 and n_eval == 0:
+            n_eval = 1
+        return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+
+    def conflicting(self, rows: list[dict]) -> list[dict]:
+        """Rows whose objectives prefer different responses (SIPO.md §1)."""
+        keys = [f"pref_{o}" for o in self.config.data.objectives]
+        return [r for r in rows if len({r[k] for k in keys}) > 1]
+
+    def _fit_context(self, rows: list[dict]) -> list[dict]:
+        """Check that every prompt leaves room for a response within the context and align.max_length."""
+        from sipo_fast.data.formatting import format_prompt
+
+        ctx_len = context_length(self.model_config)
+        if ctx_len is not None:
+            for key in ("align.max_length", "filter.max_length", "finetune.max_length"):
+                if self.config.get(key) > ctx_len:
+                    raise ValueError(f"{key}={self.config.get(key)} exceeds the model's context of {ctx_len} tokens; "
+                                     f"set {key}={ctx_len} or less")
+        max_length, need = self.config.align.max_length, self.config.sample.max_new_tokens
+        tok, template = self.tokenizer, self.config.model.template
+        lengths = {p: len(tok(format_prompt(tok, p, template), add_special_tokens=False)["input_ids"])
+                   for p in {r["prompt"] for r in rows}}
+        # A prompt must leave room for a response in training (max_length < context, checked above).
+        too_long = sorted(p for p, n in lengths.items() if n >= max_length)
+        if too_long and self.config.data.drop_long_prompts:
+            log.warning("dropping %d prompt(s) of align.max_length=%d tokens or more (data.drop_long_prompts=true)",
+                        len(too_long), max_length)
+            bad = set(too_long)
+            rows = [r for r in rows if r["prompt"] not in bad]
+        elif too_long:
+            raise ValueError(f"{len(too_long)} prompt(s) leave no room for a response: the longest has "
+                             f"{max(lengths[p] for p in too_long)} tokens and align.max_length={max_length}. Raise "
+                             f"align.max_length (the model's context is {ctx_len}), or set data.drop_long_prompts=true")
+        # ... and stage 2 must be able to generate sample.max_new_tokens after it.
+        if ctx_len is not None:
+            over = [n for p, n in lengths.items() if n < max_length and n + need > ctx_len]
+            if over:
+                raise ValueError(f"{len(over)} prompt(s) plus sample.max_new_tokens={need} exceed the model's context "
+                                 f"of {ctx_len} tokens (longest prompt: {max(over)}); lower sample.max_new_tokens")
+        return rows
+
+    # -- fail fast ----------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Every check that can fail before any training: names, data, conflicts, tokenizers, lengths."""
+        cfg = self.config
+        bad = [o for o in cfg.data.objectives if not _NAME_OK.match(o)]
+        if bad:
+            raise ValueError(f"objective names {bad} must start with a letter and use only letters, digits, _ or - "
+                             "(they name data columns, adapters and directories)")
+        if cfg.model.name not in ("default",) and not cfg.model.name.startswith("tiny") \
+                and cfg.model.trust_remote_code:
+            log.warning("model.trust_remote_code=true: code from %s will run on this machine", cfg.model.name)
+        split = self.split  # loads data, checks objectives and prompt lengths
+        if not split["train"]:
+            raise ValueError("no training rows left after the eval split; lower data.eval_fraction or add rows")
+        n_conf = len(self.conflicting(split["train"]))
+        if n_conf == 0:
+            raise ValueError(f"none of the {len(split['train'])} training pairs is conflicting for objectives "
+                             f"{cfg.data.objectives}: SIPO has nothing to improve. Use data where the objectives "
+                             "disagree (or more rows: raise data.max_rows)")
+        if cfg.align.policies is not None:
+            self._check_given_policies()
+        log.info("data: %d train / %d eval pairs, %d conflicting training prompts (%.0f%%)", len(split["train"]),
+                 len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]))
+
+    def _check_given_policies(self) -> None:
+        """Adopted stage-1 policies must exist, be all LoRA or all full models, and share π_ref's tokenizer."""
+        from transformers import AutoTokenizer
+
+        kinds = []
+        for path in self.config.align.policies:
+            p = Path(path)
+            if not p.is_dir():
+                raise ValueError(f"align.policies entry {path!r} is not a directory; give LoRA adapter or model dirs")
+            kinds.append((p / "adapter_config.json").exists())
+            if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
+                why = tokenizer_mismatch(self.tokenizer, AutoTokenizer.from_pretrained(p))
+                if why is not None:
+                    raise ValueError(f"the tokenizer saved with {path} differs from model.name={self.config.model.name!r}"
+                                     f"'s: {why}. All policies must share π_ref's tokenizer; use policies trained "
+                                     "from that model")
+        if len(set(kinds)) != 1:
+            raise ValueError("align.policies mixes LoRA adapters and full models; give one kind")
+        if kinds[0] != self.config.align.use_lora:
+            raise ValueError(f"align.policies are {'LoRA adapters' if kinds[0] else 'full models'} but "
+                             f"align.use_lora={self.config.align.use_lora}; set align.use_lora={kinds[0]}")

@@ -1,0 +1,67 @@
+"""Named presets (the gpt-fast ``ModelArgs.from_name`` pattern): a table of overrides on the defaults.
+
+- ``smoke``: every stage on the tiny random model in well under 2 minutes on 2 CPU cores (tests use it).
+- ``demo``: the whole pipeline and the evaluation on the embedded SmolLM2-135M and the shipped demo data,
+  sized to finish in about 15 minutes on a 2-core laptop CPU.
+- ``beavertails`` / ``helpsteer``: the paper's settings (SIPO.md §3, §5), for GPU users. The paper's policy
+  for BeaverTails is Alpaca-7B; any causal LM path can replace ``model.name``.
+
+``configs/<name>.yaml`` mirror this table (a test checks that they agree).
+"""
+from __future__ import annotations
+
+import copy
+
+from .config import PipelineConfig
+
+# Section overrides per preset; anything not named keeps the dataclass default (the paper's value).
+PRESETS: dict[str, dict] = {
+    "smoke": {
+        "model": {"name": "tiny"},
+        "data": {"source": "demo", "max_rows": 48, "eval_fraction": 0.25, "max_conflict_prompts": 6},
+        "align": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "epochs": 1, "batch_size": 4,
+                  "max_length": 96},
+        "sample": {"weights": [0.3, 0.7], "max_new_tokens": 8, "batch_size": 8},
+        "refine": {"review_max_new_tokens": 6, "rewrite_max_new_tokens": 8, "batch_size": 8},
+        "filter": {"batch_size": 16, "max_length": 160},
+        "finetune": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 4, "max_length": 96},
+        "eval": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 8},
+    },
+    "demo": {
+        "model": {"name": "default"},
+        "data": {"source": "demo", "max_rows": 160, "eval_fraction": 0.1, "max_conflict_prompts": 32},
+        "align": {"learning_rate": 5e-4, "epochs": 1, "batch_size": 8, "max_length": 192},
+        "sample": {"weights": [0.2, 0.5, 0.8], "max_new_tokens": 40, "batch_size": 16},
+        "refine": {"review_max_new_tokens": 32, "rewrite_max_new_tokens": 40, "batch_size": 16},
+        "filter": {"batch_size": 16, "max_length": 192},
+        "finetune": {"learning_rate": 5e-5, "epochs": 1, "batch_size": 8, "max_length": 192},
+        "eval": {"num_prompts": 24, "max_new_tokens": 40, "batch_size": 24},
+    },
+    "beavertails": {
+        # Alpaca-7B in the paper; refinement skipped on BeaverTails (SIPO.md §3); beaver prompt format.
+        "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
+                  "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
+        "data": {"source": "PKU-Alignment/PKU-SafeRLHF-10K", "objectives": ["helpful", "harmless"]},
+        "refine": {"enabled": False},
+        "eval": {"num_prompts": 500, "max_new_tokens": 256, "scorers": ["beaver-reward", "beaver-cost"]},
+    },
+    "helpsteer": {
+        "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
+                  "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
+        "data": {"source": "nvidia/HelpSteer", "objectives": ["correctness", "verbosity"]},
+        "refine": {"enabled": True},
+        "eval": {"num_prompts": 500, "max_new_tokens": 256},
+    },
+}
+
+
+def preset_dict(name: str) -> dict:
+    """The preset's overrides (a copy). Raises ValueError naming the presets for an unknown name."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])
+
+
+def preset(name: str) -> PipelineConfig:
+    """The resolved :class:`PipelineConfig` of a named preset."""
+    return PipelineConfig.from_dict(preset_dict(name))

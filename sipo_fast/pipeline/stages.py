@@ -1,0 +1,657 @@
+"""The stages of SIPO.md §3 as small objects of one shape: ``name``, ``upstream`` (artifacts consumed),
+``config_keys`` (config values read; with the upstream hashes they make the fingerprint) and
+``run(ctx, parts, inputs) -> summary``, which writes the artifact into ``parts.work``.
+
+Artifacts (each stage directory; ``logs/`` inside is not hashed):
+
+- ``align/``: ``train.jsonl``, ``eval.jsonl`` (the split used), ``policies/<objective>/`` (LoRA adapter or
+  full model per objective, with ``train_metrics.json``).
+- ``sample/``: ``prompts.jsonl`` (conflicting prompts, with ``pid``), ``candidates.jsonl`` (one row per
+  prompt and weight: ``pid, weight_index, weight, candidate``).
+- ``refine/``: ``prompts.jsonl`` (copied), ``candidates.jsonl`` (adds ``original, review, rewrite, rewritten``, the implicit rewards of
+  original and rewrite).
+- ``filter/``: ``rewards.jsonl`` (every candidate's rewards under the K reward models and whether it survives),
+  ``survivors.jsonl`` (the chosen y_c per covered prompt), ``pairs.jsonl`` (D_c: prompt, chosen, rejected).
+- ``finetune/``: ``policies/<objective>/``: the fine-tuned policy as one LoRA adapter on π_ref (stage-1 and
+  stage-3 updates concatenated, exact) or a full model.
+- ``eval/``: ``report.md``, ``report.png``, ``sweeps/<method>.json``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .context import Context
+from .rules import keep_rewrite, one_hot, select_pareto
+from .rundir import Parts, read_jsonl, write_jsonl
+from .templates import REVIEW_PREFIX, RefinePrompts, clean_generation
+
+log = logging.getLogger("sipo_fast.pipeline")
+# Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
+_VOLATILE = ("runtime", "per_second", "flos", "epoch_time")
+
+
+class Stage:
+    name: str = ""
+    upstream: tuple[str, ...] = ()
+    config_keys: tuple[str, ...] = ()
+    version: int = 1  # bump when the code changes what the stage writes, so old artifacts are redone
+
+    def run(self, ctx: Context, parts: Parts, inputs: dict[str, Path]) -> dict:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def preference_pairs(rows: list[dict], objective: str) -> list[dict]:
+    """(prompt, chosen, rejected) rows for one objective from normalised rows (pref_<objective> = 0/1)."""
+    key = f"pref_{objective}"
+    return [{"prompt": r["prompt"], "chosen": r[f"response_{r[key]}"], "rejected": r[f"response_{1 - r[key]}"]}
+            for r in rows]
+
+
+def lora_config(ctx: Context):
+    from peft import LoraConfig
+
+    a = ctx.config.align
+    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                      target_modules=list(a.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class Policies:
+    """N per-objective policies: adapters ``names`` of one PeftModel (LoRA), or full ``models``.
+
+    ``reference`` is π_ref for implicit rewards: None for LoRA (the PEFT base with adapters disabled).
+    """
+
+    model: torch.nn.Module
+    names: list[str] | None = None
+    models: list[torch.nn.Module] | None = None
+    reference: torch.nn.Module | None = None
+
+    def decoder(self, ctx: Context):
+        from sipo_fast.decoding import MODDecoder
+
+        if self.names is not None:
+            return MODDecoder(self.model, ctx.tokenizer, adapter_names=list(self.names))
+        return MODDecoder(list(self.models), ctx.tokenizer)
+
+    def reward_models(self):
+        """The ``policies`` argument of ``implicit_rewards`` for the N policies."""
+        return (self.model, list(self.names)) if self.names is not None else list(self.models)
+
+
+def load_policies(ctx: Context, policy_dir: Path) -> Policies:
+    """Load the per-objective policies saved under ``policy_dir/<objective>`` onto a fresh π_ref."""
+    objectives = ctx.config.data.objectives
+    base = ctx.load_base()
+    if ctx.config.align.use_lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, policy_dir / objectives[0], adapter_name=objectives[0])
+        for o in objectives[1:]:
+            model.load_adapter(policy_dir / o, adapter_name=o)
+        return Policies(model=model.eval(), names=list(objectives))
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(policy_dir / o, dtype=ctx.dtype).to(ctx.device).eval()
+              for o in objectives]
+    return Policies(model=base, models=models, reference=base)
+
+
+def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *, max_new_tokens: int,
+             template: str | None = None, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None, desc: str = "MOD") -> list[str]:
+    """MOD generation of one response per prompt at one weight vector; returns the texts."""
+    if not prompts:
+        return []
+    log.info("%s: %d prompts, up to %d new tokens", desc, len(prompts), max_new_tokens)
+    kwargs = dict(weights=weights, max_new_tokens=max_new_tokens, template=template or ctx.config.model.template,
+                  batch_size=batch_size, progress=ctx.progress)
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+    outputs = decoder.generate_text(list(prompts), **kwargs)
+    return [o.text if hasattr(o, "text") else str(o) for o in outputs]
+
+
+def encode(ctx: Context, prompts: list[str], responses: list[str], max_length: int, template: str | None = None) -> dict:
+    from sipo_fast.data.formatting import encode_pairs
+
+    return encode_pairs(ctx.tokenizer, prompts, responses, template or ctx.config.model.template,
+                        max_length=max_length)
+
+
+def rewards(ctx: Context, policies, reference, prompts: list[str], responses: list[str], *, beta: float,
+            max_length: int, batch_size: int) -> torch.Tensor:
+    """[B, K] implicit rewards r_k = β (log π_k(y|x) − log π_ref(y|x)) of distinct (prompt, response) pairs,
+    scored once each (greedy candidates at neighbouring weights are often identical)."""
+    from sipo_fast.training import implicit_rewards
+
+    if not prompts:
+        return torch.zeros(0, 0)
+    keys = list(zip(prompts, responses))
+    uniq = list(dict.fromkeys(keys))
+    index = {k: i for i, k in enumerate(uniq)}
+    batch = encode(ctx, [p for p, _ in uniq], [r for _, r in uniq], max_length)
+    r = implicit_rewards(policies, reference, batch, beta=beta, batch_size=batch_size, progress=ctx.progress)
+    return r[torch.tensor([index[k] for k in keys])]  # (B, K)
+
+
+def _clean_metrics(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not any(s in k for s in _VOLATILE)} for row in history]
+
+
+def _train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, beta: float, alpha: float,
+           lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int, max_length: int,
+           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: int | None, scratch: Path,
+           ref=None):
+    """One preference run on sipo_fast's TRL trainer (fused log-probs); returns (trained model, TRL log
+    history, whose metric names are TRL's plus ``rewards/<objective>/...``)."""
+    from datasets import Dataset
+
+    from sipo_fast.training import build_preference_trainer
+
+    extra = dict(max_steps=max_steps, gradient_accumulation_steps=grad_accum, disable_tqdm=not ctx.progress,
+                 objective_names=[objective], logging_steps=1)
+    if eval_pairs and eval_steps is not None:
+        extra.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps)
+    if eval_pairs and not select_best:
+        extra.update(load_best_model_at_end=False, save_strategy="no", save_total_limit=None)
+    trainer = build_preference_trainer(
+        model, ref, Dataset.from_list(pairs), ctx.tokenizer, loss_type=loss, beta=beta, alpha=alpha, lr=lr,
+        epochs=epochs, batch_size=batch_size, max_length=max_length,
+        lora_config=lora_config(ctx) if use_lora else None, output_dir=str(scratch),
+        template=ctx.config.model.template, eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        seed=ctx.config.seed, **extra)
+    trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
+
+
+def _save_model(model, metrics: list[dict]):
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        (tmp / "train_metrics.json").write_text(json.dumps(_clean_metrics(metrics), indent=1, sort_keys=True))
+    return write
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 1
+
+
+class AlignStage(Stage):
+    """Stage 1: one DPO run per objective from π_ref (LoRA r=64, α=1 on q/k/v/o by default)."""
+
+    name = "align"
+    config_keys = ("seed", "model", "data.source", "data.objectives", "data.max_rows", "data.eval_fraction",
+                   "data.split_seed", "data.drop_long_prompts", "align")
+
+    def run(self, ctx, parts, inputs):
+        cfg = ctx.config
+        for split in ("train", "eval"):
+            if not parts.done(f"{split}.jsonl"):
+                write_jsonl(parts.path(f"{split}.jsonl"), ctx.split[split])
+        train, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
+        summary = {"train_pairs": len(train), "eval_pairs": len(held),
+                   "conflicting_train_pairs": len(ctx.conflicting(train)), "metrics": {}}
+        for i, obj in enumerate(cfg.data.objectives):
+            part = f"policies/{obj}"
+            if not parts.done(part):
+                if cfg.align.policies is not None:
+                    parts.save_dir(part, lambda tmp, src=Path(cfg.align.policies[i]): _copy_policy(src, tmp))
+                else:
+                    log.info("align: DPO for objective %r on %d pairs", obj, len(train))
+                    model, history = _train(
+                        ctx, ctx.load_base(), preference_pairs(train, obj), objective=obj, loss="sigmoid", beta=cfg.align.beta,
+                        alpha=0.0, lr=cfg.align.learning_rate, epochs=cfg.align.epochs, max_steps=cfg.align.max_steps,
+                        batch_size=cfg.align.batch_size, grad_accum=cfg.align.grad_accum,
+                        max_length=cfg.align.max_length, use_lora=cfg.align.use_lora,
+                        eval_pairs=preference_pairs(held, obj), select_best=cfg.align.select_best,
+                        eval_steps=cfg.align.eval_steps, scratch=parts.work.parent / f"scratch-align-{obj}")
+                    _log_metrics(parts, obj, history)
+                    parts.save_dir(part, _save_model(model, history))
+                    shutil.rmtree(parts.work.parent / f"scratch-align-{obj}", ignore_errors=True)
+            summary["metrics"][obj] = _final_metrics(parts.path(part))
+        return summary
+
+
+def _copy_policy(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy2(f, dst / f.name)
+
+
+def _log_metrics(parts: Parts, objective: str, history: list[dict]) -> None:
+    """TRL's metric names, per objective, in the (unhashed) logs of the stage."""
+    logs = parts.work / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / "metrics.jsonl", "a") as fh:
+        for row in history:
+            fh.write(json.dumps({"stage": parts.stage, "objective": objective, **row}) + "\n")
+
+
+def _final_metrics(policy_dir: Path) -> dict:
+    path = policy_dir / "train_metrics.json"
+    if not path.exists():
+        return {}
+    history = json.loads(path.read_text())
+    out = {}
+    for row in history:  # later rows win: the last train log and the last (or best) eval
+        out.update({k: v for k, v in row.items() if k.startswith(("eval_", "rewards/", "loss", "train_loss"))})
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 2
+
+
+class SampleStage(Stage):
+    """Stage 2.1: MOD over the stage-1 policies at each w in W on the conflicting training prompts."""
+
+    name = "sample"
+    upstream = ("align",)
+    config_keys = ("seed", "model", "data.objectives", "data.max_conflict_prompts", "sample")
+
+    def run(self, ctx, parts, inputs):
+        cfg = ctx.config
+        train = read_jsonl(inputs["align"] / "train.jsonl")
+        conflicts = ctx.conflicting(train)
+        if cfg.data.max_conflict_prompts is not None:
+            conflicts = conflicts[: cfg.data.max_conflict_prompts]
+        prompts = [{"pid": i, **r} for i, r in enumerate(conflicts)]
+        write_jsonl(parts.path("prompts.jsonl"), prompts)
+        texts = [p["prompt"] for p in prompts]
+        policies = decoder = None
+        for wi, w in enumerate(cfg.sample.weights):
+            part = f"parts/w{wi}.jsonl"
+            if parts.done(part):
+                continue
+            if decoder is None:
+                policies = load_policies(ctx, inputs["align"] / "policies")
+                decoder = policies.decoder(ctx)
+            # Seeded per part, so a resumed run samples exactly what an uninterrupted one would.
+            outs = generate(ctx, decoder, texts, w, max_new_tokens=cfg.sample.max_new_tokens,
+                            batch_size=cfg.sample.batch_size, do_sample=cfg.sample.do_sample,
+                            temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, seed=cfg.seed + wi,
+                            desc=f"sample w={w}")
+            parts.save_jsonl(part, [{"pid": p["pid"], "weight_index": wi, "weight": w, "candidate": t}
+                                    for p, t in zip(prompts, outs)])
+        rows = [r for wi in range(len(cfg.sample.weights)) for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
+        rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
+        write_jsonl(parts.path("candidates.jsonl"), rows)
+        shutil.rmtree(parts.path("parts"))
+        return {"conflicting_prompts": len(prompts), "weights": len(cfg.sample.weights), "candidates": len(rows)}
+
+
+class RefineStage(Stage):
+    """Stage 2.2 (optional): review by one policy (w_e one-hot), rewrite by MOD at the candidate's w; keep
+    the rewrite unless the original scores >= on every implicit reward of the N stage-1 policies."""
+
+    name = "refine"
+    upstream = ("align", "sample")
+    config_keys = ("seed", "model", "data.objectives", "refine", "filter.beta", "filter.max_length",
+                   "filter.batch_size")
+
+    def run(self, ctx, parts, inputs):
+        cfg = ctx.config
+        prompt_rows = read_jsonl(inputs["sample"] / "prompts.jsonl")
+        write_jsonl(parts.path("prompts.jsonl"), prompt_rows)  # filter reads prompts from here, its one input
+        prompts = {p["pid"]: p for p in prompt_rows}
+        cands = read_jsonl(inputs["sample"] / "candidates.jsonl")
+        if not cfg.refine.enabled:
+            rows = [{**c, "original": c["candidate"], "review": None, "rewrite": None, "rewritten": False} for c in cands]
+            write_jsonl(parts.path("candidates.jsonl"), rows)
+            return {"enabled": False, "candidates": len(rows), "rewrites_kept": 0}
+        templates = RefinePrompts.for_config(cfg.data.objectives, cfg.refine.review_template, cfg.refine.rewrite_template)
+        e = cfg.data.objectives.index(cfg.review_objective)
+        w_e = one_hot(e, len(cfg.data.objectives))
+        policies = decoder = None
+        for wi in sorted({c["weight_index"] for c in cands}):
+            part = f"parts/w{wi}.jsonl"
+            if parts.done(part):
+                continue
+            if decoder is None:
+                policies = load_policies(ctx, inputs["align"] / "policies")
+                decoder = policies.decoder(ctx)
+            group = [c for c in cands if c["weight_index"] == wi]
+            parts.save_jsonl(part, self._refine(ctx, policies, decoder, templates, prompts, group, w_e, wi))
+        rows = [r for wi in sorted({c["weight_index"] for c in cands}) for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
+        rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
+        write_jsonl(parts.path("candidates.jsonl"), rows)
+        shutil.rmtree(parts.path("parts"))
+        kept = sum(r["rewritten"] for r in rows)
+        log.info("refine: kept %d of %d rewrites", kept, len(rows))
+        return {"enabled": True, "candidates": len(rows), "rewrites_kept": kept,
+                "review_objective": cfg.review_objective}
+
+    def _refine(self, ctx, policies, decoder, templates, prompts, group, w_e, wi) -> list[dict]:
+        from sipo_fast.data.formatting import format_prompt
+
+        cfg, tok = ctx.config, ctx.tokenizer
+        questions = [prompts[c["pid"]]["prompt"] for c in group]
+        w = group[0]["weight"]
+        torch.manual_seed(cfg.seed + 1000 + wi)
+        # The review turn is opened with a prefix the model continues, so the prompt is rendered here and
+        # passed through the decoder untemplated.
+        review_in = [format_prompt(tok, templates.review_prompt(q, c["candidate"]), cfg.model.template) + REVIEW_PREFIX
+                     for q, c in zip(questions, group)]
+        self._check_fits(ctx, review_in, cfg.refine.review_max_new_tokens, "review")
+        reviews = generate(ctx, decoder, review_in, w_e, template="none", max_new_tokens=cfg.refine.review_max_new_tokens,
+                           batch_size=cfg.refine.batch_size, desc=f"review w={w}")
+        reviews = [clean_generation(REVIEW_PREFIX + " " + r.lstrip()) for r in reviews]
+        rewrite_in = [templates.rewrite_prompt(q, c["candidate"], r) for q, c, r in zip(questions, group, reviews)]
+        self._check_fits(ctx, [format_prompt(tok, p, cfg.model.template) for p in rewrite_in],
+                         cfg.refine.rewrite_max_new_tokens, "rewrite")
+        rewrites = generate(ctx, decoder, rewrite_in, w, max_new_tokens=cfg.refine.rewrite_max_new_tokens,
+                            batch_size=cfg.refine.batch_size, desc=f"rewrite w={w}")
+        rewrites = [clean_generation(r) for r in rewrites]
+        orig = [c["candidate"] for c in group]
+        r = rewards(ctx, policies.reward_models(), policies.reference, questions + questions, orig + rewrites,
+                    beta=cfg.filter.beta, max_length=cfg.filter.max_length, batch_size=cfg.filter.batch_size)
+        r_orig, r_new = r[: len(group)], r[len(group):]  # (M, N) each
+        # An empty rewrite (the model stopped at once) is not a response, whatever its rewards say.
+        keep = keep_rewrite(r_orig, r_new) & torch.tensor([bool(t.strip()) for t in rewrites])
+        return [{**c, "original": c["candidate"], "review": rv, "rewrite": rw, "rewritten": bool(k),
+                 "candidate": rw if k else c["candidate"], "rewards_original": ro.tolist(), "rewards_rewrite": rn.tolist()}
+                for c, rv, rw, k, ro, rn in zip(group, reviews, rewrites, keep, r_orig, r_new)]
+
+    @staticmethod
+    def _check_fits(ctx, rendered: list[str], max_new: int, what: str) -> None:
+        from .context import context_length
+
+        limit = context_length(ctx.model_config)
+        if limit is None:
+            return
+        longest = max(len(ctx.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in rendered)
+        if longest + max_new > limit:
+            raise ValueError(f"refine: the {what} prompts need up to {longest} + {max_new} tokens but the model's "
+                             f"context is {limit}; lower sample.max_new_tokens or refine.{what}_max_new_tokens, "
+                             "or set refine.enabled=false")
+
+
+class FilterStage(Stage):
+    """Stage 2.3: strict dominance over both originals under every implicit reward model (N policies plus
+    DPO soups at the soup weights), the max-sum pick, at most one survivor per prompt; builds D_c."""
+
+    name = "filter"
+    upstream = ("align", "refine")
+    config_keys = ("seed", "model", "data.objectives", "filter", "soup_weights")
+
+    def run(self, ctx, parts, inputs):
+        cfg = ctx.config
+        cands = read_jsonl(inputs["refine"] / "candidates.jsonl")
+        prompts = {p["pid"]: p for p in read_jsonl(inputs["refine"] / "prompts.jsonl")}
+        policies = load_policies(ctx, inputs["align"] / "policies")
+        models, names = self._reward_models(ctx, policies)
+        pids = sorted({c["pid"] for c in cands})
+        per_prompt = {pid: [c for c in cands if c["pid"] == pid] for pid in pids}
+        M = max(len(v) for v in per_prompt.values())
+        # One flat scoring batch: y_a, y_b, then every candidate, per prompt.
+        flat_p, flat_r = [], []
+        for pid in pids:
+            p = prompts[pid]
+            flat_p += [p["prompt"]] * (2 + len(per_prompt[pid]))
+            flat_r += [p["response_0"], p["response_1"]] + [c["candidate"] for c in per_prompt[pid]]
+        r = rewards(ctx, models, policies.reference, flat_p, flat_r, beta=cfg.filter.beta,
+                    max_length=cfg.filter.max_length, batch_size=cfg.filter.batch_size)  # (rows, K)
+        K = r.shape[1]
+        cand = torch.zeros(len(pids), M, K)
+        valid = torch.zeros(len(pids), M, dtype=torch.bool)
+        r_a, r_b = torch.zeros(len(pids), K), torch.zeros(len(pids), K)
+        row = 0
+        for i, pid in enumerate(pids):
+            m = len(per_prompt[pid])
+            r_a[i], r_b[i] = r[row], r[row + 1]
+            cand[i, :m] = r[row + 2: row + 2 + m]
+            # An empty candidate is not a response to train towards, whatever its rewards say.
+            valid[i, :m] = torch.tensor([bool(c["candidate"].strip()) for c in per_prompt[pid]])
+            row += 2 + m
+        sel = select_pareto(cand, r_a, r_b, valid)
+        reward_rows, survivors, pairs = [], [], []
+        for i, pid in enumerate(pids):
+            for j, c in enumerate(per_prompt[pid]):
+                reward_rows.append({"pid": pid, "weight_index": c["weight_index"], "rewards": cand[i, j].tolist(),
+                                    "rewards_a": r_a[i].tolist(), "rewards_b": r_b[i].tolist(),
+                                    "survives": bool(sel.survives[i, j])})
+            j = int(sel.chosen[i])
+            if j < 0:
+                continue
+            c, p = per_prompt[pid][j], prompts[pid]
+            survivors.append({"pid": pid, "prompt": p["prompt"], "chosen": c["candidate"], "weight": c["weight"],
+                              "weight_index": c["weight_index"], "rewritten": c.get("rewritten", False),
+                              "reward_sum": float(cand[i, j].sum()), "response_0": p["response_0"],
+                              "response_1": p["response_1"]})
+            pairs += [{"prompt": p["prompt"], "chosen": c["candidate"], "rejected": p["response_0"], "pid": pid},
+                      {"prompt": p["prompt"], "chosen": c["candidate"], "rejected": p["response_1"], "pid": pid}]
+        write_jsonl(parts.path("rewards.jsonl"), reward_rows)
+        write_jsonl(parts.path("survivors.jsonl"), survivors)
+        write_jsonl(parts.path("pairs.jsonl"), pairs)
+        counts = {"conflicting_prompts": len(pids), "candidates": len(cands),
+                  "rewrites_kept": sum(bool(c.get("rewritten")) for c in cands),
+                  "survivors": sel.num_survivors, "prompts_covered": sel.prompts_covered, "pairs": len(pairs),
+                  "reward_models": names}
+        log.info("filter: %d candidates (%d rewrites kept) -> %d strictly dominating -> %d prompts covered "
+                 "(of %d), %d pairs in D_c", counts["candidates"], counts["rewrites_kept"], counts["survivors"],
+                 counts["prompts_covered"], counts["conflicting_prompts"], counts["pairs"])
+        return counts
+
+    @staticmethod
+    def _reward_models(ctx, policies: Policies):
+        """The K implicit reward models: the N policies plus one DPO soup per soup weight."""
+        cfg = ctx.config
+        objectives = list(cfg.data.objectives)
+        if not cfg.filter.soups:
+            return policies.reward_models(), objectives
+        soup_names = [f"soup{i}" for i in range(len(cfg.soup_weights))]
+        if policies.names is not None:
+            from sipo_fast.merging import lora_soup
+
+            for name, w in zip(soup_names, cfg.soup_weights):
+                lora_soup(policies.model, objectives, w, name)  # exact ΔW interpolation (rank-concatenated)
+            return (policies.model, objectives + soup_names), objectives + soup_names
+        from sipo_fast.merging import full_soup
+
+        soups = [full_soup(policies.models, w) for w in cfg.soup_weights]
+        return list(policies.models) + soups, objectives + soup_names
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage 3
+
+
+class FinetuneStage(Stage):
+    """Stage 3: each stage-1 policy, adapter merged, fine-tuned on D_c with the SIPO loss and itself as the
+    reference (a fresh LoRA of the same shape). The saved policy is π_ref plus one adapter holding both
+    updates, ΔW_1 + ΔW_3, rank-concatenated (exact), so it loads like any stage-1 policy."""
+
+    name = "finetune"
+    upstream = ("align", "filter")
+    config_keys = ("seed", "model", "data.objectives", "align.use_lora", "align.lora_r", "align.lora_alpha",
+                   "align.lora_dropout", "align.target_modules", "finetune")
+
+    def run(self, ctx, parts, inputs):
+        cfg = ctx.config
+        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(inputs["filter"] / "pairs.jsonl")]
+        if not pairs:
+            log.warning("finetune: D_c is empty (no candidate survived the filter); the policies stay as stage 1 "
+                        "left them. More conflicting prompts (data.max_conflict_prompts) or weights help")
+        summary = {"pairs": len(pairs), "trained": bool(pairs), "metrics": {}}
+        for obj in cfg.data.objectives:
+            part, src = f"policies/{obj}", inputs["align"] / "policies" / obj
+            if not parts.done(part):
+                if not pairs:
+                    parts.save_dir(part, lambda tmp, src=src: _copy_policy(src, tmp))
+                    continue
+                log.info("finetune: SIPO loss for objective %r on %d pairs", obj, len(pairs))
+                scratch = parts.work.parent / f"scratch-finetune-{obj}"
+                start, ref = self._start(ctx, src)
+                f = cfg.finetune
+                model, history = _train(ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
+                                        epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size,
+                                        grad_accum=f.grad_accum, max_length=f.max_length, use_lora=cfg.align.use_lora,
+                                        eval_pairs=None, select_best=False, eval_steps=None, scratch=scratch, ref=ref)
+                _log_metrics(parts, obj, history)
+                if cfg.align.use_lora:
+                    parts.save_dir(part, lambda tmp: _save_combined(ctx, src, model, history, tmp))
+                else:
+                    parts.save_dir(part, _save_model(model, history))
+                shutil.rmtree(scratch, ignore_errors=True)
+            summary["metrics"][obj] = _final_metrics(parts.path(part))
+        return summary
+
+    @staticmethod
+    def _start(ctx, src: Path):
+        """(model to train, reference): π_k with its stage-1 update merged in; with LoRA the reference is the
+        same model with the new adapter disabled (ref None), with full fine-tuning a frozen copy."""
+        if ctx.config.align.use_lora:
+            from peft import PeftModel
+
+            return PeftModel.from_pretrained(ctx.load_base(), src).merge_and_unload(), None
+        from transformers import AutoModelForCausalLM
+
+        load = lambda: AutoModelForCausalLM.from_pretrained(src, dtype=ctx.dtype).to(ctx.device)  # noqa: E731
+        return load(), load().eval()
+
+
+def _save_combined(ctx: Context, stage1_dir: Path, trained, history: list[dict], out: Path) -> None:
+    """Write π_ref + (ΔW_1 + ΔW_3) as one LoRA adapter into ``out``.
+
+    ΔW_3 was trained on W_0 + ΔW_1 merged; a LoRA update does not depend on the weights under it, so
+    loading both adapters on W_0 and concatenating them (``lora_soup`` with weights [1, 1]) reproduces the
+    fine-tuned model exactly (up to the rounding of the merge).
+    """
+    from peft import PeftModel
+
+    from sipo_fast.merging import lora_soup
+
+    stage3 = out / ".stage3"
+    trained.save_pretrained(stage3)
+    model = PeftModel.from_pretrained(ctx.load_base(), stage1_dir, adapter_name="stage1")
+    model.load_adapter(stage3, adapter_name="stage3")
+    lora_soup(model, ["stage1", "stage3"], [1.0, 1.0], "combined")
+    model.save_pretrained(out / ".combined", selected_adapters=["combined"])
+    saved = out / ".combined" / "combined"  # PEFT nests every adapter other than "default" in its own folder
+    for f in saved.iterdir():
+        shutil.move(str(f), out / f.name)
+    shutil.rmtree(stage3)
+    shutil.rmtree(out / ".combined")
+    (out / "train_metrics.json").write_text(json.dumps(_clean_metrics(history), indent=1, sort_keys=True))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+# Offline stand-ins for the demo's objectives (SIPO.md §7): relevance for helpfulness, 1 − P(offensive) for
+# harmlessness. Other objectives need eval.scorers (e.g. the beaver reward/cost models for BeaverTails).
+_DEFAULT_SCORERS = {"helpful": "relevance", "harmless": "harmlessness"}
+
+
+class EvalStage(Stage):
+    """Evaluation (``sipo_fast.eval``): MOD sweeps over W of the fine-tuned policies ("sipo") and the
+    baselines, scored by the ground-truth scorers on held-out prompts; writes report.md and report.png."""
+
+    name = "eval"
+    upstream = ("align", "finetune")
+    config_keys = ("seed", "model", "data.source", "data.objectives", "eval", "eval_weights")
+
+    def run(self, ctx, parts, inputs):
+        from sipo_fast.eval import SweepResult, run_eval, write_report
+
+        cfg = ctx.config
+        prompts = self._prompts(ctx)
+        scorers = self._scorers(ctx)
+        methods = {"sipo": inputs["finetune"] / "policies"}
+        for b in cfg.eval.baselines:
+            if b not in ("mod", "soups"):
+                raise ValueError(f"eval.baselines: unknown baseline {b!r}; choose from mod, soups")
+        if "mod" in cfg.eval.baselines:
+            methods["mod"] = inputs["align"] / "policies"
+        results = []
+        cache = ctx.run_dir.root / ".work" / "eval_scores.sqlite"
+        for method, policy_dir in list(methods.items()) + ([("soups", inputs["align"] / "policies")]
+                                                            if "soups" in cfg.eval.baselines else []):
+            part = f"sweeps/{method}.json"
+            if not parts.done(part):
+                gen = self._generator(ctx, policy_dir, soups=method == "soups")
+                res = run_eval(gen, prompts, scorers, cfg.eval_weights, method, cache=cache, seed=cfg.seed)
+                parts.save_file(part, lambda path, res=res: res.save(path))
+            results.append(SweepResult.load(parts.path(part)))
+        paths = write_report(results, parts.work, baseline="mod" if "mod" in methods else None,
+                             title=f"SIPO on {cfg.data.source}: {' vs '.join(cfg.data.objectives)}")
+        means = {r.method: r.summary()[0].tolist() for r in results}
+        return {"prompts": len(prompts), "weights": len(cfg.eval_weights), "methods": list(means),
+                "report": paths["markdown"].name, "mean_scores": means}
+
+    @staticmethod
+    def _prompts(ctx) -> list[str]:
+        from sipo_fast.data import load_preferences
+
+        cfg = ctx.config
+        ds = load_preferences(cfg.data.source, split="test")
+        prompts = list(dict.fromkeys(ds["prompt"]))[: cfg.eval.num_prompts]
+        if not prompts:
+            raise ValueError(f"eval: data.source={cfg.data.source!r} has no test prompts; set eval.enabled=false")
+        return prompts
+
+    @staticmethod
+    def _scorers(ctx):
+        from sipo_fast.scoring import get_scorer
+
+        objectives = ctx.config.data.objectives
+        specs = ctx.config.eval.scorers or [_DEFAULT_SCORERS.get(o) for o in objectives]
+        if None in specs:
+            raise ValueError(f"eval.scorers is not set and objectives {[o for o, s in zip(objectives, specs) if s is None]} "
+                             "have no default scorer; list one scorer per objective (e.g. "
+                             "eval.scorers=[beaver_reward:/path/to/reward, beaver_cost:/path/to/cost]) or set "
+                             "eval.enabled=false")
+        out = []
+        for spec in specs:
+            name, _, path = spec.partition(":")
+            out.append(get_scorer(name, path=path) if path else get_scorer(name))
+        return out
+
+    @staticmethod
+    def _generator(ctx, policy_dir: Path, *, soups: bool):
+        """``generate(prompts, weights, seed)`` for run_eval: MOD over the policies in ``policy_dir`` at each
+        weight, or (``soups``) the DPO soup θ(w) decoded on its own."""
+        cfg = ctx.config
+
+        def gen(prompts, weights, seed=None):
+            policies = load_policies(ctx, policy_dir)
+            out = []
+            for i, w in enumerate(weights):
+                w = [float(x) for x in w]
+                if soups:
+                    soup = _soup_policy(ctx, policies, w, f"eval_soup{i}")
+                    texts = generate(ctx, soup.decoder(ctx), prompts, [1.0], max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, desc=f"soup w={w}")
+                else:
+                    texts = generate(ctx, policies.decoder(ctx), prompts, w, max_new_tokens=cfg.eval.max_new_tokens,
+                                     batch_size=cfg.eval.batch_size, desc=f"eval w={w}")
+                out.append(texts)
+            return out
+
+        return gen
+
+
+def _soup_policy(ctx, policies: Policies, w: list[float], name: str) -> Policies:
+    """A one-policy :class:`Policies` holding the DPO soup at ``w`` (exact LoRA ΔW interpolation)."""
+    if policies.names is not None:
+        from sipo_fast.merging import lora_soup
+
+        lora_soup(policies.model, policies.names, w, name, overwrite=True)
+        return Policies(model=policies.model, names=[name])
+    from sipo_fast.merging import full_soup
+
+    return Policies(model=policies.model, models=[full_soup(policies.models, w)], reference=policies.reference)
+
+
+STAGES: tuple[Stage, ...] = (AlignStage(), SampleStage(), RefineStage(), FilterStage(), FinetuneStage(), EvalStage())
