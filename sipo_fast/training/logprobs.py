@@ -238,8 +238,8 @@ def policy_logprobs(policies, batch: dict, *, batch_size: int | None = None, pro
     scorers = _as_scorers(policies)
     _validate_batch(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     B = batch["input_ids"].shape[0]
-    step = batch_size or B
-    if step < 1:
+    step = B if batch_size is None else batch_size
+    if not isinstance(step, int) or step < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     groups: dict[int, tuple[nn.Module, list[int]]] = {}  # id(model) -> (model, column indices)
     for k, (m, _) in enumerate(scorers):
