@@ -1,0 +1,346 @@
+"""Compare SIPO with the baselines on one pipeline run directory: :func:`evaluate_run` (``sipo-fast eval``).
+
+Methods (SIPO.md §4), all swept over the same weights, prompts and scorers:
+
+- ``sipo``: MOD over the fine-tuned policies (``finetune/policies``), i.e. SIPO + MOD.
+- ``mod``: MOD over the stage-1 policies (``align/policies``).
+- ``soups``: DPO soups of the stage-1 policies, exact LoRA ΔW interpolation (:func:`sipo_fast.merging.lora_soup`).
+- ``soups_ab``: the authors' A/B interpolation (:func:`sipo_fast.merging.lora_soup_ab`), inexact.
+- ``modpo``: one MODPO model per weight (:func:`train_modpo`), trained like stage 1 on the first objective's
+  pairs with the other objectives' stage-1 implicit rewards as margins.
+
+Everything lands in ``<run_dir>/comparison/`` (outside the pipeline's hashed stage directories):
+``sweeps/<method>.json`` (reused when prompts, weights, decoding settings and the input artifacts are
+unchanged), ``modpo/w<i>/`` adapters, ``scores.sqlite`` (the scoring cache), ``report.md`` and ``report.png``.
+The report's notes explain the run: conflict ratio of the training data, how many candidates survived the
+filter, and whether the survivors really beat both originals under the ground-truth scorers.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .cache import ScoreCache
+from .report import write_report
+from .stats import weight_grid
+from .sweep import SweepResult, check_weights, run_eval, score_responses
+
+log = logging.getLogger("sipo_fast.eval")
+METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo")
+DEFAULT_METHODS = ("sipo", "mod", "soups")
+DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"],
+                   "pku": ["beaver_reward", "beaver_cost"]}
+_NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",)}
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+def heldout_prompts(source: str, num_prompts: int) -> list[str]:
+    """The first ``num_prompts`` distinct prompts of the data source's test split (never trained on)."""
+    from sipo_fast.data import load_preferences
+
+    ds = load_preferences(source, split="test")
+    prompts = list(dict.fromkeys(ds["prompt"]))[:num_prompts]
+    if not prompts:
+        raise ValueError(f"data source {source!r} has no test prompts to evaluate on")
+    return prompts
+
+
+def build_scorers(specs: Sequence[str]):
+    """Scorers from ``name`` or ``name:path`` specs (``sipo_fast.scoring.get_scorer``)."""
+    from sipo_fast.scoring import get_scorer
+
+    out = []
+    for spec in specs:
+        name, _, path = str(spec).partition(":")
+        out.append(get_scorer(name, path=path) if path else get_scorer(name))
+    return out
+
+
+def default_weights(config) -> np.ndarray:
+    """The sweep's default: W of stage 2 (``sample.weights``) plus the endpoints, [W, N]."""
+    n = len(config.data.objectives)
+    if n == 2:
+        return weight_grid(2, [w[0] for w in config.sample.weights], endpoints=True)
+    return np.unique(np.vstack([np.asarray(config.sample.weights), np.eye(n)]), axis=0)
+
+
+# ---------------------------------------------------------------------------------------------- MODPO
+def _modpo_split(w: Sequence[float]) -> tuple[int, list[int]]:
+    """MODPO trains objective k = the first with w_k > 0; the others are margins."""
+    k = next(i for i, x in enumerate(w) if x > 0)
+    return k, [j for j in range(len(w)) if j != k]
+
+
+def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
+    """Train one MODPO policy at weight ``w`` (SIPO.md §4) and save its LoRA adapter to ``out``.
+
+    Objective k (the first with w_k > 0) is trained on its own pairs from ``align/train.jsonl`` with
+    r_θ = (1/w_k)[β log π_θ/π_ref − w_{−k}ᵀ r_φ], where r_φ are the implicit rewards β log π_j/π_ref of the
+    other objectives' stage-1 policies. Same LoRA shape, learning rate, epochs and β as stage 1, from π_ref.
+    """
+    from datasets import Dataset
+
+    from sipo_fast.data.formatting import encode_pairs
+    from sipo_fast.pipeline.rundir import read_jsonl
+    from sipo_fast.pipeline.stages import load_policies, lora_config, preference_pairs
+    from sipo_fast.training import implicit_rewards, train_preference
+
+    cfg, objectives = ctx.config, list(ctx.config.data.objectives)
+    k, others = _modpo_split(w)
+
+    def with_margins(rows: list[dict]) -> list[dict]:
+        pairs = preference_pairs(rows, objectives[k])
+        if not pairs:
+            return []
+        policies = load_policies(ctx, align_dir / "policies")
+        enc = lambda key: encode_pairs(ctx.tokenizer, [p["prompt"] for p in pairs], [p[key] for p in pairs],  # noqa: E731
+                                       cfg.model.template, max_length=cfg.align.max_length)
+        names = [objectives[j] for j in others]
+        kw = dict(beta=cfg.align.beta, batch_size=cfg.filter.batch_size, progress=ctx.progress)
+        ref = None if policies.names is not None else policies.reference
+        pol = (policies.model, names) if policies.names is not None else [policies.models[j] for j in others]
+        rc, rr = implicit_rewards(pol, ref, enc("chosen"), **kw), implicit_rewards(pol, ref, enc("rejected"), **kw)
+        return [{**p, "chosen_margin_rewards": c.tolist(), "rejected_margin_rewards": r.tolist()}
+                for p, c, r in zip(pairs, rc, rr)]
+
+    train = with_margins(read_jsonl(align_dir / "train.jsonl"))
+    held = with_margins(read_jsonl(align_dir / "eval.jsonl")) if cfg.align.select_best else []
+    a = cfg.align
+    log.info("modpo: w=%s, objective %r with margins %s, %d pairs", list(w), objectives[k],
+             [objectives[j] for j in others], len(train))
+    result = train_preference(
+        ctx.load_base(), None, Dataset.from_list(train), ctx.tokenizer, loss_type="modpo", beta=a.beta,
+        lr=a.learning_rate, epochs=a.epochs, batch_size=a.batch_size, max_length=a.max_length,
+        lora_config=lora_config(ctx) if a.use_lora else None, output_dir=str(scratch), template=cfg.model.template,
+        eval_dataset=Dataset.from_list(held) if held else None, seed=cfg.seed, modpo_weight=float(w[k]),
+        modpo_margin_weights=[float(w[j]) for j in others], objective_names=[objectives[j] for j in [k, *others]],
+        max_steps=a.max_steps)
+    import torch
+
+    # train_preference returns the trained model, or (newer) a result object holding it in ``.model``.
+    # (A PeftModel has a ``.model`` too, the wrapped base, so test the type, not the attribute.)
+    model = result if isinstance(result, torch.nn.Module) else result.model
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)  # a killed run leaves no half-written adapter under the final name
+    shutil.rmtree(scratch, ignore_errors=True)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+def _gt_prefers(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per objective (maximisation orientation), +1 if a is better, −1 if b is, 0 on a tie: [..., N]."""
+    return np.sign(a - b)
+
+
+def pipeline_diagnostics(run_dir: Path, scorers, cache: ScoreCache) -> dict:
+    """Why the fronts look the way they do: the data's conflict ratio, the filter's survivors and a ground-truth
+    check of them. ``gt_dominating``: survivors y_c that beat both y_a and y_b on every objective under the
+    ground-truth scorers; ``dc_conflict_ratio``: share of the D_c pairs (y_c, y_l) on which the ground-truth
+    scorers still disagree (the conflict ratio after SIPO's self-improvement; SIPO intends 0)."""
+    from sipo_fast.pipeline.rundir import RunDir, read_jsonl
+
+    rd = RunDir(run_dir)
+    stages = rd.manifest().get("stages", {})
+    out: dict = {}
+    align = stages.get("align", {}).get("summary", {})
+    if align:
+        out["train_pairs"] = align.get("train_pairs")
+        out["conflicting_train_pairs"] = align.get("conflicting_train_pairs")
+        if align.get("train_pairs"):
+            out["conflict_ratio"] = align["conflicting_train_pairs"] / align["train_pairs"]
+    filt = stages.get("filter", {}).get("summary", {})
+    for key in ("conflicting_prompts", "candidates", "rewrites_kept", "survivors", "prompts_covered", "pairs"):
+        if key in filt:
+            out[key] = filt[key]
+    surv_path = rd.stage_dir("filter") / "survivors.jsonl"
+    survivors = read_jsonl(surv_path) if surv_path.exists() else []
+    if survivors and scorers:
+        from .stats import to_maximisation
+
+        prompts = [s["prompt"] for s in survivors]
+        resp = [[s["chosen"] for s in survivors], [s["response_0"] for s in survivors], [s["response_1"] for s in survivors]]
+        sc = to_maximisation(score_responses(prompts, resp, scorers, cache=cache), [s.higher_is_better for s in scorers])
+        c, a, b = sc[0], sc[1], sc[2]                                 # each (S, N)
+        out["gt_dominating"] = int(((c > a) & (c > b)).all(-1).sum())
+        pa, pb = _gt_prefers(c, a), _gt_prefers(c, b)                 # (S, N) for the pairs (y_c, y_a), (y_c, y_b)
+        pref = np.concatenate([pa, pb], 0)                            # (2S, N)
+        conflicting = (pref > 0).any(-1) & (pref < 0).any(-1)
+        out["dc_conflict_ratio"] = float(conflicting.mean())
+        out["dc_gt_gain_mean"] = (c - (a + b) / 2).mean(0).tolist()
+    return out
+
+
+def diagnostics_markdown(diag_by_seed: dict, objectives: list[str]) -> str:
+    """A table of :func:`pipeline_diagnostics` per seed, with what each column means."""
+    if not diag_by_seed:
+        return ""
+    cols = [("conflict_ratio", "conflict ratio (train)"), ("conflicting_prompts", "conflicting prompts (stage 2)"),
+            ("candidates", "candidates"), ("survivors", "survivors (strictly dominate under implicit rewards)"),
+            ("prompts_covered", "prompts with a y_c"), ("pairs", "|D_c|"),
+            ("gt_dominating", "y_c beating both originals on every ground-truth scorer"),
+            ("dc_conflict_ratio", "D_c conflict ratio under ground truth")]
+    lines = ["| seed | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for seed, d in diag_by_seed.items():
+        cells = []
+        for key, _ in cols:
+            v = d.get(key)
+            cells.append("—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    gains = [d["dc_gt_gain_mean"] for d in diag_by_seed.values() if "dc_gt_gain_mean" in d]
+    text = "\n".join(lines)
+    if gains:
+        g = np.mean(gains, axis=0)
+        text += ("\n\nMean ground-truth advantage of y_c over the average of its two originals (maximisation "
+                 "orientation): " + ", ".join(f"{o} {x:+.3f}" for o, x in zip(objectives, g)) + ".")
+    return text
+
+
+# ---------------------------------------------------------------------------------------------- the runner
+@dataclass
+class EvalRun:
+    results: list[SweepResult]
+    diagnostics: dict
+    paths: dict = field(default_factory=dict)
+
+
+def _load_config(run_dir: Path):
+    from sipo_fast.pipeline import PipelineConfig
+
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        raise ValueError(f"{run_dir} has no config.yaml: not a pipeline run directory. Run `sipo-fast run` (or "
+                         "`sipo-fast demo`) first, or evaluate your own policies with sipo_fast.eval.run_eval")
+    return PipelineConfig.from_yaml(path.read_text())
+
+
+def _fingerprint(run_dir: Path, method: str, prompts, weights, settings: dict) -> str:
+    from sipo_fast.pipeline.rundir import RunDir, stable_hash
+
+    stages = RunDir(run_dir).manifest().get("stages", {})
+    inputs = {s: stages.get(s, {}).get("artifact") for s in _NEEDS[method]}
+    return stable_hash({"method": method, "prompts": list(prompts), "weights": np.asarray(weights).tolist(),
+                        "settings": settings, "inputs": inputs})
+
+
+def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Path, settings: dict):
+    from sipo_fast.pipeline.stages import load_policies
+
+    from .methods import mod_generator, per_weight_generator, soup_generator
+
+    kw = dict(max_new_tokens=settings["max_new_tokens"], template=settings["template"],
+              batch_size=settings["batch_size"], progress=ctx.progress)
+    if method in ("sipo", "mod"):
+        pol = load_policies(ctx, run_dir / ("finetune" if method == "sipo" else "align") / "policies")
+        return mod_generator(pol.decoder(ctx), **kw)
+    if method in ("soups", "soups_ab"):
+        pol = load_policies(ctx, run_dir / "align" / "policies")
+        if pol.names is not None:
+            return soup_generator(pol.model, ctx.tokenizer, adapter_names=pol.names, exact=method == "soups", **kw)
+        if method == "soups_ab":
+            raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models (align.use_lora=false)")
+        return soup_generator(list(pol.models), ctx.tokenizer, **kw)
+    if method == "modpo":
+        return per_weight_generator(_modpo_policies(ctx, run_dir, weights, out_dir), ctx.tokenizer, **kw)
+    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def _modpo_policies(ctx, run_dir: Path, weights: np.ndarray, out_dir: Path) -> list:
+    """One policy per weight: stage-1 policy k at a one-hot weight (MODPO at w_k = 1 is DPO on objective k, and
+    its optimum as w_k → 0 is the margin objective's own DPO policy), a trained MODPO adapter elsewhere."""
+    from peft import PeftModel
+
+    align = run_dir / "align"
+    objectives = list(ctx.config.data.objectives)
+    if not ctx.config.align.use_lora:
+        raise ValueError("the modpo baseline is implemented for LoRA runs (align.use_lora=true)")
+    base = None
+    out = []
+    for i, w in enumerate(np.asarray(weights).tolist()):
+        if max(w) == 1.0:
+            path, name = align / "policies" / objectives[int(np.argmax(w))], f"stage1_{int(np.argmax(w))}"
+        else:
+            path, name = out_dir / "modpo" / f"w{'_'.join(f'{x:g}' for x in w)}", f"modpo{i}"
+            if not (path / "adapter_config.json").exists():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                train_modpo(ctx, align, w, path, scratch=out_dir / "modpo" / ".scratch")
+        if base is None:
+            base = PeftModel.from_pretrained(ctx.load_base(), path, adapter_name=name)
+        elif name not in base.peft_config:
+            base.load_adapter(path, adapter_name=name)
+        out.append((base.eval(), name))
+    return out
+
+
+def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT_METHODS, weights=None,
+                 num_prompts: int | None = None, max_new_tokens: int | None = None, batch_size: int | None = None,
+                 scorers: Sequence[str] | None = None, ref: Sequence[float] | None = None, baseline: str | None = "mod",
+                 out_dir: str | os.PathLike | None = None, progress: bool = True, write: bool = True,
+                 title: str | None = None) -> EvalRun:
+    """Sweep ``methods`` on a finished pipeline run and write the comparison report.
+
+    Defaults come from the run's config: weights = ``sample.weights`` plus the endpoints 0 and 1, prompts =
+    ``eval.num_prompts`` held-out prompts, ``eval.max_new_tokens``, ``eval.batch_size``, ``eval.scorers`` (or
+    the data source's defaults). Decoding is greedy; the run's seed labels the results.
+    """
+    from sipo_fast.pipeline.context import Context
+    from sipo_fast.pipeline.rundir import RunDir
+
+    run_dir = Path(run_dir)
+    config = _load_config(run_dir)
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"unknown or no methods {list(bad) or list(methods)}; choose from {', '.join(METHODS)}")
+    manifest = RunDir(run_dir).manifest().get("stages", {})
+    for m in methods:
+        missing = [s for s in _NEEDS[m] if s not in manifest]
+        if missing:
+            raise ValueError(f"method {m!r} needs the pipeline stage(s) {missing} of {run_dir}, which are not finished; "
+                             "run `sipo-fast run` with that --output-dir first")
+    n = len(config.data.objectives)
+    w = check_weights(weights, n) if weights is not None else default_weights(config)
+    specs = list(scorers) if scorers is not None else (config.eval.scorers or DEFAULT_SCORERS.get(config.data.source))
+    if not specs or len(specs) != n:
+        raise ValueError(f"give one scorer per objective {config.data.objectives} (e.g. --scorers relevance "
+                         f"harmlessness); got {specs}")
+    scorer_objs = build_scorers(specs)
+    prompts = heldout_prompts(config.data.source, num_prompts or config.eval.num_prompts)
+    settings = {"max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
+                "batch_size": batch_size or config.eval.batch_size, "template": config.model.template}
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"
+    cache = ScoreCache(out_dir / "scores.sqlite")
+    ctx = Context(config, RunDir(run_dir), progress=progress)
+    results = []
+    for m in methods:
+        fp = _fingerprint(run_dir, m, prompts, w, {k: v for k, v in settings.items() if k != "batch_size"})
+        path = out_dir / "sweeps" / f"{m}.json"
+        if path.exists():
+            old = SweepResult.load(path)
+            if old.meta.get("fingerprint") == fp:
+                log.info("eval: %s: reusing %s", m, path)
+                results.append(old)
+                continue
+        log.info("eval: %s: sweeping %d weights × %d prompts", m, len(w), len(prompts))
+        gen = _generator(ctx, run_dir, m, w, out_dir, settings)
+        res = run_eval(gen, prompts, scorer_objs, w, m, cache=cache, seed=config.seed,
+                       meta={"fingerprint": fp, "run_dir": str(run_dir), **settings})
+        res.save(path)
+        results.append(res)
+    diag = pipeline_diagnostics(run_dir, scorer_objs, cache)
+    paths = {}
+    if write:
+        notes = "### Pipeline diagnostics\n\n" + diagnostics_markdown({config.seed: diag}, config.data.objectives)
+        paths = write_report(results, out_dir, ref=ref, baseline=baseline if baseline in methods else None, notes=notes,
+                             title=title or f"SIPO vs baselines on {config.data.source} ({run_dir.name}, seed "
+                                            f"{config.seed})")
+        (out_dir / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+    return EvalRun(results=results, diagnostics=diag, paths=paths)

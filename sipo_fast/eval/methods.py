@@ -1,0 +1,107 @@
+"""Generators for :func:`sipo_fast.eval.run_eval`, one per way of turning a weight into responses.
+
+- :func:`mod_generator`: MOD over N policies (stage-1 policies → the "MOD" baseline; SIPO's fine-tuned
+  policies → "SIPO + MOD"). The whole sweep is one decoder call: every prompt is repeated once per weight,
+  prompt-major, with a per-row weight, so the decoder's prefix sharing prefills each prompt once.
+- :func:`soup_generator`: DPO soups, θ(w) = Σ_i w_i θ_i (exact LoRA ΔW interpolation by default, the
+  authors' A/B interpolation with ``exact=False``, or full-weight soups of separate models), one model per
+  weight, decoded on its own.
+- :func:`per_weight_generator`: one given model per weight (MODPO, DPO LW, anything trained per weight).
+
+All decode through :class:`sipo_fast.decoding.MODDecoder` (a single policy with weight [1] is plain
+decoding), so every method sees the same prompt template, EOS handling and greedy tie-breaking.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+_SOUP = "_eval_soup"
+
+
+def _texts(outputs) -> list[str]:
+    return [o.text if hasattr(o, "text") else str(o) for o in outputs]
+
+
+def _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed) -> dict:
+    kw = dict(max_new_tokens=max_new_tokens, template=template, batch_size=batch_size, progress=progress)
+    if do_sample:
+        kw.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+    return kw
+
+
+def mod_generator(decoder, *, max_new_tokens: int, template: str = "chat", batch_size: int = 16,
+                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, progress: bool = True):
+    """``generate(prompts, weights, seed)`` decoding with a :class:`MODDecoder` (or anything with its
+    ``generate_text(prompts, weights=[B, N], ...)``). Greedy by default, as in the paper."""
+    def generate(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
+        W, P = len(weights), len(prompts)
+        rows = [p for p in prompts for _ in range(W)]                  # (P·W,), prompt-major
+        w = np.tile(np.asarray(weights, dtype=np.float64), (P, 1))     # (P·W, N): row p·W + i has weight i
+        outs = _texts(decoder.generate_text(rows, weights=w, **_decode_kwargs(
+            max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)))
+        return [[outs[p * W + i] for p in range(P)] for i in range(W)]  # (W, P)
+    return generate
+
+
+def _decode_one(policy, tokenizer, prompts, kwargs) -> list[str]:
+    """Decode with a single policy: a model, or (peft_model, adapter_name)."""
+    from sipo_fast.decoding import MODDecoder
+
+    if isinstance(policy, tuple):
+        dec = MODDecoder(policy[0], tokenizer, adapter_names=[policy[1]])
+    else:
+        dec = MODDecoder([policy], tokenizer)
+    return _texts(dec.generate_text(list(prompts), weights=[1.0], **kwargs))
+
+
+def soup_generator(policies, tokenizer, *, adapter_names: Sequence[str] | None = None, exact: bool = True,
+                   max_new_tokens: int, template: str = "chat", batch_size: int = 16, do_sample: bool = False,
+                   temperature: float = 1.0, top_p: float = 1.0, progress: bool = True):
+    """DPO soups: at each weight w, decode the single model θ(w) = Σ_i w_i θ_i.
+
+    ``policies``: one ``PeftModel`` carrying the N per-objective LoRA adapters (``adapter_names``, default all,
+    in objective order), or a list of N full models. For LoRA, ``exact=True`` uses :func:`lora_soup`
+    (ΔW(w) = Σ w_i s_i B_i A_i) and ``exact=False`` the authors' A/B interpolation :func:`lora_soup_ab`.
+    The temporary soup adapter is removed afterwards, leaving ``policies`` as it was.
+    """
+    from sipo_fast.merging import full_soup, lora_soup, lora_soup_ab
+
+    is_peft = hasattr(policies, "peft_config")
+    names = list(adapter_names) if adapter_names is not None else (list(policies.peft_config) if is_peft else None)
+    if not is_peft and (not isinstance(policies, (list, tuple)) or not policies):
+        raise ValueError("soup_generator: pass a PeftModel with one LoRA adapter per objective or a list of models")
+    if not is_peft and not exact:
+        raise ValueError("soup_generator: exact=False (A/B interpolation) applies to LoRA adapters only")
+
+    def generate(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
+        kw = _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)
+        out = []
+        for w in np.asarray(weights, dtype=np.float64).tolist():
+            if is_peft:
+                (lora_soup if exact else lora_soup_ab)(policies, names, w, _SOUP, overwrite=True)
+                try:
+                    out.append(_decode_one((policies, _SOUP), tokenizer, prompts, kw))
+                finally:
+                    policies.delete_adapter(_SOUP)
+            else:
+                out.append(_decode_one(full_soup(policies, w), tokenizer, prompts, kw))
+        return out
+    return generate
+
+
+def per_weight_generator(policies: Sequence, tokenizer, *, max_new_tokens: int, template: str = "chat",
+                         batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
+                         top_p: float = 1.0, progress: bool = True):
+    """One policy per weight row (a model, or ``(peft_model, adapter_name)``), e.g. MODPO's per-weight models.
+    The generator checks that it is called with as many weights as it has policies."""
+    policies = list(policies)
+
+    def generate(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
+        if len(weights) != len(policies):
+            raise ValueError(f"per_weight_generator has {len(policies)} policies but the sweep has {len(weights)} "
+                             "weights; give one policy per weight, in the same order")
+        kw = _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)
+        return [_decode_one(p, tokenizer, prompts, kw) for p in policies]
+    return generate
