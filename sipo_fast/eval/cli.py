@@ -1,0 +1,150 @@
+"""``sipo-fast eval``: compare SIPO with the baselines on a pipeline run, or sweep your own policies.
+
+    sipo-fast eval --run-dir runs/demo                                   # sipo, mod, soups; report in runs/demo/comparison
+    sipo-fast eval --run-dir runs/demo --methods sipo mod soups modpo --num-prompts 48
+    sipo-fast eval --policies adapters/helpful adapters/harmless --model default --data demo --soups
+
+``add_arguments(parser)`` and ``run(args)`` are what the main CLI wires in. Nothing heavy is imported until
+``run``, so ``sipo-fast --help`` stays instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("what to evaluate (one of)")
+    src.add_argument("--run-dir", metavar="DIR", help="a pipeline run directory (sipo-fast run/demo --output-dir)")
+    src.add_argument("--policies", nargs="+", metavar="DIR", help="your own per-objective policies, in objective "
+                     "order: LoRA adapter directories (on --model) or full model directories")
+    p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=None,
+                   help="with --run-dir: methods to sweep (default: sipo mod soups). modpo trains one model per "
+                        "interior weight (as long as stage 1 each)")
+    p.add_argument("--weights", nargs="+", metavar="W", help="weights of the sweep: numbers w (two objectives, "
+                   "rows [w, 1-w]) or comma-separated vectors such as 0.2,0.3,0.5 (default: W of stage 2 plus the "
+                   "endpoints 0 and 1; with --policies: 0 0.2 0.4 0.6 0.8 1)")
+    p.add_argument("--num-prompts", type=int, metavar="N", help="held-out prompts per weight")
+    p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens generated per response")
+    p.add_argument("--batch-size", type=int, metavar="N", help="rows per decoding batch")
+    p.add_argument("--scorers", nargs="+", metavar="NAME[:PATH]", help="one ground-truth scorer per objective "
+                   "(relevance, harmlessness, beaver_reward:/path, beaver_cost:/path); default from the data")
+    p.add_argument("--ref", nargs="+", type=float, metavar="X", help="hypervolume reference point, one value per "
+                   "objective in maximisation orientation (costs negated); default: below the nadir of all points")
+    p.add_argument("--baseline", default="mod", help="method the average gain is measured against (default: mod)")
+    p.add_argument("--out", metavar="DIR", help="where sweeps, cache and report go (default: <run-dir>/comparison "
+                   "or eval-out/)")
+    own = p.add_argument_group("with --policies")
+    own.add_argument("--model", default="default", help="base model of LoRA policies: default (embedded SmolLM2), "
+                     "tiny, or a Hugging Face name/path")
+    own.add_argument("--data", default="demo", help="held-out prompts: a data source's test split (demo, a PKU "
+                     "path, ...) or a .txt file with one prompt per line")
+    own.add_argument("--template", default="chat", help="prompt template: chat, none, or a format string with {prompt}")
+    own.add_argument("--name", default="policies", help="method name for your policies in the report")
+    own.add_argument("--soups", action="store_true", help="also sweep the DPO soups of your LoRA policies")
+    own.add_argument("--seed", type=int, default=0, help="seed recorded with the sweep (decoding is greedy)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _weights(values: list[str] | None):
+    if values is None:
+        return None
+    rows = [[float(x) for x in v.split(",")] for v in values]
+    if all(len(r) == 1 for r in rows):
+        return [r[0] for r in rows]
+    if len({len(r) for r in rows}) != 1:
+        raise ValueError(f"--weights mixes numbers and vectors of different lengths: {values}")
+    return rows
+
+
+def _prompts(data: str, n: int) -> list[str]:
+    path = Path(data)
+    if path.suffix == ".txt" and path.is_file():
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        if not prompts:
+            raise ValueError(f"{path} holds no prompts (one per line)")
+        return prompts[:n]
+    from .baselines import heldout_prompts
+
+    return heldout_prompts(data, n)
+
+
+def _own_policies(args) -> dict:
+    """Sweep MOD (and soups) over --policies on --model; returns write_report's paths."""
+    from .baselines import DEFAULT_SCORERS, build_scorers
+    from .cache import ScoreCache
+    from .methods import mod_generator, soup_generator
+    from .report import write_report
+    from .stats import weight_grid
+    from .sweep import run_eval
+
+    n = len(args.policies)
+    if n < 2:
+        raise ValueError("--policies needs one policy per objective, at least two")
+    specs = args.scorers or DEFAULT_SCORERS.get(args.data)
+    if not specs or len(specs) != n:
+        raise ValueError(f"give one scorer per policy with --scorers ({n} policies, got {specs})")
+    lora = [(Path(d) / "adapter_config.json").exists() for d in args.policies]
+    if len(set(lora)) != 1:
+        raise ValueError("--policies mixes LoRA adapters and full models; give one kind")
+    from sipo_fast.decoding import MODDecoder
+    from sipo_fast.pipeline import PipelineConfig
+    from sipo_fast.pipeline.context import Context
+    from sipo_fast.pipeline.rundir import RunDir
+
+    ctx = Context(PipelineConfig.from_dict({"model": {"name": args.model, "template": args.template}}), RunDir("."),
+                  progress=not args.no_progress)
+    if lora[0]:
+        from peft import PeftModel
+
+        names = [f"p{i}" for i in range(n)]
+        model = PeftModel.from_pretrained(ctx.load_base(), args.policies[0], adapter_name=names[0])
+        for name, d in zip(names[1:], args.policies[1:]):
+            model.load_adapter(d, adapter_name=name)
+        model.eval()
+        decoder, soups = MODDecoder(model, ctx.tokenizer, adapter_names=names), (model, names)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        models = [AutoModelForCausalLM.from_pretrained(d, dtype=ctx.dtype).to(ctx.device).eval() for d in args.policies]
+        decoder, soups = MODDecoder(models, ctx.tokenizer), (models, None)
+    w = _weights(args.weights)
+    w = weight_grid(n) if w is None and n == 2 else w
+    if w is None:
+        raise ValueError(f"give --weights vectors for {n} objectives, e.g. 1,0,0 0,1,0 0,0,1 0.4,0.3,0.3")
+    kw = dict(max_new_tokens=args.max_new_tokens or 128, template=args.template, batch_size=args.batch_size or 16,
+              progress=not args.no_progress)
+    prompts = _prompts(args.data, args.num_prompts or 64)
+    scorers = build_scorers(specs)
+    out = Path(args.out or "eval-out")
+    cache = ScoreCache(out / "scores.sqlite")
+    results = [run_eval(mod_generator(decoder, **kw), prompts, scorers, w, f"{args.name} (MOD)", cache=cache,
+                        seed=args.seed)]
+    if args.soups:
+        gen = soup_generator(soups[0], ctx.tokenizer, adapter_names=soups[1], **kw)
+        results.append(run_eval(gen, prompts, scorers, w, f"{args.name} (soups)", cache=cache, seed=args.seed))
+    for r in results:
+        r.save(out / "sweeps" / f"{r.method.replace(' ', '_').replace('(', '').replace(')', '')}.json")
+    return write_report(results, out, ref=args.ref, baseline=results[0].method, title=f"Pareto fronts of {args.name}")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Entry point of ``sipo-fast eval``; returns the exit status."""
+    if bool(args.run_dir) == bool(args.policies):
+        print("sipo-fast eval: give exactly one of --run-dir DIR or --policies DIR [DIR ...]", file=sys.stderr)
+        return 2
+    if args.run_dir:
+        from .baselines import DEFAULT_METHODS, evaluate_run
+
+        run_ = evaluate_run(args.run_dir, methods=args.methods or DEFAULT_METHODS, weights=_weights(args.weights),
+                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                            batch_size=args.batch_size, scorers=args.scorers, ref=args.ref, baseline=args.baseline,
+                            out_dir=args.out, progress=not args.no_progress)
+        paths = run_.paths
+    else:
+        paths = _own_policies(args)
+    print(f"report: {paths['markdown']}\nplot:   {paths['png']}")
+    return 0
