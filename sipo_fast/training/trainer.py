@@ -279,7 +279,8 @@ def build_preference_trainer(model, ref_model, dataset, tokenizer, *, loss_type:
                bf16=False, fp16=False, report_to="none", disable_tqdm=False,
                eval_strategy="epoch" if has_eval else "no", save_strategy="epoch" if has_eval else "no",
                load_best_model_at_end=has_eval, metric_for_best_model="eval_loss", greater_is_better=False,
-               save_total_limit=1 if has_eval else None, save_only_model=True)
+               save_total_limit=1 if has_eval else None, save_only_model=True,
+               dataloader_pin_memory=torch.cuda.is_available())
     cfg.update(config_overrides)
     args = FusedDPOConfig(**cfg)
     return FusedDPOTrainer(model, ref_model, args, train_dataset=train, eval_dataset=evals,
