@@ -13,7 +13,11 @@ from __future__ import annotations
 
 from sipo_fast import _ext
 
-__all__ = ["BlockManager", "OutOfBlocksError"]
+from sipo_fast.kv.pool import PagedKVPool, SharedPagedKV, StepInputs
+
+__all__ = ["BlockManager", "OutOfBlocksError", "PagedKVPool", "SharedPagedKV", "StepInputs", "PagedCache",
+           "paged_attention_enabled", "forward_paged", "ATTN_IMPLEMENTATION"]
+_HF = ("PagedCache", "paged_attention_enabled", "forward_paged", "ATTN_IMPLEMENTATION")
 
 
 def __getattr__(name: str):
@@ -21,4 +25,8 @@ def __getattr__(name: str):
     # works without it and the error (with the build command) appears only when the cache is used.
     if name in ("BlockManager", "OutOfBlocksError"):
         return getattr(_ext.require(f"sipo_fast.kv.{name}"), name)
+    if name in _HF:  # imports transformers: only when asked for
+        from sipo_fast.kv import hf
+
+        return getattr(hf, name)
     raise AttributeError(f"module 'sipo_fast.kv' has no attribute {name!r}")
