@@ -124,8 +124,21 @@ def _print_summary(out_dir: Path, summary: dict) -> None:
     print(f"run directory: {out_dir}")
 
 
+def _parse(argv: list[str] | None):
+    """Overrides may come before, between or after options: argparse's one positional list would take only the
+    first run of them, so the rest arrive as unknown arguments and are appended here."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        bad = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)}")
+        args.overrides = list(args.overrides or []) + extra
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "env":
         from sipo_fast.env_report import report
 

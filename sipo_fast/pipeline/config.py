@@ -110,6 +110,8 @@ class DataConfig(_Section):
     """Share of rows held out for stage 1's eval loss (best-checkpoint choice). 0 disables."""
     split_seed: int = 0
     """Seed of the train/eval split (the paper splits 90/10 with seed 0)."""
+    conflict_ratio: float | None = None
+    """Subsample stage 1's rows to this share of conflicting pairs (the paper's HelpSteer mix is 0.6); None = as is."""
     max_conflict_prompts: int | None = None
     """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
     drop_long_prompts: bool = False
@@ -125,6 +127,8 @@ class DataConfig(_Section):
         _positive("data.max_conflict_prompts", self.max_conflict_prompts, allow_none=True)
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
+            raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the data's mix")
 
 
 @dataclass
@@ -262,26 +266,34 @@ class FinetuneConfig(_Section):
         _positive("finetune.max_length", self.max_length)
 
 
+EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo")
+
+
 @dataclass
 class EvalConfig(_Section):
-    """Evaluation after stage 3 (``sipo_fast.eval``): MOD sweeps of the fine-tuned and baseline policies."""
+    """Evaluation after stage 3 (``sipo_fast.eval.evaluate_run``): MOD sweeps of the fine-tuned policies and the
+    baselines over the weights, scored by ground-truth scorers on the data source's held-out prompts."""
 
     enabled: bool = True
     weights: list | None = None
-    """Weights of the sweep; None = sample.weights."""
+    """Weights of the sweep; None = sample.weights plus the endpoints (one-hot weights)."""
     num_prompts: int = 64
     """Held-out prompts scored per weight."""
     max_new_tokens: int = 128
     batch_size: int = 8
-    baselines: list = field(default_factory=lambda: ["mod"])
-    """Baselines swept beside SIPO: "mod" (MOD over the stage-1 policies), "soups"."""
+    baselines: list = field(default_factory=lambda: ["mod", "soups"])
+    """Swept beside "sipo": "mod" (MOD over the stage-1 policies), "soups" (exact LoRA DPO soups), "soups_ab"
+    (the authors' inexact A/B soups), "modpo" (trains one MODPO model per interior weight)."""
     scorers: list | None = None
-    """Ground-truth scorer per objective (sipo_fast.scoring names); None = the data source's defaults."""
+    """Ground-truth scorer per objective, "name" or "name:path" (sipo_fast.scoring); None = the data's defaults."""
 
     def __post_init__(self):
         _positive("eval.num_prompts", self.num_prompts)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
+        bad = [b for b in self.baselines if b not in EVAL_BASELINES]
+        if bad:
+            raise ValueError(f"eval.baselines: unknown {bad}; choose from {', '.join(EVAL_BASELINES)}")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -334,10 +346,6 @@ class PipelineConfig:
     @property
     def soup_weights(self) -> list[list[float]]:
         return self.filter.soup_weights if self.filter.soup_weights is not None else self.sample.weights
-
-    @property
-    def eval_weights(self) -> list[list[float]]:
-        return self.eval.weights if self.eval.weights is not None else self.sample.weights
 
     @property
     def review_objective(self) -> str:

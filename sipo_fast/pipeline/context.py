@@ -128,7 +128,9 @@ class Context:
         from sipo_fast.data import load_preferences, objectives as available_objectives
 
         cfg = self.config.data
-        ds = load_preferences(cfg.source, split="train")
+        # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
+        extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
+        ds = load_preferences(cfg.source, split="train", **extra)
         have = available_objectives(ds)
         missing = [o for o in cfg.objectives if o not in have]
         if missing:
@@ -139,6 +141,8 @@ class Context:
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
         random.Random(cfg.split_seed).shuffle(rows)
+        if cfg.conflict_ratio is not None:
+            rows = self._mix(rows, cfg.conflict_ratio)
         if cfg.max_rows is not None:
             rows = rows[: cfg.max_rows]
         rows = self._fit_context(rows)
@@ -146,6 +150,20 @@ class Context:
         if cfg.eval_fraction > 0 and n_eval == 0:
             n_eval = 1
         return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+
+    def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
+        """The largest subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle)."""
+        conf = self.conflicting(rows)
+        ids = {id(r) for r in conf}
+        agree = [r for r in rows if id(r) not in ids]
+        total = min(len(conf) / ratio, len(agree) / (1 - ratio))
+        n_conf, n_agree = int(round(total * ratio)), int(round(total * (1 - ratio)))
+        if n_conf == 0 or n_agree == 0:
+            raise ValueError(f"data.conflict_ratio={ratio}: the data has {len(conf)} conflicting and {len(agree)} "
+                             "agreeing pairs, too few for that mix; set data.conflict_ratio=null")
+        out = conf[:n_conf] + agree[:n_agree]
+        random.Random(self.config.data.split_seed + 1).shuffle(out)
+        return out
 
     def conflicting(self, rows: list[dict]) -> list[dict]:
         """Rows whose objectives prefer different responses (SIPO.md §1)."""

@@ -18,14 +18,14 @@ from .config import PipelineConfig
 PRESETS: dict[str, dict] = {
     "smoke": {
         "model": {"name": "tiny"},
-        "data": {"source": "demo", "max_rows": 48, "eval_fraction": 0.25, "max_conflict_prompts": 6},
-        "align": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "epochs": 1, "batch_size": 4,
+        "data": {"source": "demo", "max_rows": 24, "eval_fraction": 0.25, "max_conflict_prompts": 6},
+        "align": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "epochs": 1, "batch_size": 6,
                   "max_length": 96},
         "sample": {"weights": [0.3, 0.7], "max_new_tokens": 8, "batch_size": 8},
         "refine": {"review_max_new_tokens": 6, "rewrite_max_new_tokens": 8, "batch_size": 8},
         "filter": {"batch_size": 16, "max_length": 160},
-        "finetune": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 4, "max_length": 96},
-        "eval": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 8},
+        "finetune": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 6, "max_length": 96},
+        "eval": {"num_prompts": 4, "max_new_tokens": 8, "batch_size": 8, "baselines": ["mod"]},
     },
     "demo": {
         "model": {"name": "default"},
@@ -38,19 +38,30 @@ PRESETS: dict[str, dict] = {
         "eval": {"num_prompts": 24, "max_new_tokens": 40, "batch_size": 24},
     },
     "beavertails": {
-        # Alpaca-7B in the paper; refinement skipped on BeaverTails (SIPO.md §3); beaver prompt format.
+        # Alpaca-7B with the beaver prompt format; refinement skipped on BeaverTails (SIPO.md §3). Effective batch
+        # 2 (1 x 2 accumulation) as in the authors' scripts.
         "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
                   "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
         "data": {"source": "PKU-Alignment/PKU-SafeRLHF-10K", "objectives": ["helpful", "harmless"]},
+        "align": {"batch_size": 1, "grad_accum": 2},
         "refine": {"enabled": False},
-        "eval": {"num_prompts": 500, "max_new_tokens": 256, "scorers": ["beaver-reward", "beaver-cost"]},
+        "finetune": {"batch_size": 1, "grad_accum": 2},
+        "eval": {"num_prompts": 500, "max_new_tokens": 256,
+                 "scorers": ["beaver_reward:PKU-Alignment/beaver-7b-v1.0-reward",
+                             "beaver_cost:PKU-Alignment/beaver-7b-v1.0-cost"]},
     },
     "helpsteer": {
+        # Correctness vs verbosity on a 60%-conflicting stage-1 mix, with refinement reviewed by the correctness
+        # policy (the authors' scripts). Their policy is a HelpSteer-SFT Llama-2-7B with the Alpaca tokenizer;
+        # put your SFT model in model.name. Evaluation needs a multi-attribute reward model (DPA in the paper),
+        # which sipo_fast does not ship: give eval.scorers and set eval.enabled=true to evaluate.
         "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
                   "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
-        "data": {"source": "nvidia/HelpSteer", "objectives": ["correctness", "verbosity"]},
-        "refine": {"enabled": True},
-        "eval": {"num_prompts": 500, "max_new_tokens": 256},
+        "data": {"source": "nvidia/HelpSteer", "objectives": ["correctness", "verbosity"], "conflict_ratio": 0.6},
+        "align": {"batch_size": 1, "grad_accum": 2},
+        "refine": {"enabled": True, "review_objective": "correctness"},
+        "finetune": {"batch_size": 1, "grad_accum": 2},
+        "eval": {"enabled": False, "num_prompts": 500, "max_new_tokens": 256},
     },
 }
 

@@ -27,6 +27,9 @@ MANIFEST = "manifest.json"
 FORMAT = 1
 WORK = ".work"
 UNHASHED_DIRS = ("logs",)  # timings and trainer logs vary run to run; they are not part of an artifact's identity
+# The evaluation report renders the hashed sweeps (eval/sweeps/*.json) and stamps the time it was generated;
+# scores.sqlite is the scorers' cache.
+UNHASHED_FILES = ("report.md", "report.png", "scores.sqlite")
 
 
 def stable_hash(obj: Any) -> str:
@@ -36,11 +39,12 @@ def stable_hash(obj: Any) -> str:
 
 
 def dir_hash(path: Path) -> str:
-    """Content hash of a directory: relative paths and bytes of every file, except under ``logs/``."""
+    """Content hash of a directory: relative paths and bytes of every file, except under ``logs/``, the
+    rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
-        if rel.parts[0] in UNHASHED_DIRS:
+        if rel.parts[0] in UNHASHED_DIRS or rel.as_posix() in UNHASHED_FILES:
             continue
         h.update(str(rel.as_posix()).encode() + b"\0")
         with open(f, "rb") as fh:

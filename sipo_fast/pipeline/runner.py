@@ -58,20 +58,22 @@ class SIPOPipeline:
         values = {k: self.config.get(k) for k in stage.config_keys}
         return stable_hash({"stage": stage.name, "version": stage.version, "config": values, "inputs": inputs}), inputs, values
 
-    def _why(self, stage: Stage, inputs: dict, values: dict) -> str:
+    def _why(self, stage: Stage, fingerprint: str, inputs: dict, values: dict) -> str:
         """Human reason a stage must run, from its previous manifest entry."""
         old = self.run_dir.entry(stage.name)
         if old is None:
-            return "not run yet" if not (self.run_dir.root / ".work" / stage.name).exists() else "resuming an unfinished run"
+            return "resuming an unfinished run" if (self.run_dir.root / ".work" / stage.name).exists() else "not run yet"
+        if old["fingerprint"] == fingerprint:
+            return "its files changed on disk"
+        reasons = []
         changed = [k for k in values if old.get("config", {}).get(k) != values[k]]
         if changed:
-            return "config changed: " + ", ".join(f"{k}: {old['config'].get(k)!r} -> {values[k]!r}" for k in changed)
+            reasons.append("config changed: " + ", ".join(f"{k}: {old['config'].get(k)!r} -> {values[k]!r}"
+                                                          for k in changed))
         changed_in = [u for u in inputs if old.get("inputs", {}).get(u) != inputs[u]]
         if changed_in:
-            return "its input changed: " + ", ".join(changed_in)
-        if old.get("version") != stage.version:
-            return "the stage's code changed"
-        return "its files changed on disk"
+            reasons.append("its input changed: " + ", ".join(changed_in))
+        return "; ".join(reasons) or "the stage's code or the config keys it reads changed"
 
     def status(self) -> list[dict]:
         """One row per stage: name, state ("done", "stale", "waiting", "disabled") and the reason."""
@@ -86,7 +88,7 @@ class SIPOPipeline:
             elif self.run_dir.is_current(name, fp[0]):
                 rows.append({"stage": name, "state": "done", "reason": "up to date"})
             else:
-                rows.append({"stage": name, "state": "stale", "reason": self._why(stage, fp[1], fp[2])})
+                rows.append({"stage": name, "state": "stale", "reason": self._why(stage, *fp)})
         return rows
 
     # -- running ----------------------------------------------------------------------------------------------
@@ -135,7 +137,7 @@ class SIPOPipeline:
             return self.run_dir.entry(stage.name)["summary"]
         if not rerun and self._adopt(stage, fingerprint, inputs, values):
             return self.run_dir.entry(stage.name)["summary"]
-        log.info("%s: running (%s)", stage.name, self._why(stage, inputs, values) if not rerun else "rerun requested")
+        log.info("%s: running (%s)", stage.name, "rerun requested" if rerun else self._why(stage, *fp))
         self.run_dir.forget(stage.name)
         work = self.run_dir.work_dir(stage.name, fingerprint)
         resumed = sorted(p.name for p in work.iterdir() if not p.name.startswith("."))

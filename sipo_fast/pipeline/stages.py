@@ -175,9 +175,21 @@ def _train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str,
     return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
 
 
+def _canonical_adapter_config(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes between processes; sort
+    it so that equal adapters give equal bytes (and equal artifact hashes)."""
+    cfg_path = path / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
 def _save_model(model, metrics: list[dict]):
     def write(tmp: Path) -> None:
         model.save_pretrained(tmp)
+        _canonical_adapter_config(tmp)
         (tmp / "train_metrics.json").write_text(json.dumps(_clean_metrics(metrics), indent=1, sort_keys=True))
     return write
 
@@ -191,7 +203,7 @@ class AlignStage(Stage):
 
     name = "align"
     config_keys = ("seed", "model", "data.source", "data.objectives", "data.max_rows", "data.eval_fraction",
-                   "data.split_seed", "data.drop_long_prompts", "align")
+                   "data.split_seed", "data.conflict_ratio", "data.drop_long_prompts", "align")
 
     def run(self, ctx, parts, inputs):
         cfg = ctx.config
@@ -542,6 +554,7 @@ def _save_combined(ctx: Context, stage1_dir: Path, trained, history: list[dict],
         shutil.move(str(f), out / f.name)
     shutil.rmtree(stage3)
     shutil.rmtree(out / ".combined")
+    _canonical_adapter_config(out)
     (out / "train_metrics.json").write_text(json.dumps(_clean_metrics(history), indent=1, sort_keys=True))
 
 
@@ -549,109 +562,29 @@ def _save_combined(ctx: Context, stage1_dir: Path, trained, history: list[dict],
 # evaluation
 
 
-# Offline stand-ins for the demo's objectives (SIPO.md §7): relevance for helpfulness, 1 − P(offensive) for
-# harmlessness. Other objectives need eval.scorers (e.g. the beaver reward/cost models for BeaverTails).
-_DEFAULT_SCORERS = {"helpful": "relevance", "harmless": "harmlessness"}
-
-
 class EvalStage(Stage):
-    """Evaluation (``sipo_fast.eval``): MOD sweeps over W of the fine-tuned policies ("sipo") and the
-    baselines, scored by the ground-truth scorers on held-out prompts; writes report.md and report.png."""
+    """Evaluation: ``sipo_fast.eval.evaluate_run`` on this run directory, i.e. MOD sweeps of the fine-tuned
+    policies ("sipo") and of the baselines (eval.baselines) over the weights, scored by the ground-truth scorers
+    on held-out prompts, with the pipeline diagnostics; writes report.md, report.png and sweeps/<method>.json."""
 
     name = "eval"
     upstream = ("align", "finetune")
-    config_keys = ("seed", "model", "data.source", "data.objectives", "eval", "eval_weights")
+    config_keys = ("seed", "model", "data.source", "data.objectives", "sample.weights", "eval")
 
     def run(self, ctx, parts, inputs):
-        from sipo_fast.eval import SweepResult, run_eval, write_report
+        from sipo_fast.eval import evaluate_run
 
         cfg = ctx.config
-        prompts = self._prompts(ctx)
-        scorers = self._scorers(ctx)
-        methods = {"sipo": inputs["finetune"] / "policies"}
-        for b in cfg.eval.baselines:
-            if b not in ("mod", "soups"):
-                raise ValueError(f"eval.baselines: unknown baseline {b!r}; choose from mod, soups")
-        if "mod" in cfg.eval.baselines:
-            methods["mod"] = inputs["align"] / "policies"
-        results = []
-        cache = ctx.run_dir.root / ".work" / "eval_scores.sqlite"
-        for method, policy_dir in list(methods.items()) + ([("soups", inputs["align"] / "policies")]
-                                                            if "soups" in cfg.eval.baselines else []):
-            part = f"sweeps/{method}.json"
-            if not parts.done(part):
-                gen = self._generator(ctx, policy_dir, soups=method == "soups")
-                res = run_eval(gen, prompts, scorers, cfg.eval_weights, method, cache=cache, seed=cfg.seed)
-                parts.save_file(part, lambda path, res=res: res.save(path))
-            results.append(SweepResult.load(parts.path(part)))
-        paths = write_report(results, parts.work, baseline="mod" if "mod" in methods else None,
-                             title=f"SIPO on {cfg.data.source}: {' vs '.join(cfg.data.objectives)}")
-        means = {r.method: r.summary()[0].tolist() for r in results}
-        return {"prompts": len(prompts), "weights": len(cfg.eval_weights), "methods": list(means),
-                "report": paths["markdown"].name, "mean_scores": means}
-
-    @staticmethod
-    def _prompts(ctx) -> list[str]:
-        from sipo_fast.data import load_preferences
-
-        cfg = ctx.config
-        ds = load_preferences(cfg.data.source, split="test")
-        prompts = list(dict.fromkeys(ds["prompt"]))[: cfg.eval.num_prompts]
-        if not prompts:
-            raise ValueError(f"eval: data.source={cfg.data.source!r} has no test prompts; set eval.enabled=false")
-        return prompts
-
-    @staticmethod
-    def _scorers(ctx):
-        from sipo_fast.scoring import get_scorer
-
-        objectives = ctx.config.data.objectives
-        specs = ctx.config.eval.scorers or [_DEFAULT_SCORERS.get(o) for o in objectives]
-        if None in specs:
-            raise ValueError(f"eval.scorers is not set and objectives {[o for o, s in zip(objectives, specs) if s is None]} "
-                             "have no default scorer; list one scorer per objective (e.g. "
-                             "eval.scorers=[beaver_reward:/path/to/reward, beaver_cost:/path/to/cost]) or set "
-                             "eval.enabled=false")
-        out = []
-        for spec in specs:
-            name, _, path = spec.partition(":")
-            out.append(get_scorer(name, path=path) if path else get_scorer(name))
-        return out
-
-    @staticmethod
-    def _generator(ctx, policy_dir: Path, *, soups: bool):
-        """``generate(prompts, weights, seed)`` for run_eval: MOD over the policies in ``policy_dir`` at each
-        weight, or (``soups``) the DPO soup θ(w) decoded on its own."""
-        cfg = ctx.config
-
-        def gen(prompts, weights, seed=None):
-            policies = load_policies(ctx, policy_dir)
-            out = []
-            for i, w in enumerate(weights):
-                w = [float(x) for x in w]
-                if soups:
-                    soup = _soup_policy(ctx, policies, w, f"eval_soup{i}")
-                    texts = generate(ctx, soup.decoder(ctx), prompts, [1.0], max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc=f"soup w={w}")
-                else:
-                    texts = generate(ctx, policies.decoder(ctx), prompts, w, max_new_tokens=cfg.eval.max_new_tokens,
-                                     batch_size=cfg.eval.batch_size, desc=f"eval w={w}")
-                out.append(texts)
-            return out
-
-        return gen
-
-
-def _soup_policy(ctx, policies: Policies, w: list[float], name: str) -> Policies:
-    """A one-policy :class:`Policies` holding the DPO soup at ``w`` (exact LoRA ΔW interpolation)."""
-    if policies.names is not None:
-        from sipo_fast.merging import lora_soup
-
-        lora_soup(policies.model, policies.names, w, name, overwrite=True)
-        return Policies(model=policies.model, names=[name])
-    from sipo_fast.merging import full_soup
-
-    return Policies(model=policies.model, models=[full_soup(policies.models, w)], reference=policies.reference)
+        # Sweeps already in the work directory (an interrupted evaluation) are reused by evaluate_run, which
+        # fingerprints each method's inputs and settings.
+        result = evaluate_run(ctx.run_dir.root, methods=["sipo", *cfg.eval.baselines], weights=cfg.eval.weights,
+                              num_prompts=cfg.eval.num_prompts, max_new_tokens=cfg.eval.max_new_tokens,
+                              batch_size=cfg.eval.batch_size, scorers=cfg.eval.scorers,
+                              baseline="mod" if "mod" in cfg.eval.baselines else None, out_dir=parts.work,
+                              progress=ctx.progress)
+        means = {r.method: [round(x, 6) for x in r.summary()[0].mean(axis=0).tolist()] for r in result.results}
+        return {"prompts": len(result.results[0].prompts), "weights": len(result.results[0].weights),
+                "methods": list(means), "mean_scores_over_weights": means, "report": "report.md"}
 
 
 STAGES: tuple[Stage, ...] = (AlignStage(), SampleStage(), RefineStage(), FilterStage(), FinetuneStage(), EvalStage())
