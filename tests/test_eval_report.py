@@ -52,7 +52,7 @@ def test_report_markdown_and_png(tmp_path):
     sipo_row = next(l for l in md.splitlines() if l.startswith("| sipo | 0, 1 |"))
     assert "11, 20" in sipo_row and f"{15.5:.4g} ± {np.std([11, 20], ddof=1):.4g}" in sipo_row
     # per-weight table: pooled over both seeds (n = 6), CI from 6 prompt-level scores
-    rows = [l for l in md.splitlines() if re.match(r"\| sipo \| [0-9.]+ \| 6 \|", l)]
+    rows = [l for l in md.splitlines() if re.match(r"\| sipo \| [0-9.]+ \| 6 \| [0-9.]+ ±", l)]
     assert len(rows) == 3 and all(r.rstrip().endswith("| * |") for r in rows)
     assert not any(l.rstrip().endswith("| * |") for l in md.splitlines() if l.startswith("| mod | 0"))
     assert "| sipo | 0.5 | 6 | 3.5000 ±" in md  # relevance at w=0.5: mean of 3 and 4
@@ -84,3 +84,15 @@ def test_report_three_objectives_plots_every_pair(tmp_path):
     assert img.shape[1] > 2 * img.shape[0]  # three panels side by side
     # points (1,0,0), (0,1,0), (0,0,1) vs ref −1: boxes 2·1·1 each, pairwise overlaps 1, triple 1: 6 − 3 + 1 = 4
     assert "| mod | 0 | 4 | 4 |" in paths["markdown"].read_text()
+
+
+def test_seed_comparison_hand_computed():
+    """Seed 0: SIPO (HV 11) covers MOD (HV 6): ΔHV +5, dominates. Seed 1: SIPO equals MOD: ΔHV 0, C = 1 both
+    ways, so it does not dominate."""
+    rep = build_report([_sweep("sipo", SIPO, seed=0), _sweep("sipo", MOD, seed=1), _sweep("mod", MOD, seed=0),
+                        _sweep("mod", MOD, seed=1)], ref=[0, 0])
+    rows = rep.seed_comparison("sipo", "mod")
+    assert [(r["seed"], r["delta"], r["c_ab"], r["c_ba"], r["dominates"]) for r in rows] == [
+        (0, pytest.approx(5.0), 1.0, 0.0, True), (1, pytest.approx(0.0), 1.0, 1.0, False)]
+    md = rep.to_markdown()
+    assert "- vs mod: ΔHV +2.5 ± 3.54 (sd) over 2 seed(s); sipo's front dominates in 1 of 2" in md

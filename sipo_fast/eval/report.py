@@ -93,6 +93,18 @@ class Report:
             return None
         return average_gain(a.points, b.points)
 
+    def seed_comparison(self, method: str, other: str) -> list[dict]:
+        """Per seed both methods share: hypervolumes, their difference, coverage both ways, and whether
+        ``method``'s front dominates ``other``'s (C(method, other) = 1 and C(other, method) < 1)."""
+        mine, theirs = {r.seed: r for r in self.methods[method]}, {r.seed: r for r in self.methods[other]}
+        rows = []
+        for seed in (s for s in mine if s in theirs):
+            a, b = mine[seed].points, theirs[seed].points
+            hv_a, hv_b, c_ab, c_ba = hypervolume(a, self.ref), hypervolume(b, self.ref), coverage(a, b), coverage(b, a)
+            rows.append({"seed": seed, "hv": hv_a, "hv_other": hv_b, "delta": hv_a - hv_b, "c_ab": c_ab, "c_ba": c_ba,
+                         "dominates": c_ab == 1.0 and c_ba < 1.0})
+        return rows
+
     # -- rendering ----------------------------------------------------------------------------------------
     def to_markdown(self) -> str:
         obj_cols = [axis_label(o, h) for o, h in zip(self.objectives, self.higher_is_better)]
@@ -111,6 +123,11 @@ class Report:
             out += [f"## Average gain over {self.baseline}", "",
                     "gain_k = mean over matched weights of (method − baseline), objective k; positive = better.",
                     "", gains, ""]
+        focus = next(iter(self.methods))
+        if len(self.methods) > 1:
+            out += [f"## {focus} against each method, per seed", "",
+                    f"ΔHV = HV({focus}) − HV(other). \"dominates\": every point of the other front is weakly dominated by a "
+                    f"point of {focus}'s (C = 1) and not the other way round.", "", self._seed_table(focus), ""]
         if len(self.methods) > 1:
             out += ["## Coverage", "", "C(A, B) = share of B's points weakly dominated by a point of A "
                     "(pooled seeds). C(A, B) = 1 and C(B, A) < 1 means A's front dominates B's.", "",
@@ -129,6 +146,24 @@ class Report:
             seeds = ", ".join(str(r.seed) for r in rs)
             rows.append(f"| {m} | {seeds} | {', '.join(f'{h:.4g}' for h in hv)} | {np.mean(hv):.4g}{sd} |")
         return "\n".join(rows)
+
+    def _seed_table(self, focus: str) -> str:
+        lines = [f"| other | seed | HV({focus}) | HV(other) | ΔHV | C({focus}, other) | C(other, {focus}) | dominates |",
+                 "|---|---|---|---|---|---|---|---|"]
+        summary = []
+        for other in self.methods:
+            if other == focus:
+                continue
+            rows = self.seed_comparison(focus, other)
+            for r in rows:
+                lines.append(f"| {other} | {r['seed']} | {r['hv']:.4g} | {r['hv_other']:.4g} | {r['delta']:+.4g} | "
+                             f"{r['c_ab']:.2f} | {r['c_ba']:.2f} | {'yes' if r['dominates'] else 'no'} |")
+            if rows:
+                d = [r["delta"] for r in rows]
+                sd = f" ± {np.std(d, ddof=1):.3g} (sd)" if len(d) > 1 else ""
+                summary.append(f"- vs {other}: ΔHV {np.mean(d):+.4g}{sd} over {len(d)} seed(s); {focus}'s front "
+                               f"dominates in {sum(r['dominates'] for r in rows)} of {len(rows)}")
+        return "\n".join(lines + [""] + summary)
 
     def _gain_table(self) -> str:
         lines = []
