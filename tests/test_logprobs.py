@@ -89,6 +89,13 @@ def test_gradcheck_float64(backend):
     assert torch.autograd.gradcheck(fn, args, fast_mode=(backend == "triton"))
 
 
+def test_gradcheck_float64_frozen_head():
+    """The chunked path's eager d/dhidden (frozen weight and bias) under gradcheck."""
+    h, w, b, y = _inputs(5, 16, 23, torch.float64, bias=True, ignore_every=2)
+    fn = lambda h_: token_logprobs(h_, w, y, bias=b, backend="chunked", chunk_size=2)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, [h.requires_grad_()])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_batched_input_with_all_ignored_rows(backend):
     g = torch.Generator().manual_seed(3)
@@ -155,10 +162,14 @@ def test_chunked_path_never_builds_more_than_chunk_rows_of_logits(monkeypatch):
 
     monkeypatch.setattr(mod, "F", _Spy())
     h, w, _, y = _inputs(50, 16, 999, torch.float32)
-    h.requires_grad_()
+    h.requires_grad_(), w.requires_grad_()
     token_logprobs(h, w, y, chunk_size=8, backend="chunked").sum().backward()
     assert seen and all(rows <= 8 for rows, _ in seen)
-    assert len(seen) == 2 * 7  # 7 chunks of <= 8 rows, forward and backward
+    assert len(seen) == 2 * 7  # 7 chunks of <= 8 rows, forward and backward (recomputed)
+    seen.clear()
+    w.requires_grad_(False)  # frozen head: d/dh is formed in the forward, the backward recomputes nothing
+    token_logprobs(h, w, y, chunk_size=8, backend="chunked").sum().backward()
+    assert len(seen) == 7 and all(rows <= 8 for rows, _ in seen)
 
 
 def test_default_chunk_size_bounds_the_logits_block():
@@ -167,11 +178,23 @@ def test_default_chunk_size_bounds_the_logits_block():
     assert default_chunk_size(100, 50) == 100  # small vocabularies: one chunk
 
 
-def test_frozen_weight_gets_no_gradient_work():
-    h, w, _, y = _inputs(8, 16, 101, torch.float32)
-    h.requires_grad_()
-    token_logprobs(h, w, y).sum().backward()
-    assert h.grad is not None and w.grad is None
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_head_gradient(backend, dtype):
+    """LoRA trains the backbone under a frozen LM head: only d/dhidden is needed (the chunked path forms it in the
+    forward). Checked against the reference with a non-unit upstream gradient, within the tolerance rule."""
+    h, w, b, y = _inputs(29, 40, 1003, dtype, bias=True, ignore_every=4)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    h64 = h.double().requires_grad_()
+    exact = torch.autograd.grad((token_logprobs_ref(h64, w.double(), y, bias=b.double()) * g).sum(), h64)[0]
+    ht = h.clone().requires_grad_()
+    torch_g = torch.autograd.grad((token_logprobs_ref(ht, w, y, bias=b) * g).sum(), ht)[0]
+    hf = h.clone().requires_grad_()
+    out = token_logprobs(hf, w, y, bias=b, backend=backend, chunk_size=8)
+    fast_g = torch.autograd.grad((out * g).sum(), hf)[0]
+    assert fast_g.dtype == dtype and torch.all(fast_g[y == -100] == 0)
+    assert _max_err(fast_g, exact) <= 2 * _max_err(torch_g, exact) + 1e-6
+    assert w.grad is None
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -82,22 +82,36 @@ def token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     return out.masked_fill(~valid, 0.0)
 
 
-def _chunked_forward(hidden, weight, labels, bias, chunk):
-    """(log p, lse) per row, one [chunk, V] logits block at a time. Computes in float32 (float64 for float64
-    inputs): half-precision weights are upcast once, so the logits and their logsumexp are exact to fp32."""
+def _chunked_forward(hidden, weight, labels, bias, chunk, eager_grad_h=False):
+    """(log p, lse, D) per row, one [chunk, V] logits block at a time. Computes in float32 (float64 for float64
+    inputs): half-precision weights are upcast once, so the logits and their normaliser are exact to fp32.
+
+    With ``eager_grad_h`` (hidden needs a gradient, weight and bias do not: a frozen LM head under LoRA), the
+    softmax already in hand gives D_m = d out_m / d h_m = (onehot(y_m) - softmax(z_m)) W, so the backward is
+    just g[:, None] · D and never recomputes the logits. D is [M, H], the size of ``hidden``. D is None otherwise.
+    """
     cd = _out_dtype(hidden.dtype)
     w = weight.to(cd)
     b = bias.to(cd) if bias is not None else None
     M = hidden.shape[0]
     out = torch.empty(M, dtype=cd, device=hidden.device)
     lse = torch.empty(M, dtype=cd, device=hidden.device)
+    d_h = torch.empty((M, w.shape[1]), dtype=cd, device=hidden.device) if eager_grad_h else None
     for start in range(0, M, chunk):
-        h = hidden[start:start + chunk].to(cd)  # (c, H)
-        z = F.linear(h, w, b)  # (c, V)
-        lse[start:start + chunk] = torch.logsumexp(z, dim=1)
-        out[start:start + chunk] = z.gather(1, labels[start:start + chunk, None]).squeeze(1)
+        stop = min(M, start + chunk)
+        y = labels[start:stop, None]  # (c, 1)
+        z = F.linear(hidden[start:stop].to(cd), w, b)  # (c, V)
+        # log_softmax's fused CPU kernel beats torch.logsumexp; lse is recovered from the label's logit.
+        lp = z.log_softmax(1)  # (c, V)
+        out[start:stop] = lp.gather(1, y).squeeze(1)
+        lse[start:stop] = z.gather(1, y).squeeze(1) - out[start:stop]
         del z
-    return out - lse, lse
+        if d_h is not None:
+            p = lp.exp_()  # (c, V) softmax, in place
+            p.scatter_add_(1, y, torch.full_like(y, -1, dtype=cd))  # softmax - onehot
+            torch.matmul(p, w, out=d_h[start:stop]).neg_()  # (onehot - softmax) W
+        del lp
+    return out, lse, d_h
 
 
 def _chunked_backward(hidden, weight, labels, bias, lse, grad_out, chunk, need_w, need_b):
@@ -126,23 +140,34 @@ def _chunked_backward(hidden, weight, labels, bias, lse, grad_out, chunk, need_w
 
 class TokenLogprobsFunction(torch.autograd.Function):
     """Autograd for rows that all have a valid label: saves hidden, weight, labels and lse (O(M)), and
-    recomputes the logits chunk by chunk in backward instead of keeping [M, V]."""
+    recomputes the logits chunk by chunk in backward instead of keeping [M, V]. On the chunked path with a
+    frozen head it saves D = d out / d hidden ([M, H]) from the forward instead, so nothing is recomputed."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk, backend):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        d_h = None
         if backend == "triton":
             from sipo_fast.kernels.logprobs import token_logprobs_forward
 
             out, lse = token_logprobs_forward(hidden, weight, labels, bias)
         else:
-            out, lse = _chunked_forward(hidden, weight, labels, bias, chunk)
-        ctx.save_for_backward(hidden, weight, bias, labels, lse)
+            out, lse, d_h = _chunked_forward(hidden, weight, labels, bias, chunk,
+                                             eager_grad_h=need_h and not need_w and not need_b)
+        if d_h is not None:  # frozen head: the backward only scales D, nothing else to keep
+            ctx.save_for_backward(d_h)
+        else:
+            ctx.save_for_backward(hidden, weight, bias, labels, lse)
+        ctx.eager, ctx.hidden_dtype = d_h is not None, hidden.dtype
         ctx.chunk, ctx.backend = chunk, backend
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
+        if ctx.eager:
+            (d_h,) = ctx.saved_tensors
+            return (grad_out.to(d_h.dtype)[:, None] * d_h).to(ctx.hidden_dtype), None, None, None, None, None
         hidden, weight, bias, labels, lse = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         if ctx.backend == "triton":
