@@ -231,30 +231,38 @@ def plot_fronts(report: Report, path: str | os.PathLike, *, show_seeds: bool = T
     pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
     fig, axes = plt.subplots(1, len(pairs), figsize=(7.5 * len(pairs), 6.2), squeeze=False)
     colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP"
+    # Label offsets per method (points), so weights of methods whose points coincide do not print on top of
+    # each other: right-above, right-below, left-above, left-below.
+    offsets = [((6, 5), "left"), ((6, -12), "left"), ((-6, 5), "right"), ((-6, -12), "right")]
     front = report.union_front()
     for ax, (i, j) in zip(axes[0], pairs):
         for k, (m, rs) in enumerate(report.methods.items()):
-            c = colors[k % len(colors)]
+            c, mk = colors[k % len(colors)], markers[k % len(markers)]
             p = pooled(rs)
             mean, half = p.summary(report.confidence)
             if show_seeds and len(rs) > 1:
                 for r in rs:
-                    ax.scatter(r.points[:, i], r.points[:, j], s=14, color=c, alpha=0.3, linewidths=0)
+                    ax.scatter(r.points[:, i], r.points[:, j], s=16, color=c, marker=mk, alpha=0.3, linewidths=0)
             ax.errorbar(mean[:, i], mean[:, j], xerr=np.nan_to_num(half[:, i]), yerr=np.nan_to_num(half[:, j]),
-                        fmt="-o", color=c, ms=6, lw=1.8, elinewidth=0.8, capsize=2, alpha=0.95,
-                        label=f"{m} (HV {np.mean(report.hypervolumes(m)):.3g})")
+                        fmt="none", ecolor=c, elinewidth=0.8, capsize=2, alpha=0.35)
+            ax.plot(mean[:, i], mean[:, j], "-", color=c, marker=mk, ms=7, lw=1.8, alpha=0.95,
+                    label=f"{m} (HV {np.mean(report.hypervolumes(m)):.3g})")
+            (dx, dy), ha = offsets[k % len(offsets)]
             for w_idx, w in enumerate(p.weights):
                 ax.annotate(f"w={weight_label(w)}", (mean[w_idx, i], mean[w_idx, j]), textcoords="offset points",
-                            xytext=(5, 4), fontsize=8, color=c)
+                            xytext=(dx, dy), ha=ha, fontsize=8, color=c)
                 if (m, w_idx) in front:
-                    ax.scatter([mean[w_idx, i]], [mean[w_idx, j]], s=140, facecolors="none", edgecolors="black",
+                    ax.scatter([mean[w_idx, i]], [mean[w_idx, j]], s=170, facecolors="none", edgecolors="black",
                                linewidths=1.0, zorder=5)
         ax.set_xlabel(axis_label(report.objectives[i], report.higher_is_better[i]))
         ax.set_ylabel(axis_label(report.objectives[j], report.higher_is_better[j]))
         ax.grid(True, alpha=0.3)
         ax.legend(loc="best", fontsize=9, title="method (mean hypervolume)", title_fontsize=9)
-    fig.suptitle(f"{report.title}\nup and right is better; w = weight of {report.objectives[0]}; "
-                 "black ring = on the joint front; bars = 95% CI", fontsize=11)
+    ci = f"{round(report.confidence * 100)}% CI"
+    seeds = "; faint = single seeds" if show_seeds and any(len(rs) > 1 for rs in report.methods.values()) else ""
+    fig.suptitle(f"{report.title}\nup and right is better; w = weight of {report.objectives[0]}; black ring = on the "
+                 f"joint front\nbars = {ci} over prompts{seeds}", fontsize=10)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
