@@ -35,8 +35,9 @@ from .sweep import SweepResult, check_weights, run_eval, score_responses
 log = logging.getLogger("sipo_fast.eval")
 METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo")
 DEFAULT_METHODS = ("sipo", "mod", "soups")
-DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"],
-                   "pku": ["beaver_reward", "beaver_cost"]}
+# Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
+# beaver_reward:/path beaver_cost:/path), so other sources have no default.
+DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
 _NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",)}
 
 
