@@ -1,0 +1,358 @@
+"""MODDecoder: batched multi-objective decoding over several Hugging Face policies.
+
+At each step, for every row b with weights w_b on the simplex (SIPO.md §2, reverse-KL MOD):
+
+    tok_b ~ softmax( Σ_i w_bi · logits_i[b] / τ )   restricted by top-k then top-p   (greedy: argmax)
+    logprobs[b, i] += log_softmax(logits_i[b])[tok_b]                                (τ = 1, unfiltered)
+
+How it is fast:
+  * one forward per policy per step over the whole batch (separate models), or one forward over all N·B
+    rows for LoRA adapters of one base (:mod:`sipo_fast.decoding.lora`), instead of batch 1 with one
+    forward per policy per token;
+  * rows are grouped into *states*: rows with the same prompt and the same tokens so far (e.g. one prompt
+    at every weight in W, before their greedy choices part) share one forward and one KV cache row. A
+    state forks when its rows choose different tokens. This is exact: a policy's logits depend only on
+    the prefix, never on the weights;
+  * rows that reached EOS leave the batch, so they stop costing compute;
+  * the mix, sampling and per-policy log-probs are one fused op (:func:`sipo_fast.ops.mod_sample`);
+  * ``compute_dtype=torch.bfloat16`` runs the forwards in bfloat16 (on CPUs with AMX/AVX512-BF16 the
+    matmuls run ~2.7× faster than float32); the mix and log-probs stay float32.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+
+from sipo_fast.decoding.output import MODOutput, MODTextOutput
+from sipo_fast.decoding.policies import LoraAdapters, SeparateModels
+from sipo_fast.ops.mod import check_weights, mod_sample_checked
+
+
+# ------------------------------------------------------------------------------------ vocabulary checks
+def _output_vocab_size(model) -> int:
+    emb = model.get_output_embeddings()
+    if emb is not None and getattr(emb, "weight", None) is not None:
+        return int(emb.weight.shape[0])
+    return int(model.config.vocab_size)
+
+
+def _first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> tuple[int, str | None, str | None] | None:
+    """Lowest token id whose token differs between two token→id maps (None if they are identical)."""
+    if a == b:
+        return None
+    ia = {i: t for t, i in a.items()}
+    ib = {i: t for t, i in b.items()}
+    for i in range(max(len(ia), len(ib), max(ia, default=-1) + 1, max(ib, default=-1) + 1)):
+        if ia.get(i) != ib.get(i):
+            return i, ia.get(i), ib.get(i)
+    return None
+
+
+def check_vocabularies(tokenizers: Sequence, names: Sequence[str] | None = None) -> None:
+    """Raise ValueError unless every tokenizer has the same size and the same token→id mapping; the
+    message names the first differing token id and what each side maps it to."""
+    names = list(names) if names is not None else [f"policy {i}" for i in range(len(tokenizers))]
+    vocab0 = tokenizers[0].get_vocab()
+    for name, tok in zip(names[1:], tokenizers[1:]):
+        vocab = tok.get_vocab()
+        diff = _first_vocab_difference(vocab0, vocab)
+        if diff is not None:
+            i, t0, t1 = diff
+            raise ValueError(f"{name}'s vocabulary differs from {names[0]}'s ({len(vocab)} vs {len(vocab0)} tokens): "
+                             f"first difference at token id {i}: {t1!r} in {name} but {t0!r} in {names[0]}. "
+                             "MOD mixes logits token by token, so all policies must share one tokenizer")
+
+
+def _local_tokenizer(model):
+    """The tokenizer saved beside a model loaded from a local directory, or None."""
+    import os
+
+    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    if not path or not os.path.isdir(path):
+        return None
+    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # a directory without a loadable tokenizer: nothing to compare
+        return None
+
+
+# ------------------------------------------------------------------------------------------- decoder
+class MODDecoder:
+    """Multi-objective decoding (reverse-KL MOD) over N policies that share a tokenizer.
+
+    Args:
+        policies: a list of N Hugging Face causal LMs, or one ``peft.PeftModel`` carrying N LoRA adapters.
+        tokenizer: the shared tokenizer (needed for text prompts and default EOS/padding), or a list with
+            one tokenizer per policy, which are checked to match. Models loaded from a local directory that
+            holds a tokenizer are checked against it too.
+        compute_dtype: None runs the models in their own dtype (float32 models then match a float32
+            step-by-step reference exactly); ``torch.bfloat16`` is the reduced-precision fast path
+            (models of another dtype are copied, the originals are left untouched).
+        adapter_names: for a PEFT model, which adapters are the N policies, in objective order
+            (default: all adapters, in insertion order).
+        dedupe: share one forward and cache row among rows with the same prompt and prefix (exact).
+        lora_impl: "bmm" (batched LoRA, default) or "peft" (PEFT's mixed-adapter batches).
+        sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None: auto).
+    """
+
+    def __init__(self, policies, tokenizer=None, *, compute_dtype: torch.dtype | None = None,
+                 adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "bmm",
+                 sample_backend: str | None = None):
+        tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
+        self.tokenizer = tokenizers[0] if tokenizers else tokenizer
+        if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
+            raise ValueError(f"compute_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {compute_dtype!r}")
+        if lora_impl not in ("bmm", "peft"):
+            raise ValueError(f"lora_impl must be 'bmm' or 'peft', got {lora_impl!r}")
+        self.dedupe = bool(dedupe)
+        self.sample_backend = sample_backend
+        models = self._policy_models(policies, adapter_names)
+        self._check_vocab(models, tokenizers)
+        cast = lambda m: m if compute_dtype in (None, m.dtype) else copy.deepcopy(m).to(compute_dtype)  # noqa: E731
+        if self.adapter_names is not None:
+            from sipo_fast.decoding.lora import check_adapters
+
+            self.adapter_names = check_adapters(policies, adapter_names)
+            self.models = [cast(policies).eval()]
+            self.runner = LoraAdapters(self.models[0], self.adapter_names, lora_impl)
+        else:
+            self.models = [cast(m).eval() for m in models]
+            self.runner = SeparateModels(self.models)
+        self.num_policies = self.runner.num_policies
+        self.dtype = self.models[0].dtype
+        self.device = next(self.models[0].parameters()).device
+        self.vocab_size = _output_vocab_size(self.models[0] if self.adapter_names is None
+                                             else self.models[0].get_base_model())
+
+    # -- construction helpers
+    def _policy_models(self, policies, adapter_names):
+        try:
+            from peft import PeftModel
+        except ImportError:  # peft is a dependency, but keep plain-model use working without it
+            PeftModel = ()
+        if PeftModel and isinstance(policies, PeftModel):
+            self.adapter_names = list(adapter_names) if adapter_names is not None else list(policies.peft_config)
+            return [policies.get_base_model()]
+        self.adapter_names = None
+        if adapter_names is not None:
+            raise ValueError("adapter_names applies to one PEFT model with several adapters; with a list of "
+                             "models, each model is one policy")
+        if not isinstance(policies, (list, tuple)) or len(policies) == 0:
+            raise ValueError("policies must be a non-empty list of causal LMs or one PeftModel with N LoRA adapters")
+        for i, m in enumerate(policies):
+            if not (isinstance(m, torch.nn.Module) and hasattr(m, "get_output_embeddings")):
+                raise ValueError(f"policy {i} is a {type(m).__name__}, not a Hugging Face causal LM")
+        devices = {next(m.parameters()).device for m in policies}
+        if len(devices) > 1:
+            raise ValueError(f"all policies must be on one device, got {sorted(map(str, devices))}")
+        return list(policies)
+
+    def _check_vocab(self, models, tokenizers) -> None:
+        sizes = [_output_vocab_size(m) for m in models]
+        if len(set(sizes)) > 1:
+            raise ValueError(f"policies have different vocabulary sizes {sizes}; MOD needs one shared vocabulary")
+        if tokenizers is not None and len(tokenizers) not in (1, len(models)):
+            raise ValueError(f"pass one tokenizer, or one per policy ({len(models)}), not {len(tokenizers)}")
+        toks = list(tokenizers or [])
+        found = [(f"policy {i}", t) for i, t in enumerate(toks)]
+        if not toks:
+            local = [(_local_tokenizer(m), i) for i, m in enumerate(models)] if self.adapter_names is None else []
+            found = [(f"policy {i}", t) for t, i in local if t is not None]
+            if self.tokenizer is not None:
+                found = [("the tokenizer", self.tokenizer)] + found
+        if len(found) > 1:
+            check_vocabularies([t for _, t in found], [n for n, _ in found])
+        for name, tok in found:
+            if len(tok) > sizes[0]:
+                raise ValueError(f"{name} has {len(tok)} tokens but the policies' logits have only {sizes[0]}")
+
+    # -- public API
+    def generate(self, input_ids, attention_mask: torch.Tensor | None = None, *, weights, max_new_tokens: int,
+                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
+                 pad_token_id: int | None = None, template: str = "none") -> MODOutput:
+        """Decode a batch with MOD. See the module docstring for the step.
+
+        Args:
+            input_ids: [B, T] left-padded prompt ids, or a list of prompt strings (needs the tokenizer;
+                ``template="chat"`` applies its chat template, "none" uses the text as is, or a format
+                string with ``{prompt}``).
+            attention_mask: [B, T], 1 on tokens, 0 on left padding (default: all ones).
+            weights: [N] for every row or [B, N] per row; each row ≥ 0 and summing to 1 (within 1e-6).
+            max_new_tokens: at most this many tokens per row; a row stops after its EOS.
+            do_sample, temperature, top_k, top_p: greedy by default; otherwise softmax(mix/τ) restricted by
+                top-k then top-p. ``seed`` makes sampling reproducible.
+            eos_token_id: one id or several (default: the tokenizer's and the model's generation config).
+            pad_token_id: fills each row after its EOS (default: tokenizer pad, then EOS).
+        Returns:
+            :class:`MODOutput` with ``sequences`` [B, T+L] and ``logprobs`` [B, N].
+        """
+        if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str):
+            input_ids, attention_mask = self._encode(list(input_ids), template)
+        ids, mask = self._check_batch(input_ids, attention_mask)
+        w = check_weights(weights, self.num_policies, ids.shape[0]).to(self.device)
+        _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        eos = self._eos_ids(eos_token_id)
+        pad = self._pad_id(pad_token_id, eos)
+        gen = torch.Generator().manual_seed(seed) if (seed is not None and do_sample) else None
+        with torch.inference_mode():
+            return self._decode(ids, mask, w, max_new_tokens, dict(do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, generator=gen), eos, pad)
+
+    def generate_text(self, prompts: Sequence[str], *, weights, max_new_tokens: int, template: str = "chat",
+                      batch_size: int = 32, progress: bool = True, **sampling_kwargs) -> list[MODTextOutput]:
+        """Decode a list of prompt strings; returns one :class:`MODTextOutput` per prompt, in input order.
+
+        Prompts are rendered with :func:`sipo_fast.data.formatting.encode_prompts` (``template``: "chat",
+        "none" or a format string), sorted by length and batched ``batch_size`` at a time so that
+        batches carry little padding. ``weights`` is [N] or one row per prompt [len(prompts), N].
+        ``sampling_kwargs`` go to :meth:`generate` (do_sample, temperature, top_k, top_p, seed, ...).
+        """
+        from tqdm.auto import tqdm
+
+        from sipo_fast.data.formatting import encode_prompts, left_pad
+
+        if self.tokenizer is None:
+            raise ValueError("generate_text needs a tokenizer: MODDecoder(policies, tokenizer)")
+        if isinstance(prompts, str) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError("prompts must be a list of strings")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if not prompts:
+            return []
+        w = check_weights(weights, self.num_policies, len(prompts))  # [P, N]
+        _check_sampling(max_new_tokens, sampling_kwargs.get("do_sample", False), sampling_kwargs.get("temperature", 1.0),
+                        sampling_kwargs.get("top_k", 0), sampling_kwargs.get("top_p", 1.0), sampling_kwargs.get("seed"))
+        encoded = encode_prompts(self.tokenizer, list(prompts), template)
+        order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
+        pad = self._pad_id(sampling_kwargs.get("pad_token_id"), self._eos_ids(sampling_kwargs.get("eos_token_id")))
+        results: list[MODTextOutput | None] = [None] * len(prompts)
+        starts = range(0, len(order), batch_size)
+        for start in tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress):
+            idx = order[start:start + batch_size]
+            ids, mask = left_pad([encoded[i] for i in idx], pad)
+            out = self.generate(ids, mask, weights=w[idx], max_new_tokens=max_new_tokens, **sampling_kwargs)
+            for r, i in enumerate(idx):
+                toks = out.generated_ids(r)
+                results[i] = MODTextOutput(prompt=prompts[i], text=self.tokenizer.decode(toks), token_ids=toks,
+                                           logprobs=out.logprobs[r].tolist(), finished=bool(out.finished[r]),
+                                           weights=w[i].tolist())
+        return results  # type: ignore[return-value]
+
+    # -- internals
+    def _encode(self, prompts: list[str], template: str):
+        from sipo_fast.data.formatting import encode_prompts, left_pad
+
+        if self.tokenizer is None:
+            raise ValueError("text prompts need a tokenizer: MODDecoder(policies, tokenizer)")
+        return left_pad(encode_prompts(self.tokenizer, prompts, template), self._pad_id(None, self._eos_ids(None)))
+
+    def _check_batch(self, input_ids, attention_mask):
+        ids = torch.as_tensor(input_ids)
+        if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0 or ids.is_floating_point():
+            raise ValueError(f"input_ids must be a non-empty integer tensor [B, T], got shape {tuple(ids.shape)}")
+        if ids.min() < 0 or ids.max() >= self.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, {self.vocab_size}), got values in [{int(ids.min())}, {int(ids.max())}]")
+        mask = torch.ones_like(ids) if attention_mask is None else torch.as_tensor(attention_mask)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but input_ids has {tuple(ids.shape)}")
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask.long()
+        if (mask.sum(-1) == 0).any():
+            raise ValueError(f"row {int((mask.sum(-1) == 0).nonzero()[0])} of attention_mask is all zeros: every prompt needs a token")
+        if (mask[:, 1:] < mask[:, :-1]).any():
+            row = int((mask[:, 1:] < mask[:, :-1]).any(1).nonzero()[0])
+            raise ValueError(f"row {row} is not left-padded (a 0 follows a 1 in attention_mask); pad on the left "
+                             "(tokenizer.padding_side = 'left') so every prompt ends at the last column")
+        return ids.long().to(self.device), mask.to(self.device)
+
+    def _eos_ids(self, eos_token_id) -> list[int]:
+        if eos_token_id is not None:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
+                raise ValueError(f"eos_token_id must be ids in [0, {self.vocab_size}), got {eos_token_id!r}")
+            return ids
+        ids = []
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            ids.append(int(self.tokenizer.eos_token_id))
+        cfg = getattr(self.models[0], "generation_config", None)
+        cfg_eos = getattr(cfg, "eos_token_id", None)
+        for i in ([cfg_eos] if isinstance(cfg_eos, int) else list(cfg_eos or [])):
+            if i not in ids:
+                ids.append(int(i))
+        return ids
+
+    def _pad_id(self, pad_token_id, eos: list[int]) -> int:
+        if pad_token_id is not None:
+            if not isinstance(pad_token_id, int) or pad_token_id < 0:
+                raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
+            return pad_token_id
+        if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
+            return int(self.tokenizer.pad_token_id)
+        return eos[0] if eos else 0
+
+    def _decode(self, ids, mask, w, max_new_tokens, sampling, eos, pad) -> MODOutput:
+        b, t = ids.shape
+        dev = ids.device
+        # rows -> states: identical (prompt, mask) rows share a state when deduplicating
+        if self.dedupe:
+            key = torch.cat([ids * mask, mask], dim=1)  # [B, 2T]
+            uniq, row_state = torch.unique(key, dim=0, return_inverse=True)
+            s_ids, s_mask = uniq[:, :t], uniq[:, t:]
+        else:
+            row_state = torch.arange(b, device=dev)
+            s_ids, s_mask = ids, mask
+        logits = self.runner.prefill(s_ids, s_mask)  # [N, U, V]
+        out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
+        lp_sum = torch.zeros((b, self.num_policies), dtype=torch.float32, device=dev)
+        num_gen = torch.zeros(b, dtype=torch.long, device=dev)
+        finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
+        active = torch.arange(b, device=dev)  # rows still decoding
+        for step in range(max_new_tokens):
+            states = row_state[active]
+            num_states = logits.shape[1]
+            row_logits = logits if torch.equal(states, torch.arange(num_states, device=dev)) else logits.index_select(1, states)
+            tok, lp = mod_sample_checked(row_logits, w[active], backend=self.sample_backend, **sampling)
+            out[active, step] = tok
+            lp_sum[active] += lp
+            num_gen[active] += 1
+            done = torch.isin(tok, eos_t)
+            finished[active[done]] = True
+            keep = ~done
+            active, tok, states = active[keep], tok[keep], states[keep]
+            if active.numel() == 0 or step == max_new_tokens - 1:
+                break
+            # next states: one per distinct (state, token); sorted keys keep parents in order, so the
+            # caches are touched only when a state forks or loses all its rows
+            key = states * self.vocab_size + tok
+            uniq, inverse = torch.unique(key, return_inverse=True)
+            parent = uniq // self.vocab_size
+            if parent.numel() != num_states or not torch.equal(parent, torch.arange(num_states, device=dev)):
+                self.runner.select(parent)
+            row_state = row_state.clone()
+            row_state[active] = inverse
+            logits = self.runner.step(uniq % self.vocab_size)
+        length = int(num_gen.max())
+        return MODOutput(sequences=torch.cat([ids, out[:, :length]], dim=1), logprobs=lp_sum, num_generated=num_gen,
+                         finished=finished, prompt_length=t)
+
+
+def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
+    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if not isinstance(temperature, (int, float)) or not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r} (for greedy decoding use do_sample=False)")
+    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
+        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
+    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
+        raise ValueError(f"seed must be an int or None, got {seed!r}")

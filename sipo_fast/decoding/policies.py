@@ -1,0 +1,121 @@
+"""The one place that runs the policies' forward passes and owns their KV caches.
+
+A runner holds U decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV
+cache of every policy. It has three verbs, and nothing else in the decoder touches a cache:
+
+    prefill(input_ids [U, T], attention_mask [U, T]) -> logits [N, U, V]   next-token logits per policy
+    step(tokens [U])                                 -> logits [N, U, V]   append one token per state
+    select(index [U'])                                                     keep / fork / reorder states
+
+``select`` is how the decoder drops finished states and forks a state whose rows (several MOD weights
+sharing one prefix) chose different tokens. The caches are transformers' ``DynamicCache``; a paged cache
+(sipo_fast.kv) plugs in by implementing these three verbs.
+
+Two runners:
+  * :class:`SeparateModels`: N independent causal LMs; one forward per model per step over all U states.
+  * :class:`LoraAdapters`: one PEFT model with N LoRA adapters; one forward per step over the N·U rows
+    (policy-major: rows [i·U, (i+1)·U) use adapter i), with the adapters applied by
+    :mod:`sipo_fast.decoding.lora` so the base weights are read once per step for all policies.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+
+import torch
+from transformers import DynamicCache
+
+
+class _CacheRows:
+    """Attention mask and next positions of U left-padded states (shared by both runners)."""
+
+    def start(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.mask = attention_mask.long()
+        self.next_pos = self.mask.sum(-1)  # [U]: position id of the next token
+        pos = (self.mask.cumsum(-1) - 1).clamp_(min=0)  # [U, T], padding gets 0 (ignored through the mask)
+        return pos
+
+    def advance(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask and position ids [U, 1] for one more token per state."""
+        ones = torch.ones((self.mask.shape[0], 1), dtype=self.mask.dtype, device=self.mask.device)
+        self.mask = torch.cat([self.mask, ones], dim=1)
+        pos = self.next_pos[:, None].clone()
+        self.next_pos = self.next_pos + 1
+        return self.mask, pos
+
+    def select(self, index: torch.Tensor) -> None:
+        self.mask = self.mask.index_select(0, index)
+        self.next_pos = self.next_pos.index_select(0, index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg(cls) -> str:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this model's forward takes."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def _forward(model, input_ids, mask, pos, cache, **kwargs) -> torch.Tensor:
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    kwargs[_cache_kwarg(type(target))] = cache
+    out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs)
+    return out.logits[:, -1]  # [rows, V]
+
+
+class SeparateModels:
+    """N separate causal LMs, each with its own cache; one forward per model per step over all states."""
+
+    def __init__(self, models: list):
+        self.models = models
+        self.num_policies = len(models)
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.rows = _CacheRows()
+        pos = self.rows.start(attention_mask)
+        self.caches = [DynamicCache() for _ in self.models]
+        return torch.stack([_forward(m, input_ids, self.rows.mask, pos, c) for m, c in zip(self.models, self.caches)])
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask, pos = self.rows.advance()
+        ids = tokens[:, None]  # [U, 1]
+        return torch.stack([_forward(m, ids, mask, pos, c) for m, c in zip(self.models, self.caches)])
+
+    def select(self, index: torch.Tensor) -> None:
+        self.rows.select(index)
+        for c in self.caches:
+            c.batch_select_indices(index)
+
+
+class LoraAdapters:
+    """One PEFT model with N LoRA adapters: one forward per step over N·U rows, policy-major."""
+
+    def __init__(self, peft_model, adapter_names: list[str], impl: str = "bmm"):
+        from sipo_fast.decoding.lora import MultiLoraContext
+
+        self.model = peft_model
+        self.num_policies = len(adapter_names)
+        self.lora = MultiLoraContext(peft_model, adapter_names, impl)
+
+    def _run(self, ids, mask, pos) -> torch.Tensor:
+        n = self.num_policies
+        u = ids.shape[0]
+        ids_n = ids.repeat(n, 1)  # [N·U, T] policy-major
+        with self.lora.rows(n, u):
+            logits = _forward(self.lora.base_model, ids_n, mask.repeat(n, 1), pos.repeat(n, 1), self.cache,
+                              **self.lora.forward_kwargs)
+        return logits.view(n, u, -1)  # [N, U, V]
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        self.rows = _CacheRows()
+        pos = self.rows.start(attention_mask)
+        self.cache = DynamicCache()
+        return self._run(input_ids, self.rows.mask, pos)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        mask, pos = self.rows.advance()
+        return self._run(tokens[:, None], mask, pos)
+
+    def select(self, index: torch.Tensor) -> None:
+        u_old = self.rows.mask.shape[0]
+        self.rows.select(index)
+        offsets = torch.arange(self.num_policies, device=index.device)[:, None] * u_old  # [N, 1]
+        self.cache.batch_select_indices((offsets + index[None]).reshape(-1))  # [N·U'] policy-major
