@@ -7,14 +7,14 @@
 // with K_b[t, g] = k_cache[block_tables[b, t / B], t % B, g] (B = block size), the same for V.
 // A sequence with an empty window (L_b = 0) gets zeros.
 //
-// Parallelism: OpenMP over (sequence, kv head) pairs; one work item computes the G = H / Hkv query heads that
-// share a kv head, so every K/V row is loaded once for G heads. Inner loops run over the head dimension with
+// Parallelism: ATen's parallel_for (OpenMP in torch's CPU builds) over (sequence, kv head) pairs; one work item
+// computes the G = H / Hkv query heads that share a kv head, so every K/V row is loaded once for G heads. Inner loops run over the head dimension with
 // `omp simd` so the compiler vectorises them; scores and accumulators are float (double for float64 input),
 // and half/bfloat16 rows are widened once per row.
 #include "sipo_fast.h"
 
 #include <ATen/Dispatch.h>
-#include <omp.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
@@ -42,90 +42,106 @@ inline const acc_t* widen(const scalar_t* src, acc_t* buf, int64_t n) {
   }
 }
 
+// Pointers and strides (in elements) of one call. Caches are [num_blocks, block, Hkv, D] with unit stride on D.
+template <typename scalar_t>
+struct DecodeProblem {
+  const scalar_t *q, *kc, *vc;
+  scalar_t* o;
+  const int32_t *tables, *lens;
+  int64_t H, D, Hkv, G, block, window;
+  int64_t qs0, qs1, ks0, ks1, ks2, vs0, vs1, vs2, ts0, ts1;
+  double scale;
+};
+
+// Per-thread scratch, reused across work items.
+template <typename acc_t>
+struct Scratch {
+  std::vector<acc_t> qf, acc, row, denom, scores;
+  Scratch(int64_t G, int64_t D) : qf(G * D), acc(G * D), row(D), denom(G) {}
+};
+
+// Attention of the G query heads of sequence b that share kv head g.
+template <typename scalar_t, typename acc_t>
+void attend(const DecodeProblem<scalar_t>& p, int64_t b, int64_t g, Scratch<acc_t>& s) {
+  const int64_t G = p.G, D = p.D, L = p.lens[b];
+  const int64_t start = p.window > 0 ? std::max<int64_t>(0, L - p.window) : 0;
+  const int64_t n = L - start;
+  scalar_t* out = p.o + (b * p.H + g * G) * D;  // (G, D) block of the contiguous output
+  if (n <= 0) {
+    std::fill(out, out + G * D, scalar_t(0));
+    return;
+  }
+  // Scale the query once instead of every score.
+  for (int64_t j = 0; j < G; ++j) {
+    const scalar_t* qh = p.q + b * p.qs0 + (g * G + j) * p.qs1;
+    for (int64_t d = 0; d < D; ++d) s.qf[j * D + d] = static_cast<acc_t>(qh[d]) * static_cast<acc_t>(p.scale);
+  }
+  s.scores.resize(G * n);
+  // Pass 1: scores[j, t] = q_j . k_t, walking the block table.
+  for (int64_t t = start; t < L; ++t) {
+    const int64_t blk = p.tables[b * p.ts0 + (t / p.block) * p.ts1];
+    const acc_t* k = widen<scalar_t, acc_t>(p.kc + blk * p.ks0 + (t % p.block) * p.ks1 + g * p.ks2, s.row.data(), D);
+    for (int64_t j = 0; j < G; ++j) {
+      const acc_t* qj = s.qf.data() + j * D;
+      acc_t dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < D; ++d) dot += qj[d] * k[d];
+      s.scores[j * n + (t - start)] = dot;
+    }
+  }
+  // Softmax per head (max-subtracted, so exp never overflows).
+  for (int64_t j = 0; j < G; ++j) {
+    acc_t* sj = s.scores.data() + j * n;
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    for (int64_t t = 0; t < n; ++t) m = std::max(m, sj[t]);
+    acc_t sum = 0;
+    for (int64_t t = 0; t < n; ++t) {
+      sj[t] = std::exp(sj[t] - m);
+      sum += sj[t];
+    }
+    s.denom[j] = sum;
+  }
+  // Pass 2: acc[j] = sum_t p[j, t] * v_t.
+  std::fill(s.acc.begin(), s.acc.end(), acc_t(0));
+  for (int64_t t = start; t < L; ++t) {
+    const int64_t blk = p.tables[b * p.ts0 + (t / p.block) * p.ts1];
+    const acc_t* v = widen<scalar_t, acc_t>(p.vc + blk * p.vs0 + (t % p.block) * p.vs1 + g * p.vs2, s.row.data(), D);
+    for (int64_t j = 0; j < G; ++j) {
+      const acc_t w = s.scores[j * n + (t - start)];
+      acc_t* aj = s.acc.data() + j * D;
+#pragma omp simd
+      for (int64_t d = 0; d < D; ++d) aj[d] += w * v[d];
+    }
+  }
+  for (int64_t j = 0; j < G; ++j) {
+    const acc_t inv = acc_t(1) / s.denom[j];
+    for (int64_t d = 0; d < D; ++d) out[j * D + d] = static_cast<scalar_t>(s.acc[j * D + d] * inv);
+  }
+}
+
 template <typename scalar_t>
 void decode_attention_impl(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& block_tables, const at::Tensor& context_lens, double scale,
                            int64_t window, at::Tensor& out) {
   using acc_t = acc_type<scalar_t>;
-  const int64_t B = query.size(0), H = query.size(1), D = query.size(2);
-  const int64_t Hkv = k_cache.size(2), block = k_cache.size(1);
-  const int64_t G = H / Hkv;
-  const scalar_t* q = query.data_ptr<scalar_t>();
-  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
-  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
-  scalar_t* o = out.data_ptr<scalar_t>();
-  const int32_t* tables = block_tables.data_ptr<int32_t>();
-  const int32_t* lens = context_lens.data_ptr<int32_t>();
-  // Strides in elements. Caches: [num_blocks, block, Hkv, D] with unit stride on D (checked by the caller).
-  const int64_t qs0 = query.stride(0), qs1 = query.stride(1);
-  const int64_t ks0 = k_cache.stride(0), ks1 = k_cache.stride(1), ks2 = k_cache.stride(2);
-  const int64_t vs0 = v_cache.stride(0), vs1 = v_cache.stride(1), vs2 = v_cache.stride(2);
-  const int64_t ts0 = block_tables.stride(0), ts1 = block_tables.stride(1);
-
-#pragma omp parallel
-  {
-    std::vector<acc_t> qf(G * D), acc(G * D), rowbuf(D), denom(G), scores;
-#pragma omp for collapse(2) schedule(dynamic, 1)
-    for (int64_t b = 0; b < B; ++b) {
-      for (int64_t g = 0; g < Hkv; ++g) {
-        const int64_t L = lens[b];
-        const int64_t start = window > 0 ? std::max<int64_t>(0, L - window) : 0;
-        const int64_t n = L - start;
-        if (n <= 0) {
-          for (int64_t j = 0; j < G; ++j)
-            for (int64_t d = 0; d < D; ++d) o[(b * H + g * G + j) * D + d] = scalar_t(0);
-          continue;
-        }
-        // Scale the query once instead of every score.
-        for (int64_t j = 0; j < G; ++j) {
-          const scalar_t* qh = q + b * qs0 + (g * G + j) * qs1;
-          for (int64_t d = 0; d < D; ++d) qf[j * D + d] = static_cast<acc_t>(qh[d]) * static_cast<acc_t>(scale);
-        }
-        scores.resize(G * n);
-        // Pass 1: scores[j, t] = q_j . k_t, walking the block table.
-        for (int64_t t = start; t < L; ++t) {
-          const int64_t blk = tables[b * ts0 + (t / block) * ts1];
-          const acc_t* k = widen<scalar_t, acc_t>(kc + blk * ks0 + (t % block) * ks1 + g * ks2, rowbuf.data(), D);
-          for (int64_t j = 0; j < G; ++j) {
-            const acc_t* qj = qf.data() + j * D;
-            acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-            for (int64_t d = 0; d < D; ++d) s += qj[d] * k[d];
-            scores[j * n + (t - start)] = s;
-          }
-        }
-        // Softmax per head (max-subtracted, so exp never overflows).
-        for (int64_t j = 0; j < G; ++j) {
-          acc_t* sj = scores.data() + j * n;
-          acc_t m = -std::numeric_limits<acc_t>::infinity();
-          for (int64_t t = 0; t < n; ++t) m = std::max(m, sj[t]);
-          acc_t sum = 0;
-          for (int64_t t = 0; t < n; ++t) {
-            sj[t] = std::exp(sj[t] - m);
-            sum += sj[t];
-          }
-          denom[j] = sum;
-        }
-        // Pass 2: acc[j] = sum_t p[j, t] * v_t.
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t t = start; t < L; ++t) {
-          const int64_t blk = tables[b * ts0 + (t / block) * ts1];
-          const acc_t* v = widen<scalar_t, acc_t>(vc + blk * vs0 + (t % block) * vs1 + g * vs2, rowbuf.data(), D);
-          for (int64_t j = 0; j < G; ++j) {
-            const acc_t p = scores[j * n + (t - start)];
-            acc_t* aj = acc.data() + j * D;
-#pragma omp simd
-            for (int64_t d = 0; d < D; ++d) aj[d] += p * v[d];
-          }
-        }
-        for (int64_t j = 0; j < G; ++j) {
-          const acc_t inv = acc_t(1) / denom[j];
-          scalar_t* oj = o + (b * H + g * G + j) * D;
-          for (int64_t d = 0; d < D; ++d) oj[d] = static_cast<scalar_t>(acc[j * D + d] * inv);
-        }
-      }
-    }
-  }
+  const int64_t B = query.size(0), H = query.size(1), D = query.size(2), Hkv = k_cache.size(2);
+  DecodeProblem<scalar_t> p{query.data_ptr<scalar_t>(), k_cache.data_ptr<scalar_t>(), v_cache.data_ptr<scalar_t>(),
+                            out.data_ptr<scalar_t>(), block_tables.data_ptr<int32_t>(),
+                            context_lens.data_ptr<int32_t>(), H, D, Hkv, H / Hkv, k_cache.size(1), window,
+                            query.stride(0), query.stride(1), k_cache.stride(0), k_cache.stride(1),
+                            k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+                            block_tables.stride(0), block_tables.stride(1), scale};
+  // Parallel over (sequence, kv head) items with ATen's OpenMP pool (follows torch.set_num_threads). The grain
+  // keeps small decode batches on one thread: opening a parallel region costs more than ~256k multiply-adds
+  // (~0.1 ms), and much more on a loaded machine, where threads spin at the barrier while descheduled.
+  int64_t total_len = 0;
+  for (int64_t b = 0; b < B; ++b) total_len += p.lens[b];
+  const int64_t macs_per_item = std::max<int64_t>(1, total_len / std::max<int64_t>(B, 1) * p.G * D * 2);
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 18) / macs_per_item);
+  at::parallel_for(0, B * Hkv, grain, [&](int64_t begin, int64_t end) {
+    Scratch<acc_t> scratch(p.G, D);
+    for (int64_t item = begin; item < end; ++item) attend<scalar_t, acc_t>(p, item / Hkv, item % Hkv, scratch);
+  });
 }
 
 at::Tensor paged_attention_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,

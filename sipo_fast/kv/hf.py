@@ -98,12 +98,18 @@ class PagedLayer(CacheLayerMixin):
 
 
 class PagedCache(Cache):
-    """A ``transformers.Cache`` view of one policy's pool inside a :class:`SharedPagedKV`."""
+    """A ``transformers.Cache`` view of one policy's pool inside a :class:`SharedPagedKV`; ``policy=None``
+    views all policies' pools at once (a :meth:`SharedPagedKV.stacked` cache, N·U policy-major rows)."""
 
-    def __init__(self, kv: SharedPagedKV, policy: int):
-        if not 0 <= policy < len(kv.pools):
-            raise ValueError(f"policy {policy} is out of range: the shared cache has {len(kv.pools)} pools")
-        pool = kv.pools[policy]
+    def __init__(self, kv: SharedPagedKV, policy: int | None):
+        if policy is None:
+            if kv.flat_pool is None:
+                raise ValueError("policy=None (all policies in one forward) needs SharedPagedKV.stacked(...)")
+            pool = kv.flat_pool
+        elif isinstance(policy, int) and 0 <= policy < len(kv.pools):
+            pool = kv.pools[policy]
+        else:
+            raise ValueError(f"policy {policy!r} is out of range: the shared cache has {len(kv.pools)} pools")
         super().__init__(layers=[PagedLayer(kv, pool, i) for i in range(pool.geometry[0])])
         self.kv, self.policy = kv, policy
 
@@ -144,10 +150,11 @@ def sipo_paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     if dropout:
         raise ValueError("the paged attention path is for inference; put the model in eval() mode")
     if query.shape[2] == 1:
-        from sipo_fast.ops.paged_attention import paged_attention
+        from sipo_fast.ops.paged_attention import paged_attention_unchecked
 
-        # (B, H, 1, D) -> (B, H, D); the kernel reads K/V in place from the block tables.
-        out = paged_attention(query[:, :, 0], paged.k_cache, paged.v_cache, paged.step.block_tables,
+        # (B, H, 1, D) -> (B, H, D); the kernel reads K/V in place from the block tables, which come from the
+        # BlockManager (valid by construction), so the per-call Python checks are skipped.
+        out = paged_attention_unchecked(query[:, :, 0], paged.k_cache, paged.v_cache, paged.step.block_tables,
                               paged.step.context_lens, scale=scaling, sliding_window=sliding_window)
         return out[:, None], None  # (B, 1, H, D)
     return _prefill_attention(query, paged, scaling, sliding_window), None
@@ -170,10 +177,11 @@ def paged_attention_enabled(*models):
             c._attn_implementation = impl
 
 
-def forward_paged(model, kv: SharedPagedKV, policy: int, input_ids: torch.Tensor, *,
-                  logits_to_keep: int = 0) -> torch.Tensor:
-    """One forward of ``model`` (policy ``policy`` of ``kv``) over the step set by ``kv.begin_forward``;
-    returns logits ``[B, q or logits_to_keep, V]``. The model must run with ``paged_attention_enabled``."""
+def forward_paged(model, kv: SharedPagedKV, policy: int | None, input_ids: torch.Tensor, *,
+                  logits_to_keep: int = 0, **model_kwargs) -> torch.Tensor:
+    """One forward of ``model`` (policy ``policy`` of ``kv``; None: every policy of a stacked cache, rows
+    policy-major) over the step set by ``kv.begin_forward`` (or ``begin_forward_stacked``); returns logits
+    ``[B, q or logits_to_keep, V]``. The model must run with ``paged_attention_enabled``."""
     if kv.step is None or tuple(input_ids.shape) != tuple(kv.step.new_mask.shape):
         raise ValueError("call kv.begin_forward(seq_ids, new_mask) with a mask shaped like input_ids first")
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -182,5 +190,5 @@ def forward_paged(model, kv: SharedPagedKV, policy: int, input_ids: torch.Tensor
     if policy not in caches:
         caches[policy] = PagedCache(kv, policy)
     out = model(input_ids=input_ids, position_ids=kv.step.position_ids, cache=caches[policy],
-                use_cache=True, logits_to_keep=logits_to_keep)
+                use_cache=True, logits_to_keep=logits_to_keep, **model_kwargs)
     return out.logits

@@ -34,6 +34,17 @@ class PagedKVPool:
                               device=device)
 
     @classmethod
+    def from_tensor(cls, kv: torch.Tensor) -> "PagedKVPool":
+        """Wrap existing storage ``[num_layers, 2, num_blocks, block_size, Hkv, D]`` (e.g. one policy's slice of
+        a stacked allocation) without copying; each ``kv[l, i]`` must be contiguous."""
+        if kv.dim() != 6 or kv.shape[1] != 2 or not all(kv[0, i].is_contiguous() for i in range(2)):
+            raise ValueError("PagedKVPool.from_tensor needs [num_layers, 2, num_blocks, block_size, Hkv, D] storage "
+                             f"with contiguous pages, got shape {tuple(kv.shape)}")
+        pool = cls.__new__(cls)
+        pool.kv = kv
+        return pool
+
+    @classmethod
     def for_model(cls, config, num_blocks: int, block_size: int, *, dtype: torch.dtype | None = None,
                   device: str | torch.device = "cpu") -> "PagedKVPool":
         """A pool shaped for a transformers decoder config (Llama, Mistral, Qwen2, ...)."""
@@ -130,6 +141,7 @@ class SharedPagedKV:
         self.block_size = block_size
         self.manager = BlockManager(geometry[1], block_size, enable_prefix_caching)
         self.step: StepInputs | None = None
+        self.flat_pool: PagedKVPool | None = None  # set by stacked(): all pools as one [.., N*NB, ..] view
         # Prompts added by add_prompts whose prefill has not run yet: seq_id -> tokens still to compute.
         self._pending: dict[int, int] = {}
 
@@ -146,6 +158,29 @@ class SharedPagedKV:
             device = getattr(first, "device", None) or "cpu"
         pools = [PagedKVPool.for_model(c, num_blocks, block_size, dtype=dtype, device=device) for c in configs]
         return cls(pools, block_size, enable_prefix_caching=enable_prefix_caching)
+
+    @classmethod
+    def stacked(cls, model_or_config, num_policies: int, num_blocks: int, block_size: int = 16, *,
+                dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                enable_prefix_caching: bool = False) -> "SharedPagedKV":
+        """N pools that are slices of one allocation ``[layers, 2, N, num_blocks, block, Hkv, D]``, for N LoRA
+        adapters of one base model decoded in one forward over N·U policy-major rows. Policy i's pages are
+        blocks ``[i·num_blocks, (i+1)·num_blocks)`` of :attr:`flat_pool`; :meth:`begin_forward_stacked`
+        offsets the block tables accordingly, so one kernel call serves all N policies."""
+        first = PagedKVPool.for_model(getattr(model_or_config, "config", model_or_config), 1, block_size,
+                                      dtype=dtype or getattr(model_or_config, "dtype", None),
+                                      device=device or getattr(model_or_config, "device", None) or "cpu")
+        n_layers, _, _, kv_heads, head_dim = first.geometry
+        if not isinstance(num_policies, int) or num_policies < 1 or not isinstance(num_blocks, int) or num_blocks < 1:
+            raise ValueError(f"num_policies and num_blocks must be positive ints, got {num_policies!r}, {num_blocks!r}")
+        storage = torch.zeros(n_layers, 2, num_policies, num_blocks, block_size, kv_heads, head_dim,
+                              dtype=first.kv.dtype, device=first.kv.device)
+        kv = cls([PagedKVPool.from_tensor(storage[:, :, i]) for i in range(num_policies)], block_size,
+                 enable_prefix_caching=enable_prefix_caching)
+        # (layers, 2, N, NB, bs, Hkv, D) -> (layers, 2, N*NB, bs, Hkv, D): a view, no copy
+        kv.flat_pool = PagedKVPool.from_tensor(storage.view(n_layers, 2, num_policies * num_blocks, block_size,
+                                                            kv_heads, head_dim))
+        return kv
 
     @property
     def device(self) -> torch.device:
@@ -243,6 +278,24 @@ class SharedPagedKV:
         dev = self.device
         self.step = StepInputs(seq_ids, new_mask.to(dev), position_ids.to(dev), slots.to(dev), tables.to(dev),
                                (past_t + counts).to(torch.int32).to(dev), past_t.to(dev))
+        return self.step
+
+    def begin_forward_stacked(self, seq_ids: Sequence[int], new_mask: torch.Tensor) -> StepInputs:
+        """:meth:`begin_forward` for a :meth:`stacked` cache, laid out for one forward over N·U policy-major rows
+        (rows [i·U, (i+1)·U) are policy i): the same allocation, with policy i's block ids and slots offset by
+        i·num_blocks. Sets and returns the N·U-row step."""
+        flat = getattr(self, "flat_pool", None)
+        if flat is None:
+            raise ValueError("begin_forward_stacked needs a cache built with SharedPagedKV.stacked(...)")
+        step = self.begin_forward(seq_ids, new_mask)
+        n, nb = len(self.pools), self.num_blocks
+        offsets = torch.arange(n, device=self.device) * nb  # block offset of each policy in the flat pool
+        self.step = StepInputs(
+            seq_ids=list(step.seq_ids) * n, new_mask=step.new_mask.repeat(n, 1),
+            position_ids=step.position_ids.repeat(n, 1),
+            slots=(step.slots[None, :] + offsets[:, None] * self.block_size).reshape(-1),  # (N*T,) policy-major
+            block_tables=(step.block_tables[None] + offsets[:, None, None].to(torch.int32)).reshape(-1, step.block_tables.shape[1]),
+            context_lens=step.context_lens.repeat(n), past_lens=step.past_lens.repeat(n))
         return self.step
 
     def kv_bytes(self) -> int:

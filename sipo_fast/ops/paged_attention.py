@@ -126,6 +126,16 @@ def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     _validate(query, k_cache, v_cache, block_tables, context_lens, sliding_window)
+    return paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_lens, scale=scale,
+                                     sliding_window=sliding_window, backend=backend)
+
+
+def paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_lens, *, scale=None,
+                              sliding_window=None, backend="auto"):
+    """:func:`paged_attention` without the Python-side input checks, for callers whose inputs are valid by
+    construction (the transformers integration builds tables and lengths from the BlockManager once per
+    step and calls this once per layer; the checks would cost more than the CPU kernel on small batches).
+    The C++ kernel still bounds-checks block ids and lengths."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "auto":
         backend = select_backend(query, k_cache)
