@@ -25,7 +25,7 @@ def _token_logprobs_fwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, out_ptr, lse_ptr,
     M, V, K,
     stride_hm, stride_hk, stride_wv, stride_wk,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -49,7 +49,7 @@ def _token_logprobs_fwd_kernel(
             if UPCAST_DOT:
                 h = h.to(ACC_DTYPE)
                 w = w.to(ACC_DTYPE)
-            z = tl.dot(h, w, z, out_dtype=ACC_DTYPE)
+            z = tl.dot(h, w, z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         if HAS_BIAS:
             z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
         z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -68,7 +68,7 @@ def _token_logprobs_bwd_kernel(
     h_ptr, w_ptr, b_ptr, labels_ptr, lse_ptr, g_ptr, dz_ptr,
     M, V, K,
     stride_hm, stride_hk, stride_wv, stride_wk, stride_dm, stride_dv,
-    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACC_DTYPE: tl.constexpr, UPCAST_DOT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -88,7 +88,7 @@ def _token_logprobs_bwd_kernel(
         if UPCAST_DOT:
             h = h.to(ACC_DTYPE)
             w = w.to(ACC_DTYPE)
-        z = tl.dot(h, w, z, out_dtype=ACC_DTYPE)
+        z = tl.dot(h, w, z, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(ACC_DTYPE)[None, :]
     labels = tl.load(labels_ptr + rows, mask=row_ok, other=-1)
@@ -101,20 +101,34 @@ def _token_logprobs_bwd_kernel(
              dz.to(dz_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# GPU tile shapes, autotuned per (V, K, dtype): tl.dot needs every block dim >= 16; configurations too large
+# for shared memory (fp64) are pruned by the autotuner when they fail to compile.
+_GPU_CONFIGS = [
+    triton.Config({"BLOCK_M": m, "BLOCK_V": v, "BLOCK_K": k}, num_warps=w, num_stages=st)
+    for m, v, k, w, st in [(64, 128, 64, 8, 3), (128, 128, 32, 8, 3), (64, 64, 64, 4, 3), (32, 128, 64, 4, 3),
+                           (16, 64, 32, 4, 2)]
+]
+_fwd_tuned = triton.autotune(_GPU_CONFIGS, key=["V", "K"])(_token_logprobs_fwd_kernel)
+_bwd_tuned = triton.autotune(_GPU_CONFIGS, key=["V", "K"])(_token_logprobs_bwd_kernel)
+
+
+def _launch(plain, tuned, grid, hidden: torch.Tensor, *args, **meta) -> None:
+    """Run ``plain`` with fixed tiles under the interpreter (each program is a Python loop iteration, so wide
+    vocabulary tiles mean few iterations), or the autotuned ``tuned`` on a GPU. ``grid(BLOCK_M, BLOCK_V)``."""
+    K = hidden.shape[1]
+    meta.update(ACC_DTYPE=_acc_dtype(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden),
+                # fp32 inputs: IEEE products (tl.dot's default on CUDA is TF32, 10-bit mantissas, which would
+                # break the tolerance rule against torch's fp32 matmul); ignored for half precision.
+                DOT_PRECISION="ieee" if hidden.dtype in (torch.float32, torch.float64) else "tf32")
+    if _interpreting(hidden):
+        bm, bv, bk = 16, 512, min(64, max(16, triton.next_power_of_2(K)))
+        plain[grid(bm, bv)](*args, **meta, BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk)
+    else:
+        tuned[lambda cfg: grid(cfg["BLOCK_M"], cfg["BLOCK_V"])](*args, **meta)
+
+
 def _acc_dtype(dtype: torch.dtype):
     return tl.float64 if dtype == torch.float64 else tl.float32
-
-
-def _blocks(K: int, dtype: torch.dtype, interpret: bool) -> tuple[int, int, int]:
-    """(BLOCK_M, BLOCK_V, BLOCK_K). tl.dot needs every block dim >= 16. Under the interpreter a program is a
-    Python loop iteration, so wider vocabulary tiles mean fewer iterations; on a GPU the tiles must fit in
-    registers/shared memory (fp64 halves what fits)."""
-    block_k = min(64, max(16, triton.next_power_of_2(K)))
-    if interpret:
-        return 16, 512, block_k
-    if dtype == torch.float64:
-        return 16, 64, min(block_k, 32)
-    return 32, 128, block_k
 
 
 def _interpreting(t: torch.Tensor) -> bool:
@@ -139,15 +153,12 @@ def token_logprobs_forward(hidden: torch.Tensor, weight: torch.Tensor, labels: t
     lse = torch.empty(M, dtype=acc, device=hidden.device)
     if M == 0:
         return out, lse
-    bm, bv, bk = _blocks(K, hidden.dtype, _interpreting(hidden))
     labels = labels.contiguous()
-    _token_logprobs_fwd_kernel[(triton.cdiv(M, bm),)](
-        hidden, weight, bias if bias is not None else hidden, labels, out, lse,
-        M, V, K,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden),
-        BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-    )
+    _launch(_token_logprobs_fwd_kernel, _fwd_tuned, lambda bm, bv: (triton.cdiv(M, bm),), hidden,
+            hidden, weight, bias if bias is not None else hidden, labels, out, lse,
+            M, V, K,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
+            HAS_BIAS=bias is not None)
     return out, lse
 
 
@@ -166,7 +177,6 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
     acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
     grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_weight else None
     grad_b = torch.zeros(V, dtype=acc, device=weight.device) if (need_bias and bias is not None) else None
-    bm, bv, bk = _blocks(K, hidden.dtype, _interpreting(hidden))
     chunk = max(1, min(chunk_size, M))
     # The interpreter converts fp32 -> bf16 by truncation, not round-to-nearest as GPUs do, doubling the rounding
     # error; there the kernel writes fp32 and torch rounds (the .to below is a no-op on GPUs).
@@ -178,13 +188,13 @@ def token_logprobs_backward(hidden: torch.Tensor, weight: torch.Tensor, labels: 
         stop = min(M, start + chunk)
         h_c = hidden[start:stop]  # (c, K), a view: the kernel reads it through its strides
         dz_c = dz[: stop - start]  # (c, V)
-        _token_logprobs_bwd_kernel[(triton.cdiv(stop - start, bm), triton.cdiv(V, bv))](
-            h_c, weight, bias if bias is not None else h_c, labels[start:stop], lse[start:stop], g[start:stop], dz_c,
-            stop - start, V, K,
-            h_c.stride(0), h_c.stride(1), weight.stride(0), weight.stride(1), dz_c.stride(0), dz_c.stride(1),
-            HAS_BIAS=bias is not None, ACC_DTYPE=_acc_dtype(hidden.dtype), UPCAST_DOT=_upcast_dot(hidden),
-            BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk,
-        )
+        rows = stop - start
+        _launch(_token_logprobs_bwd_kernel, _bwd_tuned, lambda bm, bv: (triton.cdiv(rows, bm), triton.cdiv(V, bv)),
+                hidden,
+                h_c, weight, bias if bias is not None else h_c, labels[start:stop], lse[start:stop], g[start:stop],
+                dz_c, rows, V, K,
+                h_c.stride(0), h_c.stride(1), weight.stride(0), weight.stride(1), dz_c.stride(0), dz_c.stride(1),
+                HAS_BIAS=bias is not None)
         dz_c = dz_c.to(hidden.dtype)
         torch.matmul(dz_c, weight, out=grad_h[start:stop])
         if grad_w is not None:
