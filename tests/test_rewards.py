@@ -198,6 +198,8 @@ def test_implicit_rewards_bad_arguments(three_models, peft_policies, batch):
         implicit_rewards((p1, ["a"]), ref, batch)
     with pytest.raises(ValueError, match="batch_size"):
         implicit_rewards([p1], ref, batch, batch_size=0)
+    with pytest.raises(ValueError, match="not in this PeftModel"):
+        implicit_rewards((peft_policies, ["helpful", "typo"]), None, batch)
 
 
 @pytest.mark.slow

@@ -94,8 +94,17 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     captured = []
     handle = backbone.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
     try:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-              **forward_kwargs)
+        try:
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
+                  **forward_kwargs)
+        except TypeError as exc:
+            if "logits_to_keep" not in str(exc):
+                raise
+            _warn_once(f"keep:{type(_unwrap(model)).__name__}",
+                       f"{type(_unwrap(model)).__name__}.forward has no logits_to_keep: its LM head still projects "
+                       "every position once (the log-probs themselves stay fused)")
+            captured.clear()
+            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
     finally:
         handle.remove()
     if not captured:
@@ -152,7 +161,7 @@ def _as_scorers(policies) -> list[tuple[nn.Module, str | None]]:
         model, names = policies
         if not _is_peft(model):
             raise ValueError("(model, [adapter names]) needs a peft.PeftModel holding those adapters")
-        return [(model, str(n)) for n in names]
+        policies = [(model, str(n)) for n in names]
     if isinstance(policies, nn.Module):
         policies = [policies]
     out = []
@@ -166,6 +175,9 @@ def _as_scorers(policies) -> list[tuple[nn.Module, str | None]]:
             raise ValueError(f"each policy must be a model or a (peft_model, adapter_name) pair, got {type(p).__name__}")
     if not out:
         raise ValueError("policies is empty: pass at least one model or adapter")
+    for m, n in out:
+        if n is not None and n != BASE and n not in m.peft_config:
+            raise ValueError(f"adapter {n!r} is not in this PeftModel (it has {sorted(m.peft_config)})")
     return out
 
 
