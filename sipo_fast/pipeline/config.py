@@ -40,7 +40,8 @@ def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[f
         else:
             raise ValueError(f"{where}: weight {w!r} is neither a number nor a list of numbers")
         if len(vec) != n_objectives:
-            raise ValueError(f"{where}: weight {list(w)} has {len(vec)} entries but there are {n_objectives} objectives")
+            raise ValueError(f"{where}: weight {list(w)} has {len(vec)} entries but there are {n_objectives} "
+                             "objectives")
         if any(not math.isfinite(x) or x < -SIMPLEX_TOL for x in vec) or abs(sum(vec) - 1.0) > SIMPLEX_TOL:
             raise ValueError(f"{where}: weight {w!r} -> {vec} is off the simplex; every entry must be >= 0 and the "
                              f"entries must sum to 1")
@@ -128,7 +129,8 @@ class DataConfig(_Section):
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
-            raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the data's mix")
+            raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the "
+                             "data's mix")
 
 
 @dataclass
@@ -334,7 +336,8 @@ class PipelineConfig:
             raise ValueError(f"align.policies lists {len(self.align.policies)} models but there are {n} objectives; "
                              f"give one per objective, in the order of data.objectives")
         if self.align.select_best and self.data.eval_fraction == 0 and self.align.policies is None:
-            raise ValueError("align.select_best needs held-out data: set data.eval_fraction > 0 or align.select_best=false")
+            raise ValueError("align.select_best needs held-out data: set data.eval_fraction > 0 or "
+                             "align.select_best=false")
         if self.eval.scorers is not None and len(self.eval.scorers) != n:
             raise ValueError(f"eval.scorers lists {len(self.eval.scorers)} scorers; give one per objective ({n})")
 

@@ -128,6 +128,10 @@ class Context:
         from sipo_fast.data import load_preferences, objectives as available_objectives
 
         cfg = self.config.data
+        path = Path(str(cfg.source))
+        if path.is_file() and path.stat().st_size < 65536 and not path.read_text(errors="replace").strip():
+            raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset with "
+                             "rows (prompt, response_0, response_1 and the preference columns)")
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
         ds = load_preferences(cfg.source, split="train", **extra)
@@ -240,9 +244,9 @@ class Context:
             if any((p / f).exists() for f in ("tokenizer.json", "tokenizer_config.json")):
                 why = tokenizer_mismatch(self.tokenizer, AutoTokenizer.from_pretrained(p))
                 if why is not None:
-                    raise ValueError(f"the tokenizer saved with {path} differs from model.name={self.config.model.name!r}"
-                                     f"'s: {why}. All policies must share π_ref's tokenizer; use policies trained "
-                                     "from that model")
+                    raise ValueError(f"the tokenizer saved with {path} differs from model.name="
+                                     f"{self.config.model.name!r}'s: {why}. All policies must share π_ref's "
+                                     "tokenizer; use policies trained from that model")
         if len(set(kinds)) != 1:
             raise ValueError("align.policies mixes LoRA adapters and full models; give one kind")
         if kinds[0] != self.config.align.use_lora:

@@ -37,7 +37,8 @@ class SIPOPipeline:
     def __init__(self, config: PipelineConfig, output_dir: str | os.PathLike = "runs/sipo", *, force: bool = False,
                  progress: bool = True):
         if not isinstance(config, PipelineConfig):
-            raise ValueError(f"config must be a PipelineConfig (see sipo_fast.pipeline.preset), got {type(config).__name__}")
+            raise ValueError(f"config must be a PipelineConfig (see sipo_fast.pipeline.preset), got "
+                             f"{type(config).__name__}")
         self.config, self.progress, self.force = config, progress, force
         self.run_dir = RunDir(output_dir)
         self.stages: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -56,20 +57,22 @@ class SIPOPipeline:
                 return None
             inputs[up] = h
         values = {k: self.config.get(k) for k in stage.config_keys}
-        return stable_hash({"stage": stage.name, "version": stage.version, "config": values, "inputs": inputs}), inputs, values
+        fingerprint = stable_hash({"stage": stage.name, "version": stage.version, "config": values, "inputs": inputs})
+        return fingerprint, inputs, values
 
     def _why(self, stage: Stage, fingerprint: str, inputs: dict, values: dict) -> str:
         """Human reason a stage must run, from its previous manifest entry."""
         old = self.run_dir.entry(stage.name)
         if old is None:
-            return "resuming an unfinished run" if (self.run_dir.root / ".work" / stage.name).exists() else "not run yet"
+            started = (self.run_dir.root / ".work" / stage.name).exists()
+            return "resuming an unfinished run" if started else "not run yet"
         if old["fingerprint"] == fingerprint:
             return "its files changed on disk"
         reasons = []
-        changed = [k for k in values if old.get("config", {}).get(k) != values[k]]
+        before, now = _flatten(old.get("config", {})), _flatten(values)
+        changed = [k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k)]
         if changed:
-            reasons.append("config changed: " + ", ".join(f"{k}: {old['config'].get(k)!r} -> {values[k]!r}"
-                                                          for k in changed))
+            reasons.append("config changed: " + ", ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed))
         changed_in = [u for u in inputs if old.get("inputs", {}).get(u) != inputs[u]]
         if changed_in:
             reasons.append("its input changed: " + ", ".join(changed_in))
@@ -182,6 +185,17 @@ class SIPOPipeline:
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
         return handler
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    """{"sample": {"max_new_tokens": 8}} -> {"sample.max_new_tokens": 8}, so a change names its field."""
+    out = {}
+    for k, v in values.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _short(summary: dict) -> str:

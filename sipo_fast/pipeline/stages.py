@@ -8,8 +8,8 @@ Artifacts (each stage directory; ``logs/`` inside is not hashed):
   full model per objective, with ``train_metrics.json``).
 - ``sample/``: ``prompts.jsonl`` (conflicting prompts, with ``pid``), ``candidates.jsonl`` (one row per
   prompt and weight: ``pid, weight_index, weight, candidate``).
-- ``refine/``: ``prompts.jsonl`` (copied), ``candidates.jsonl`` (adds ``original, review, rewrite, rewritten``, the implicit rewards of
-  original and rewrite).
+- ``refine/``: ``prompts.jsonl`` (copied), ``candidates.jsonl`` (adds ``original, review, rewrite,
+  rewritten`` and the implicit rewards of original and rewrite).
 - ``filter/``: ``rewards.jsonl`` (every candidate's rewards under the K reward models and whether it survives),
   ``survivors.jsonl`` (the chosen y_c per covered prompt), ``pairs.jsonl`` (D_c: prompt, chosen, rejected).
 - ``finetune/``: ``policies/<objective>/``: the fine-tuned policy as one LoRA adapter on π_ref (stage-1 and
@@ -18,22 +18,21 @@ Artifacts (each stage directory; ``logs/`` inside is not hashed):
 """
 from __future__ import annotations
 
-import json
 import logging
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .context import Context
+from .policies import (Policies, copy_policy, encode, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
+                       lora_config, preference_pairs, rewards, save_combined, save_model, train)
 from .rules import keep_rewrite, one_hot, select_pareto
 from .rundir import Parts, read_jsonl, write_jsonl
 from .templates import REVIEW_PREFIX, RefinePrompts, clean_generation
 
 log = logging.getLogger("sipo_fast.pipeline")
 # Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
-_VOLATILE = ("runtime", "per_second", "flos", "epoch_time")
 
 
 class Stage:
@@ -44,154 +43,6 @@ class Stage:
 
     def run(self, ctx: Context, parts: Parts, inputs: dict[str, Path]) -> dict:
         raise NotImplementedError
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# shared helpers
-
-
-def preference_pairs(rows: list[dict], objective: str) -> list[dict]:
-    """(prompt, chosen, rejected) rows for one objective from normalised rows (pref_<objective> = 0/1)."""
-    key = f"pref_{objective}"
-    return [{"prompt": r["prompt"], "chosen": r[f"response_{r[key]}"], "rejected": r[f"response_{1 - r[key]}"]}
-            for r in rows]
-
-
-def lora_config(ctx: Context):
-    from peft import LoraConfig
-
-    a = ctx.config.align
-    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
-                      target_modules=list(a.target_modules), bias="none", task_type="CAUSAL_LM")
-
-
-@dataclass
-class Policies:
-    """N per-objective policies: adapters ``names`` of one PeftModel (LoRA), or full ``models``.
-
-    ``reference`` is π_ref for implicit rewards: None for LoRA (the PEFT base with adapters disabled).
-    """
-
-    model: torch.nn.Module
-    names: list[str] | None = None
-    models: list[torch.nn.Module] | None = None
-    reference: torch.nn.Module | None = None
-
-    def decoder(self, ctx: Context):
-        from sipo_fast.decoding import MODDecoder
-
-        if self.names is not None:
-            return MODDecoder(self.model, ctx.tokenizer, adapter_names=list(self.names))
-        return MODDecoder(list(self.models), ctx.tokenizer)
-
-    def reward_models(self):
-        """The ``policies`` argument of ``implicit_rewards`` for the N policies."""
-        return (self.model, list(self.names)) if self.names is not None else list(self.models)
-
-
-def load_policies(ctx: Context, policy_dir: Path) -> Policies:
-    """Load the per-objective policies saved under ``policy_dir/<objective>`` onto a fresh π_ref."""
-    objectives = ctx.config.data.objectives
-    base = ctx.load_base()
-    if ctx.config.align.use_lora:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(base, policy_dir / objectives[0], adapter_name=objectives[0])
-        for o in objectives[1:]:
-            model.load_adapter(policy_dir / o, adapter_name=o)
-        return Policies(model=model.eval(), names=list(objectives))
-    from transformers import AutoModelForCausalLM
-
-    models = [AutoModelForCausalLM.from_pretrained(policy_dir / o, dtype=ctx.dtype).to(ctx.device).eval()
-              for o in objectives]
-    return Policies(model=base, models=models, reference=base)
-
-
-def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *, max_new_tokens: int,
-             template: str | None = None, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
-             top_p: float = 1.0, seed: int | None = None, desc: str = "MOD") -> list[str]:
-    """MOD generation of one response per prompt at one weight vector; returns the texts."""
-    if not prompts:
-        return []
-    log.info("%s: %d prompts, up to %d new tokens", desc, len(prompts), max_new_tokens)
-    kwargs = dict(weights=weights, max_new_tokens=max_new_tokens, template=template or ctx.config.model.template,
-                  batch_size=batch_size, progress=ctx.progress)
-    if do_sample:
-        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
-    outputs = decoder.generate_text(list(prompts), **kwargs)
-    return [o.text if hasattr(o, "text") else str(o) for o in outputs]
-
-
-def encode(ctx: Context, prompts: list[str], responses: list[str], max_length: int, template: str | None = None) -> dict:
-    from sipo_fast.data.formatting import encode_pairs
-
-    return encode_pairs(ctx.tokenizer, prompts, responses, template or ctx.config.model.template,
-                        max_length=max_length)
-
-
-def rewards(ctx: Context, policies, reference, prompts: list[str], responses: list[str], *, beta: float,
-            max_length: int, batch_size: int) -> torch.Tensor:
-    """[B, K] implicit rewards r_k = β (log π_k(y|x) − log π_ref(y|x)) of distinct (prompt, response) pairs,
-    scored once each (greedy candidates at neighbouring weights are often identical)."""
-    from sipo_fast.training import implicit_rewards
-
-    if not prompts:
-        return torch.zeros(0, 0)
-    keys = list(zip(prompts, responses))
-    uniq = list(dict.fromkeys(keys))
-    index = {k: i for i, k in enumerate(uniq)}
-    batch = encode(ctx, [p for p, _ in uniq], [r for _, r in uniq], max_length)
-    r = implicit_rewards(policies, reference, batch, beta=beta, batch_size=batch_size, progress=ctx.progress)
-    return r[torch.tensor([index[k] for k in keys])]  # (B, K)
-
-
-def _clean_metrics(history: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if not any(s in k for s in _VOLATILE)} for row in history]
-
-
-def _train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, beta: float, alpha: float,
-           lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int, max_length: int,
-           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: int | None, scratch: Path,
-           ref=None):
-    """One preference run on sipo_fast's TRL trainer (fused log-probs); returns (trained model, TRL log
-    history, whose metric names are TRL's plus ``rewards/<objective>/...``)."""
-    from datasets import Dataset
-
-    from sipo_fast.training import build_preference_trainer
-
-    extra = dict(max_steps=max_steps, gradient_accumulation_steps=grad_accum, disable_tqdm=not ctx.progress,
-                 objective_names=[objective], logging_steps=1)
-    if eval_pairs and eval_steps is not None:
-        extra.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps)
-    if eval_pairs and not select_best:
-        extra.update(load_best_model_at_end=False, save_strategy="no", save_total_limit=None)
-    trainer = build_preference_trainer(
-        model, ref, Dataset.from_list(pairs), ctx.tokenizer, loss_type=loss, beta=beta, alpha=alpha, lr=lr,
-        epochs=epochs, batch_size=batch_size, max_length=max_length,
-        lora_config=lora_config(ctx) if use_lora else None, output_dir=str(scratch),
-        template=ctx.config.model.template, eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
-        seed=ctx.config.seed, **extra)
-    trainer.train()
-    return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
-
-
-def _canonical_adapter_config(path: Path) -> None:
-    """PEFT keeps target_modules as a set and writes it in hash order, which changes between processes; sort
-    it so that equal adapters give equal bytes (and equal artifact hashes)."""
-    cfg_path = path / "adapter_config.json"
-    if cfg_path.exists():
-        cfg = json.loads(cfg_path.read_text())
-        if isinstance(cfg.get("target_modules"), list):
-            cfg["target_modules"] = sorted(cfg["target_modules"])
-        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _save_model(model, metrics: list[dict]):
-    def write(tmp: Path) -> None:
-        model.save_pretrained(tmp)
-        _canonical_adapter_config(tmp)
-        (tmp / "train_metrics.json").write_text(json.dumps(_clean_metrics(metrics), indent=1, sort_keys=True))
-    return write
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -206,58 +57,31 @@ class AlignStage(Stage):
                    "data.split_seed", "data.conflict_ratio", "data.drop_long_prompts", "align")
 
     def run(self, ctx, parts, inputs):
-        cfg = ctx.config
+        cfg, a = ctx.config, ctx.config.align
         for split in ("train", "eval"):
             if not parts.done(f"{split}.jsonl"):
                 write_jsonl(parts.path(f"{split}.jsonl"), ctx.split[split])
-        train, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
-        summary = {"train_pairs": len(train), "eval_pairs": len(held),
-                   "conflicting_train_pairs": len(ctx.conflicting(train)), "metrics": {}}
+        rows, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
+        summary = {"train_pairs": len(rows), "eval_pairs": len(held),
+                   "conflicting_train_pairs": len(ctx.conflicting(rows)), "metrics": {}}
         for i, obj in enumerate(cfg.data.objectives):
             part = f"policies/{obj}"
-            if not parts.done(part):
-                if cfg.align.policies is not None:
-                    parts.save_dir(part, lambda tmp, src=Path(cfg.align.policies[i]): _copy_policy(src, tmp))
-                else:
-                    log.info("align: DPO for objective %r on %d pairs", obj, len(train))
-                    model, history = _train(
-                        ctx, ctx.load_base(), preference_pairs(train, obj), objective=obj, loss="sigmoid", beta=cfg.align.beta,
-                        alpha=0.0, lr=cfg.align.learning_rate, epochs=cfg.align.epochs, max_steps=cfg.align.max_steps,
-                        batch_size=cfg.align.batch_size, grad_accum=cfg.align.grad_accum,
-                        max_length=cfg.align.max_length, use_lora=cfg.align.use_lora,
-                        eval_pairs=preference_pairs(held, obj), select_best=cfg.align.select_best,
-                        eval_steps=cfg.align.eval_steps, scratch=parts.work.parent / f"scratch-align-{obj}")
-                    _log_metrics(parts, obj, history)
-                    parts.save_dir(part, _save_model(model, history))
-                    shutil.rmtree(parts.work.parent / f"scratch-align-{obj}", ignore_errors=True)
-            summary["metrics"][obj] = _final_metrics(parts.path(part))
+            if not parts.done(part) and a.policies is not None:
+                parts.save_dir(part, lambda tmp, src=Path(a.policies[i]): copy_policy(src, tmp))
+            elif not parts.done(part):
+                log.info("align: DPO for objective %r on %d pairs", obj, len(rows))
+                scratch = parts.work.parent / f"scratch-align-{obj}"
+                model, history = train(
+                    ctx, ctx.load_base(), preference_pairs(rows, obj), objective=obj, loss="sigmoid", beta=a.beta,
+                    alpha=0.0, lr=a.learning_rate, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
+                    grad_accum=a.grad_accum, max_length=a.max_length, use_lora=a.use_lora,
+                    eval_pairs=preference_pairs(held, obj), select_best=a.select_best, eval_steps=a.eval_steps,
+                    scratch=scratch)
+                log_metrics(parts, obj, history)
+                parts.save_dir(part, save_model(model, history))
+                shutil.rmtree(scratch, ignore_errors=True)
+            summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary
-
-
-def _copy_policy(src: Path, dst: Path) -> None:
-    for f in src.iterdir():
-        if f.is_file() and not f.name.startswith("."):
-            shutil.copy2(f, dst / f.name)
-
-
-def _log_metrics(parts: Parts, objective: str, history: list[dict]) -> None:
-    """TRL's metric names, per objective, in the (unhashed) logs of the stage."""
-    logs = parts.work / "logs"
-    logs.mkdir(exist_ok=True)
-    with open(logs / "metrics.jsonl", "a") as fh:
-        for row in history:
-            fh.write(json.dumps({"stage": parts.stage, "objective": objective, **row}) + "\n")
-
-
-def _final_metrics(policy_dir: Path) -> dict:
-    path = policy_dir / "train_metrics.json"
-    if not path.exists():
-        return {}
-    history = json.loads(path.read_text())
-    out = {}
-    for row in history:  # later rows win: the last train log and the last (or best) eval
-        out.update({k: v for k, v in row.items() if k.startswith(("eval_", "rewards/", "loss", "train_loss"))})
-    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -273,8 +97,7 @@ class SampleStage(Stage):
 
     def run(self, ctx, parts, inputs):
         cfg = ctx.config
-        train = read_jsonl(inputs["align"] / "train.jsonl")
-        conflicts = ctx.conflicting(train)
+        conflicts = ctx.conflicting(read_jsonl(inputs["align"] / "train.jsonl"))
         if cfg.data.max_conflict_prompts is not None:
             conflicts = conflicts[: cfg.data.max_conflict_prompts]
         prompts = [{"pid": i, **r} for i, r in enumerate(conflicts)]
@@ -318,10 +141,12 @@ class RefineStage(Stage):
         prompts = {p["pid"]: p for p in prompt_rows}
         cands = read_jsonl(inputs["sample"] / "candidates.jsonl")
         if not cfg.refine.enabled:
-            rows = [{**c, "original": c["candidate"], "review": None, "rewrite": None, "rewritten": False} for c in cands]
+            rows = [{**c, "original": c["candidate"], "review": None, "rewrite": None, "rewritten": False}
+                    for c in cands]
             write_jsonl(parts.path("candidates.jsonl"), rows)
             return {"enabled": False, "candidates": len(rows), "rewrites_kept": 0}
-        templates = RefinePrompts.for_config(cfg.data.objectives, cfg.refine.review_template, cfg.refine.rewrite_template)
+        templates = RefinePrompts.for_config(cfg.data.objectives, cfg.refine.review_template,
+                                             cfg.refine.rewrite_template)
         e = cfg.data.objectives.index(cfg.review_objective)
         w_e = one_hot(e, len(cfg.data.objectives))
         policies = decoder = None
@@ -334,7 +159,8 @@ class RefineStage(Stage):
                 decoder = policies.decoder(ctx)
             group = [c for c in cands if c["weight_index"] == wi]
             parts.save_jsonl(part, self._refine(ctx, policies, decoder, templates, prompts, group, w_e, wi))
-        rows = [r for wi in sorted({c["weight_index"] for c in cands}) for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
+        rows = [r for wi in sorted({c["weight_index"] for c in cands})
+                for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
         rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
         write_jsonl(parts.path("candidates.jsonl"), rows)
         shutil.rmtree(parts.path("parts"))
@@ -355,8 +181,9 @@ class RefineStage(Stage):
         review_in = [format_prompt(tok, templates.review_prompt(q, c["candidate"]), cfg.model.template) + REVIEW_PREFIX
                      for q, c in zip(questions, group)]
         self._check_fits(ctx, review_in, cfg.refine.review_max_new_tokens, "review")
-        reviews = generate(ctx, decoder, review_in, w_e, template="none", max_new_tokens=cfg.refine.review_max_new_tokens,
-                           batch_size=cfg.refine.batch_size, desc=f"review w={w}")
+        reviews = generate(ctx, decoder, review_in, w_e, template="none",
+                           max_new_tokens=cfg.refine.review_max_new_tokens, batch_size=cfg.refine.batch_size,
+                           desc=f"review w={w}")
         reviews = [clean_generation(REVIEW_PREFIX + " " + r.lstrip()) for r in reviews]
         rewrite_in = [templates.rewrite_prompt(q, c["candidate"], r) for q, c, r in zip(questions, group, reviews)]
         self._check_fits(ctx, [format_prompt(tok, p, cfg.model.template) for p in rewrite_in],
@@ -371,7 +198,8 @@ class RefineStage(Stage):
         # An empty rewrite (the model stopped at once) is not a response, whatever its rewards say.
         keep = keep_rewrite(r_orig, r_new) & torch.tensor([bool(t.strip()) for t in rewrites])
         return [{**c, "original": c["candidate"], "review": rv, "rewrite": rw, "rewritten": bool(k),
-                 "candidate": rw if k else c["candidate"], "rewards_original": ro.tolist(), "rewards_rewrite": rn.tolist()}
+                 "candidate": rw if k else c["candidate"], "rewards_original": ro.tolist(),
+                 "rewards_rewrite": rn.tolist()}
                 for c, rv, rw, k, ro, rn in zip(group, reviews, rewrites, keep, r_orig, r_new)]
 
     @staticmethod
@@ -490,32 +318,34 @@ class FinetuneStage(Stage):
 
     def run(self, ctx, parts, inputs):
         cfg = ctx.config
-        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read_jsonl(inputs["filter"] / "pairs.jsonl")]
+        pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")}
+                 for r in read_jsonl(inputs["filter"] / "pairs.jsonl")]
         if not pairs:
             log.warning("finetune: D_c is empty (no candidate survived the filter); the policies stay as stage 1 "
                         "left them. More conflicting prompts (data.max_conflict_prompts) or weights help")
         summary = {"pairs": len(pairs), "trained": bool(pairs), "metrics": {}}
         for obj in cfg.data.objectives:
             part, src = f"policies/{obj}", inputs["align"] / "policies" / obj
-            if not parts.done(part):
-                if not pairs:
-                    parts.save_dir(part, lambda tmp, src=src: _copy_policy(src, tmp))
-                    continue
+            if not parts.done(part) and not pairs:
+                # Nothing to train on: the stage-1 policy, without its stage-1 training metrics.
+                parts.save_dir(part, lambda tmp, src=src: copy_policy(src, tmp, skip=("train_metrics.json",)))
+            elif not parts.done(part):
                 log.info("finetune: SIPO loss for objective %r on %d pairs", obj, len(pairs))
                 scratch = parts.work.parent / f"scratch-finetune-{obj}"
                 start, ref = self._start(ctx, src)
                 f = cfg.finetune
-                model, history = _train(ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
-                                        epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size,
-                                        grad_accum=f.grad_accum, max_length=f.max_length, use_lora=cfg.align.use_lora,
-                                        eval_pairs=None, select_best=False, eval_steps=None, scratch=scratch, ref=ref)
-                _log_metrics(parts, obj, history)
+                model, history = train(
+                    ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
+                    epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, grad_accum=f.grad_accum,
+                    max_length=f.max_length, use_lora=cfg.align.use_lora, eval_pairs=None, select_best=False,
+                    eval_steps=None, scratch=scratch, ref=ref)
+                log_metrics(parts, obj, history)
                 if cfg.align.use_lora:
-                    parts.save_dir(part, lambda tmp: _save_combined(ctx, src, model, history, tmp))
+                    parts.save_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))
                 else:
-                    parts.save_dir(part, _save_model(model, history))
+                    parts.save_dir(part, save_model(model, history))
                 shutil.rmtree(scratch, ignore_errors=True)
-            summary["metrics"][obj] = _final_metrics(parts.path(part))
+            summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary
 
     @staticmethod
@@ -530,32 +360,6 @@ class FinetuneStage(Stage):
 
         load = lambda: AutoModelForCausalLM.from_pretrained(src, dtype=ctx.dtype).to(ctx.device)  # noqa: E731
         return load(), load().eval()
-
-
-def _save_combined(ctx: Context, stage1_dir: Path, trained, history: list[dict], out: Path) -> None:
-    """Write π_ref + (ΔW_1 + ΔW_3) as one LoRA adapter into ``out``.
-
-    ΔW_3 was trained on W_0 + ΔW_1 merged; a LoRA update does not depend on the weights under it, so
-    loading both adapters on W_0 and concatenating them (``lora_soup`` with weights [1, 1]) reproduces the
-    fine-tuned model exactly (up to the rounding of the merge).
-    """
-    from peft import PeftModel
-
-    from sipo_fast.merging import lora_soup
-
-    stage3 = out / ".stage3"
-    trained.save_pretrained(stage3)
-    model = PeftModel.from_pretrained(ctx.load_base(), stage1_dir, adapter_name="stage1")
-    model.load_adapter(stage3, adapter_name="stage3")
-    lora_soup(model, ["stage1", "stage3"], [1.0, 1.0], "combined")
-    model.save_pretrained(out / ".combined", selected_adapters=["combined"])
-    saved = out / ".combined" / "combined"  # PEFT nests every adapter other than "default" in its own folder
-    for f in saved.iterdir():
-        shutil.move(str(f), out / f.name)
-    shutil.rmtree(stage3)
-    shutil.rmtree(out / ".combined")
-    _canonical_adapter_config(out)
-    (out / "train_metrics.json").write_text(json.dumps(_clean_metrics(history), indent=1, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1,0 +1,221 @@
+"""Policies and the operations stages share on them: loading the per-objective policies, MOD generation,
+implicit rewards of (prompt, response) pairs, preference training on sipo_fast's TRL trainer, and saving
+adapters so that equal adapters give equal bytes.
+
+Everything model-facing goes through the issue-3/4 APIs (``sipo_fast.decoding.MODDecoder``,
+``sipo_fast.training``) and ``sipo_fast.merging``; this module only wires them to the run directory.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .context import Context
+from .rundir import Parts
+
+log = logging.getLogger("sipo_fast.pipeline")
+# Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
+_VOLATILE = ("runtime", "per_second", "flos", "epoch_time")
+
+
+def preference_pairs(rows: list[dict], objective: str) -> list[dict]:
+    """(prompt, chosen, rejected) rows for one objective from normalised rows (pref_<objective> = 0/1)."""
+    key = f"pref_{objective}"
+    return [{"prompt": r["prompt"], "chosen": r[f"response_{r[key]}"], "rejected": r[f"response_{1 - r[key]}"]}
+            for r in rows]
+
+
+def lora_config(ctx: Context):
+    from peft import LoraConfig
+
+    a = ctx.config.align
+    return LoraConfig(r=a.lora_r, lora_alpha=a.lora_alpha, lora_dropout=a.lora_dropout,
+                      target_modules=list(a.target_modules), bias="none", task_type="CAUSAL_LM")
+
+
+@dataclass
+class Policies:
+    """N per-objective policies: adapters ``names`` of one PeftModel (LoRA), or full ``models``.
+
+    ``reference`` is π_ref for implicit rewards: None for LoRA (the PEFT base with adapters disabled).
+    """
+
+    model: torch.nn.Module
+    names: list[str] | None = None
+    models: list[torch.nn.Module] | None = None
+    reference: torch.nn.Module | None = None
+
+    def decoder(self, ctx: Context):
+        from sipo_fast.decoding import MODDecoder
+
+        if self.names is not None:
+            return MODDecoder(self.model, ctx.tokenizer, adapter_names=list(self.names))
+        return MODDecoder(list(self.models), ctx.tokenizer)
+
+    def reward_models(self):
+        """The ``policies`` argument of ``implicit_rewards`` for the N policies."""
+        return (self.model, list(self.names)) if self.names is not None else list(self.models)
+
+
+def load_policies(ctx: Context, policy_dir: Path) -> Policies:
+    """Load the per-objective policies saved under ``policy_dir/<objective>`` onto a fresh π_ref."""
+    objectives = ctx.config.data.objectives
+    base = ctx.load_base()
+    if ctx.config.align.use_lora:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(base, policy_dir / objectives[0], adapter_name=objectives[0])
+        for o in objectives[1:]:
+            model.load_adapter(policy_dir / o, adapter_name=o)
+        return Policies(model=model.eval(), names=list(objectives))
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(policy_dir / o, dtype=ctx.dtype).to(ctx.device).eval()
+              for o in objectives]
+    return Policies(model=base, models=models, reference=base)
+
+
+def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *, max_new_tokens: int,
+             template: str | None = None, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
+             top_p: float = 1.0, seed: int | None = None, desc: str = "MOD") -> list[str]:
+    """MOD generation of one response per prompt at one weight vector; returns the texts."""
+    if not prompts:
+        return []
+    log.info("%s: %d prompts, up to %d new tokens", desc, len(prompts), max_new_tokens)
+    kwargs = dict(weights=weights, max_new_tokens=max_new_tokens, template=template or ctx.config.model.template,
+                  batch_size=batch_size, progress=ctx.progress)
+    if do_sample:
+        kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
+    outputs = decoder.generate_text(list(prompts), **kwargs)
+    return [o.text if hasattr(o, "text") else str(o) for o in outputs]
+
+
+def encode(ctx: Context, prompts: list[str], responses: list[str], max_length: int,
+           template: str | None = None) -> dict:
+    from sipo_fast.data.formatting import encode_pairs
+
+    return encode_pairs(ctx.tokenizer, prompts, responses, template or ctx.config.model.template,
+                        max_length=max_length)
+
+
+def rewards(ctx: Context, policies, reference, prompts: list[str], responses: list[str], *, beta: float,
+            max_length: int, batch_size: int) -> torch.Tensor:
+    """[B, K] implicit rewards r_k = β (log π_k(y|x) − log π_ref(y|x)) of distinct (prompt, response) pairs,
+    scored once each (greedy candidates at neighbouring weights are often identical)."""
+    from sipo_fast.training import implicit_rewards
+
+    if not prompts:
+        return torch.zeros(0, 0)
+    keys = list(zip(prompts, responses))
+    uniq = list(dict.fromkeys(keys))
+    index = {k: i for i, k in enumerate(uniq)}
+    batch = encode(ctx, [p for p, _ in uniq], [r for _, r in uniq], max_length)
+    r = implicit_rewards(policies, reference, batch, beta=beta, batch_size=batch_size, progress=ctx.progress)
+    return r[torch.tensor([index[k] for k in keys])]  # (B, K)
+
+
+def clean_metrics(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if not any(s in k for s in _VOLATILE)} for row in history]
+
+
+def train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, beta: float, alpha: float,
+           lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int, max_length: int,
+           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: int | None, scratch: Path,
+           ref=None):
+    """One preference run on sipo_fast's TRL trainer (fused log-probs); returns (trained model, TRL log
+    history, whose metric names are TRL's plus ``rewards/<objective>/...``)."""
+    from datasets import Dataset
+
+    from sipo_fast.training import build_preference_trainer
+
+    extra = dict(max_steps=max_steps, gradient_accumulation_steps=grad_accum, disable_tqdm=not ctx.progress,
+                 objective_names=[objective], logging_steps=1)
+    if eval_pairs and eval_steps is not None:
+        extra.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps)
+    if eval_pairs and not select_best:
+        extra.update(load_best_model_at_end=False, save_strategy="no", save_total_limit=None)
+    trainer = build_preference_trainer(
+        model, ref, Dataset.from_list(pairs), ctx.tokenizer, loss_type=loss, beta=beta, alpha=alpha, lr=lr,
+        epochs=epochs, batch_size=batch_size, max_length=max_length,
+        lora_config=lora_config(ctx) if use_lora else None, output_dir=str(scratch),
+        template=ctx.config.model.template, eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+        seed=ctx.config.seed, **extra)
+    trainer.train()
+    return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
+
+
+def canonical_adapter_config(path: Path) -> None:
+    """PEFT keeps target_modules as a set and writes it in hash order, which changes between processes; sort
+    it so that equal adapters give equal bytes (and equal artifact hashes)."""
+    cfg_path = path / "adapter_config.json"
+    if cfg_path.exists():
+        cfg = json.loads(cfg_path.read_text())
+        if isinstance(cfg.get("target_modules"), list):
+            cfg["target_modules"] = sorted(cfg["target_modules"])
+        cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def save_model(model, metrics: list[dict]):
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        canonical_adapter_config(tmp)
+        (tmp / "train_metrics.json").write_text(json.dumps(clean_metrics(metrics), indent=1, sort_keys=True))
+    return write
+
+
+def copy_policy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
+    for f in src.iterdir():
+        if f.is_file() and not f.name.startswith(".") and f.name not in skip:
+            shutil.copy2(f, dst / f.name)
+
+
+def log_metrics(parts: Parts, objective: str, history: list[dict]) -> None:
+    """TRL's metric names, per objective, in the (unhashed) logs of the stage."""
+    logs = parts.work / "logs"
+    logs.mkdir(exist_ok=True)
+    with open(logs / "metrics.jsonl", "a") as fh:
+        for row in history:
+            fh.write(json.dumps({"stage": parts.stage, "objective": objective, **row}) + "\n")
+
+
+def final_metrics(policy_dir: Path) -> dict:
+    path = policy_dir / "train_metrics.json"
+    if not path.exists():
+        return {}
+    history = json.loads(path.read_text())
+    out = {}
+    for row in history:  # later rows win: the last train log and the last (or best) eval
+        out.update({k: v for k, v in row.items()
+                    if k.startswith(("eval_", "rewards/", "logps/", "nll/", "loss", "train_loss"))})
+    return out
+
+
+def save_combined(ctx: Context, stage1_dir: Path, trained, history: list[dict], out: Path) -> None:
+    """Write π_ref + (ΔW_1 + ΔW_3) as one LoRA adapter into ``out``.
+
+    ΔW_3 was trained on W_0 + ΔW_1 merged; a LoRA update does not depend on the weights under it, so
+    loading both adapters on W_0 and concatenating them (``lora_soup`` with weights [1, 1]) reproduces the
+    fine-tuned model exactly (up to the rounding of the merge).
+    """
+    from peft import PeftModel
+
+    from sipo_fast.merging import lora_soup
+
+    stage3 = out / ".stage3"
+    trained.save_pretrained(stage3)
+    model = PeftModel.from_pretrained(ctx.load_base(), stage1_dir, adapter_name="stage1")
+    model.load_adapter(stage3, adapter_name="stage3")
+    lora_soup(model, ["stage1", "stage3"], [1.0, 1.0], "combined")
+    model.save_pretrained(out / ".combined", selected_adapters=["combined"])
+    saved = out / ".combined" / "combined"  # PEFT nests every adapter other than "default" in its own folder
+    for f in saved.iterdir():
+        shutil.move(str(f), out / f.name)
+    shutil.rmtree(stage3)
+    shutil.rmtree(out / ".combined")
+    canonical_adapter_config(out)
+    (out / "train_metrics.json").write_text(json.dumps(clean_metrics(history), indent=1, sort_keys=True))
