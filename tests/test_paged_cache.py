@@ -249,3 +249,109 @@ def test_paged_cache_on_gpu_matches_stock_hf(tokenizer):
                                   torch.ones(3, 1, dtype=torch.bool, device="cuda"))[0])
     for e, g in zip(expected, got):
         torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+
+
+# --------------------------------------------------------------------------- MOD decoder on the paged cache
+W4 = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4], [0.8, 0.2]])  # SIPO's W as [w, 1 - w]
+
+
+@pytest.fixture(scope="module")
+def two_policies(tokenizer):
+    """Two tiny Llamas (seeds 0, 1) with scaled-up output layers: spread-out logits, so no near-ties."""
+    models = []
+    for seed in (0, 1):
+        m, _ = tiny("llama", tokenizer=tokenizer, seed=seed, tie_word_embeddings=False)
+        with torch.no_grad():
+            m.get_output_embeddings().weight.mul_(4.0)
+        models.append(m)
+    return models
+
+
+@pytest.fixture(scope="module")
+def prompt_batch(tokenizer):
+    from sipo_fast.data.formatting import encode_prompts, left_pad
+
+    texts = ["Hi", "Write a short poem about the sea, please.", "Why is the sky blue?"]
+    return left_pad(encode_prompts(tokenizer, texts, "chat"), tokenizer.pad_token_id)
+
+
+def _decoders(policies, tokenizer, **kw):
+    from sipo_fast import MODDecoder
+
+    return (MODDecoder(policies, tokenizer, kv_cache="paged", kv_block_size=8, **kw),
+            MODDecoder(policies, tokenizer, kv_cache="dynamic", **kw))
+
+
+@pytest.mark.parametrize("dedupe", [True, False])
+def test_decoder_greedy_paged_equals_dynamic(two_policies, tokenizer, prompt_batch, dedupe):
+    """P prompts x |W| = 4 rows, greedy, with an EOS that some rows hit mid-way (taken from an unpaged run):
+    the paged path must produce the same tokens and log-probs as the DynamicCache path."""
+    ids, mask = prompt_batch
+    paged, dynamic = _decoders(two_policies, tokenizer, dedupe=dedupe)
+    assert paged.kv_cache == "paged" and dynamic.kv_cache == "dynamic"
+    rows_ids, rows_mask, w = ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), W4.repeat(3, 1)
+    probe = dynamic.generate(rows_ids, rows_mask, weights=w, max_new_tokens=12, eos_token_id=[])
+    eos = int(probe.generated[1, 4])  # a token row 1 emits at step 5: rows stop at different steps
+    kw = dict(weights=w, max_new_tokens=12, eos_token_id=eos)
+    a, b = paged.generate(rows_ids, rows_mask, **kw), dynamic.generate(rows_ids, rows_mask, **kw)
+    assert a.finished.any() and not a.finished.all()
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-5)
+    assert not torch.equal(a.generated[0], a.generated[3]), "the weights must change the outputs"
+
+
+def test_decoder_prefills_each_distinct_prompt_once(two_policies, tokenizer, prompt_batch):
+    """[B, S, N] weights (S = 4 per prompt) and the same rows given as repeated [B·S, N] rows: both prefill
+    each prompt once per policy (P prompts' tokens, not 4P), give the same output, and keep the prompt's
+    full KV blocks shared by its 4 rows (refcount 4) until the end."""
+    ids, mask = prompt_batch
+    paged, _ = _decoders(two_policies, tokenizer)
+    sets = W4[None].expand(3, 4, 2)  # (B, S, N)
+    a = paged.generate(ids, mask, weights=sets, max_new_tokens=6, eos_token_id=[])
+    stats = dict(paged.runner.stats)
+    prompt_blocks = [paged.runner.kv.manager.block_table(s)[0] for s in paged.runner.seqs]
+    b = paged.generate(ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), weights=W4.repeat(3, 1),
+                       max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(a.sequences, b.sequences) and a.sequences.shape[0] == 12
+    assert stats["prefill_tokens"] == paged.runner.stats["prefill_tokens"] == int(mask.sum())
+    unshared, _ = _decoders(two_policies, tokenizer, dedupe=False)
+    c = unshared.generate(ids, mask, weights=sets, max_new_tokens=6, eos_token_id=[])
+    assert torch.equal(c.sequences, a.sequences)
+    assert unshared.runner.stats["prefill_tokens"] == 4 * int(mask.sum())
+    assert stats["peak_blocks_used"] < unshared.runner.stats["peak_blocks_used"]
+    counts = torch.tensor([prompt_blocks.count(x) for x in prompt_blocks])
+    assert (counts == 4).all(), "each prompt's first block is held by its 4 rows"
+
+
+@pytest.mark.parametrize("impl", ["bmm", "peft"])
+def test_decoder_lora_adapters_paged_equals_dynamic(tokenizer, prompt_batch, impl):
+    """One PEFT model with two LoRA adapters decoded in one forward over N·U rows (stacked pools)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = tiny("llama", tokenizer=tokenizer, seed=3, tie_word_embeddings=False)
+    with torch.no_grad():
+        base.get_output_embeddings().weight.mul_(4.0)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(**cfg), adapter_name="helpful")
+    model.add_adapter("harmless", LoraConfig(**cfg))
+    ids, mask = prompt_batch
+    paged, dynamic = _decoders(model, tokenizer, adapter_names=["helpful", "harmless"], lora_impl=impl)
+    kw = dict(weights=W4[None].expand(3, 4, 2), max_new_tokens=8, eos_token_id=[])
+    a, b = paged.generate(ids, mask, **kw), dynamic.generate(ids, mask, **kw)
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.logprobs, b.logprobs, atol=1e-4, rtol=1e-5)
+
+
+def test_decoder_kv_cache_argument_errors(two_policies, tokenizer, prompt_batch):
+    from sipo_fast import MODDecoder
+
+    with pytest.raises(ValueError, match="kv_cache"):
+        MODDecoder(two_policies, tokenizer, kv_cache="blocks")
+    gpt2 = tiny("gpt2", tokenizer=tokenizer)[0]
+    with pytest.raises(ValueError, match="gpt2"):
+        MODDecoder([gpt2], tokenizer, kv_cache="paged")
+    assert MODDecoder([gpt2], tokenizer).kv_cache == "dynamic", "auto falls back where paging does not apply"
+    ids, mask = prompt_batch
+    with pytest.raises(ValueError, match=r"\[B, S, N\]"):
+        MODDecoder(two_policies, tokenizer).generate(ids, mask, weights=W4[None].expand(2, 4, 2), max_new_tokens=2)

@@ -1,8 +1,9 @@
 """MOD decoder runners on the shared paged KV cache (``MODDecoder(..., kv_cache="paged")``).
 
 A runner is the decoder's only owner of KV state, with three verbs (see sipo_fast/decoding/policies.py):
-``prefill(input_ids [U, T], attention_mask [U, T]) -> logits [N, U, V]``, ``step(tokens [U]) -> [N, U, V]``
-and ``select(index [U'])`` (keep / fork / reorder / drop decoding states). On the paged cache:
+``prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]``,
+``step(tokens [U]) -> [N, U, V]`` and ``select(index [U'])`` (keep / fork / reorder / drop decoding states),
+plus ``reserve(max_rows, max_new_tokens)``, which the decoder calls before the prefill. On the paged cache:
 
   * prefill writes each distinct prompt's KV once per policy (the decoder already merged repeated prompt
     rows into one state; with ``prefix_caching`` even different prompts share their common leading blocks);
@@ -44,11 +45,12 @@ class _PagedRunner:
     def _allocate(self, num_blocks: int) -> SharedPagedKV:  # pragma: no cover - defined by subclasses
         raise NotImplementedError
 
-    def _register_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    def _register_prompts(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int | None):
         if self._reserve is None:
             raise ValueError("call runner.reserve(max_rows, max_new_tokens) before prefill: the paged cache sizes "
                              "its pools from them")
         max_rows, max_new = self._reserve
+        max_new = max(max_new, max_new_tokens or 0)
         prompts = [row[m.bool()].tolist() for row, m in zip(input_ids.cpu(), attention_mask.cpu())]
         blocks_per_row = -(-max_new // self.block_size) + 1  # its own pages + one copy-on-write page
         need = sum(-(-len(p) // self.block_size) for p in prompts) + max(max_rows, len(prompts)) * blocks_per_row
@@ -102,8 +104,9 @@ class PagedSeparateModels(_PagedRunner):
         self._track()
         return torch.stack(logits)  # (N, U, V)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        ids, mask = self._register_prompts(input_ids, attention_mask)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int | None = None) -> torch.Tensor:
+        ids, mask = self._register_prompts(input_ids, attention_mask, max_new_tokens)
         self.kv.begin_forward(self.seqs, mask)
         return self._run(ids)
 
@@ -138,8 +141,9 @@ class PagedLoraAdapters(_PagedRunner):
         self._track()
         return logits.view(n, u, -1)  # (N, U, V)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        ids, mask = self._register_prompts(input_ids, attention_mask)
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int | None = None) -> torch.Tensor:
+        ids, mask = self._register_prompts(input_ids, attention_mask, max_new_tokens)
         self.kv.begin_forward_stacked(self.seqs, mask)
         return self._run(ids)
 
@@ -147,3 +151,29 @@ class PagedLoraAdapters(_PagedRunner):
         self.kv.begin_forward_stacked(self.seqs, torch.ones(len(self.seqs), 1, dtype=torch.bool,
                                                             device=tokens.device))
         return self._run(tokens[:, None])
+
+
+KV_CACHES = ("auto", "paged", "dynamic")
+# Model families whose attention modules pass their kwargs to cache.update (transformers 5), which is how the
+# paged attention function finds the pages; these are the ones tested against stock HF in test_paged_cache.
+PAGED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+
+
+def resolve_kv_cache(kv_cache: str, model) -> str:
+    """``"auto"`` -> ``"paged"`` where the paged cache applies (a supported model family and the compiled
+    extension), else ``"dynamic"`` (transformers' DynamicCache). ``"paged"`` that cannot apply raises."""
+    from sipo_fast import _ext
+
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    problem = None
+    if model_type not in PAGED_MODEL_TYPES:
+        problem = f"model type {model_type!r} is not one of {PAGED_MODEL_TYPES}"
+    elif not _ext.available():
+        problem = f"the compiled extension did not load ({_ext.error()})"
+    if kv_cache == "auto":
+        return "dynamic" if problem else "paged"
+    if kv_cache == "paged" and problem:
+        raise ValueError(f"kv_cache='paged' cannot be used: {problem}; use kv_cache='dynamic'")
+    return kv_cache
