@@ -346,3 +346,54 @@ def test_policies_with_a_different_tokenizer_are_refused(tmp_path):
 def test_remote_code_is_off_by_default():
     assert preset("beavertails").model.trust_remote_code is False
     assert PipelineConfig().model.trust_remote_code is False
+
+
+# ------------------------------------------------------------------------------------------------ N > 2
+
+
+def test_three_objectives_run_every_stage(tmp_path, caplog):
+    """N = 3 from a normalised .jsonl, stage 1 adopted from given LoRA policies (no training), explicit
+    weight vectors; every stage through the pipeline, evaluation off."""
+    import logging
+
+    from peft import LoraConfig, get_peft_model
+
+    from sipo_fast.pipeline.runner import SIPOPipeline
+
+    rows = [{"prompt": f"Tell me about topic {i}.", "response_0": f"Topic {i} is interesting.",
+             "response_1": f"No idea about {i}.", "pref_a": i % 2, "pref_b": (i // 2) % 2, "pref_c": 0}
+            for i in range(12)]
+    data = tmp_path / "three.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base_ctx = make_ctx(tmp_path, None)
+    policies = []
+    for i, obj in enumerate("abc"):
+        torch.manual_seed(20 + i)
+        m = get_peft_model(base_ctx.load_base(), LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                           init_lora_weights=False))
+        m.save_pretrained(tmp_path / f"pol_{obj}")
+        policies.append(str(tmp_path / f"pol_{obj}"))
+    cfg = PipelineConfig.from_dict({
+        "model": {"name": "tiny"},
+        "data": {"source": str(data), "objectives": ["a", "b", "c"], "eval_fraction": 0.25,
+                 "max_conflict_prompts": 3},
+        "align": {"policies": policies, "max_length": 96},
+        "sample": {"weights": [[0.5, 0.25, 0.25], [0.2, 0.3, 0.5]], "max_new_tokens": 4},
+        "refine": {"review_objective": "b", "review_max_new_tokens": 3, "rewrite_max_new_tokens": 4},
+        "finetune": {"max_steps": 1, "batch_size": 2},
+        "eval": {"enabled": False}})
+    with caplog.at_level(logging.INFO, logger="sipo_fast"):
+        out = SIPOPipeline(cfg, tmp_path / "run", progress=False).run()
+    assert list(out) == ["align", "sample", "refine", "filter", "finetune"]
+    assert "eval: disabled" in caplog.text
+    run = tmp_path / "run"
+    for obj in "abc":  # adopted byte for byte
+        assert (run / "align" / "policies" / obj / "adapter_model.safetensors").read_bytes() == \
+            (tmp_path / f"pol_{obj}" / "adapter_model.safetensors").read_bytes()
+    assert out["sample"]["candidates"] == 2 * out["sample"]["conflicting_prompts"] > 0
+    assert out["filter"]["reward_models"] == ["a", "b", "c", "soup0", "soup1"]
+    assert out["refine"]["review_objective"] == "b"
+    cand = read_jsonl(run / "refine" / "candidates.jsonl")
+    assert {tuple(c["weight"]) for c in cand} == {(0.5, 0.25, 0.25), (0.2, 0.3, 0.5)}
+    assert all(len(c["rewards_original"]) == 3 for c in cand)
+    assert out["finetune"]["pairs"] == out["filter"]["pairs"]

@@ -6,6 +6,7 @@ anything else a Hugging Face name or local path, loaded with ``trust_remote_code
 """
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -125,22 +126,20 @@ class Context:
         Seeded shuffle (data.split_seed), then data.max_rows, then the eval share is held out. Rows carry
         prompt, response_0, response_1 and pref_<objective> for each objective.
         """
-        from sipo_fast.data import load_preferences, objectives as available_objectives
+        from sipo_fast.data import objectives as available_objectives
 
         cfg = self.config.data
-        path = Path(str(cfg.source))
-        if path.is_file() and path.stat().st_size < 65536 and not path.read_text(errors="replace").strip():
-            raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset with "
-                             "rows (prompt, response_0, response_1 and the preference columns)")
-        # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
-        extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
-        ds = load_preferences(cfg.source, split="train", **extra)
+        ds = self._load_preferences()
         have = available_objectives(ds)
         missing = [o for o in cfg.objectives if o not in have]
         if missing:
             raise ValueError(f"unknown objective(s) {missing} for data.source={cfg.source!r}; it provides "
                              f"{have}. Set data.objectives to names from that list")
         cols = ["prompt", "response_0", "response_1"] + [f"pref_{o}" for o in cfg.objectives]
+        absent = [c for c in cols if c not in ds.column_names]
+        if absent:
+            raise ValueError(f"data.source={cfg.source!r} lacks the columns {absent}; preference data needs prompt, "
+                             "response_0, response_1 and pref_<objective> (0/1) for each objective")
         rows = [dict(zip(cols, vals)) for vals in zip(*(ds[c] for c in cols))]
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
@@ -154,6 +153,32 @@ class Context:
         if cfg.eval_fraction > 0 and n_eval == 0:
             n_eval = 1
         return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+
+    def _load_preferences(self):
+        """The data source as a normalised dataset: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
+        local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
+        which is how data with more than two objectives comes in."""
+        from sipo_fast.data import load_preferences
+
+        cfg = self.config.data
+        path = Path(str(cfg.source))
+        if path.is_file():
+            with open(path, errors="replace") as fh:
+                first = next((line for line in fh if line.strip()), None)
+            if first is None:
+                raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset "
+                                 "with rows (prompt, response_0, response_1 and the preference columns)")
+            try:
+                normalised = any(k.startswith("pref_") for k in json.loads(first))
+            except (json.JSONDecodeError, TypeError):
+                normalised = False
+            if normalised:
+                from datasets import load_dataset
+
+                return load_dataset("json", data_files=str(path), split="train")
+        # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
+        extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
+        return load_preferences(cfg.source, split="train", **extra)
 
     def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
         """The largest subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle)."""
