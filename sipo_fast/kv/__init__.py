@@ -5,9 +5,12 @@
 - :class:`PagedKVPool`: one policy's K/V pages, ``[layers, 2, num_blocks, block_size, kv_heads, head_dim]``.
 - :class:`SharedPagedKV`: one BlockManager + one pool per policy (same geometry, same block tables), and the
   per-forward bookkeeping (which rows, which new tokens, where they go).
-- :class:`PagedCache` + :func:`paged_attention_enabled`: the transformers integration (a ``Cache`` whose
-  layers write K/V into pages and an attention function, ``"sipo_paged"``, that reads them in place), so stock
-  HF Llama, Mistral and Qwen2 models run on it unchanged.
+- :class:`PagedCache` + :func:`paged_attention_enabled` + :func:`forward_paged`: the transformers integration
+  (a ``Cache`` whose layers write K/V into pages and an attention function, ``"sipo_paged"``, that reads them in
+  place), so stock HF Llama, Mistral and Qwen2 models run on it unchanged.
+- :mod:`sipo_fast.kv.runner`: the MOD decoder's runners on it (``MODDecoder(..., kv_cache="paged")``, the
+  default where supported): each distinct prompt prefilled once per policy, forked for every (weight, sample)
+  row, all rows decoded together.
 """
 from __future__ import annotations
 
