@@ -99,11 +99,16 @@ class MODDecoder:
         dedupe: share one forward and cache row among rows with the same prompt and prefix (exact).
         lora_impl: "bmm" (batched LoRA, default) or "peft" (PEFT's mixed-adapter batches).
         sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None: auto).
+        kv_cache: "paged" (the shared paged KV cache of :mod:`sipo_fast.kv`: each distinct prompt's KV stored
+            once per policy and shared by every row that continues it, forks without copies), "dynamic"
+            (transformers' DynamicCache, rows copied on fork) or "auto" (paged where supported: Llama,
+            Mistral, Qwen2 with the compiled extension).
+        kv_block_size: tokens per KV block of the paged cache.
     """
 
     def __init__(self, policies, tokenizer=None, *, compute_dtype: torch.dtype | None = None,
                  adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "bmm",
-                 sample_backend: str | None = None):
+                 sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16):
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
         self.tokenizer = tokenizers[0] if tokenizers else tokenizer
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
@@ -115,15 +120,24 @@ class MODDecoder:
         models = self._policy_models(policies, adapter_names)
         self._check_vocab(models, tokenizers)
         cast = lambda m: m if compute_dtype in (None, m.dtype) else copy.deepcopy(m).to(compute_dtype)  # noqa: E731
+        # [sipo_fast.kv] paged KV cache: the same three runner verbs over one shared block table.
+        from sipo_fast.kv.runner import PagedLoraAdapters, PagedSeparateModels, resolve_kv_cache
+
+        self.kv_cache = resolve_kv_cache(kv_cache, models[0])
         if self.adapter_names is not None:
             from sipo_fast.decoding.lora import check_adapters
 
             self.adapter_names = check_adapters(policies, adapter_names)
             self.models = [cast(policies).eval()]
-            self.runner = LoraAdapters(self.models[0], self.adapter_names, lora_impl)
+            if self.kv_cache == "paged":
+                self.runner = PagedLoraAdapters(self.models[0], self.adapter_names, lora_impl,
+                                                block_size=kv_block_size)
+            else:
+                self.runner = LoraAdapters(self.models[0], self.adapter_names, lora_impl)
         else:
             self.models = [cast(m).eval() for m in models]
-            self.runner = SeparateModels(self.models)
+            self.runner = (PagedSeparateModels(self.models, block_size=kv_block_size) if self.kv_cache == "paged"
+                           else SeparateModels(self.models))
         self.num_policies = self.runner.num_policies
         self.dtype = self.models[0].dtype
         self.device = next(self.models[0].parameters()).device
@@ -184,7 +198,8 @@ class MODDecoder:
                 ``template="chat"`` applies its chat template, "none" uses the text as is, or a format
                 string with ``{prompt}``).
             attention_mask: [B, T], 1 on tokens, 0 on left padding (default: all ones).
-            weights: [N] for every row or [B, N] per row; each row ≥ 0 and summing to 1 (within 1e-6).
+            weights: [N] for every row, [B, N] per row, or [B, S, N]: S weight vectors per prompt, decoded as
+                B·S rows (row b·S + s) that share their prompt; each vector ≥ 0, summing to 1 (within 1e-6).
             max_new_tokens: at most this many tokens per row; a row stops after its EOS.
             do_sample, temperature, top_k, top_p: greedy by default; otherwise softmax(mix/τ) restricted by
                 top-k then top-p. ``seed`` makes sampling reproducible.
@@ -196,6 +211,7 @@ class MODDecoder:
         if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str):
             input_ids, attention_mask = self._encode(list(input_ids), template)
         ids, mask = self._check_batch(input_ids, attention_mask)
+        ids, mask, weights = _expand_weight_sets(ids, mask, weights)  # [sipo_fast.kv] [B, S, N] weights
         w = check_weights(weights, self.num_policies, ids.shape[0]).to(self.device)
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         eos = self._eos_ids(eos_token_id)
@@ -309,6 +325,9 @@ class MODDecoder:
         else:
             row_state = torch.arange(b, device=dev)
             s_ids, s_mask = ids, mask
+        reserve = getattr(self.runner, "reserve", None)  # [sipo_fast.kv] the paged runner sizes its pools
+        if reserve is not None:
+            reserve(b, max_new_tokens)
         logits = self.runner.prefill(s_ids, s_mask)  # [N, U, V]
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
         lp_sum = torch.zeros((b, self.num_policies), dtype=torch.float32, device=dev)
@@ -343,6 +362,20 @@ class MODDecoder:
         length = int(num_gen.max())
         return MODOutput(sequences=torch.cat([ids, out[:, :length]], dim=1), logprobs=lp_sum, num_generated=num_gen,
                          finished=finished, prompt_length=t)
+
+
+def _expand_weight_sets(ids: torch.Tensor, mask: torch.Tensor, weights):
+    """[B, S, N] weights -> B·S rows (row b·S + s is prompt b at weight vector s) and [B·S, N] weights; the
+    rows of one prompt are identical, so the decoder's dedupe gives them one shared prefill. Other shapes
+    pass through unchanged."""
+    w = torch.as_tensor(weights)
+    if w.dim() != 3:
+        return ids, mask, weights
+    if w.shape[0] != ids.shape[0] or w.shape[1] == 0:
+        raise ValueError(f"weights [B, S, N] must have B={ids.shape[0]} (one set per prompt) and S >= 1, got "
+                         f"{tuple(w.shape)}")
+    s = w.shape[1]
+    return ids.repeat_interleave(s, 0), mask.repeat_interleave(s, 0), w.reshape(-1, w.shape[2])
 
 
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
