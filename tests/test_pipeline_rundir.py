@@ -42,7 +42,11 @@ def test_dir_hash_sees_content_and_names_but_not_logs(tmp_path):
     h = dir_hash(d)
     (d / "logs").mkdir()
     (d / "logs" / "timing.json").write_text("12.3")
-    assert dir_hash(d) == h                      # logs are not part of the artifact
+    (d / "report.md").write_text("generated at 12:00")
+    assert dir_hash(d) == h                      # logs and the time-stamped report are not part of the artifact
+    (d / "sub" / "report.md").write_text("x")
+    assert dir_hash(d) != h                      # ... only the stage's own report, not any file of that name
+    (d / "sub" / "report.md").unlink()
     (d / "sub" / "f.txt").write_text("2")
     assert dir_hash(d) != h                      # content
     (d / "sub" / "f.txt").write_text("1")

@@ -83,16 +83,24 @@ def load_policies(ctx: Context, policy_dir: Path) -> Policies:
 def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *, max_new_tokens: int,
              template: str | None = None, batch_size: int, do_sample: bool = False, temperature: float = 1.0,
              top_p: float = 1.0, seed: int | None = None, desc: str = "MOD") -> list[str]:
-    """MOD generation of one response per prompt at one weight vector; returns the texts."""
+    """MOD generation (``MODDecoder.generate_text``) of one response per prompt at one weight vector.
+
+    Greedy decoding of a repeated prompt (HelpSteer pairs share prompts) gives the same text, so each distinct
+    prompt is decoded once; with sampling every row is decoded on its own.
+    """
     if not prompts:
         return []
-    log.info("%s: %d prompts, up to %d new tokens", desc, len(prompts), max_new_tokens)
+    todo = list(prompts) if do_sample else list(dict.fromkeys(prompts))
+    log.info("%s: %d prompts, up to %d new tokens", desc, len(todo), max_new_tokens)
     kwargs = dict(weights=weights, max_new_tokens=max_new_tokens, template=template or ctx.config.model.template,
                   batch_size=batch_size, progress=ctx.progress)
     if do_sample:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
-    outputs = decoder.generate_text(list(prompts), **kwargs)
-    return [o.text if hasattr(o, "text") else str(o) for o in outputs]
+    texts = [o.text for o in decoder.generate_text(todo, **kwargs)]
+    if do_sample:
+        return texts
+    by_prompt = dict(zip(todo, texts))
+    return [by_prompt[p] for p in prompts]
 
 
 def encode(ctx: Context, prompts: list[str], responses: list[str], max_length: int,

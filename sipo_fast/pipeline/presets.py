@@ -28,14 +28,18 @@ PRESETS: dict[str, dict] = {
         "eval": {"weights": [0.3, 0.7], "num_prompts": 3, "max_new_tokens": 8, "batch_size": 8, "baselines": ["mod"]},
     },
     "demo": {
+        # Sized for ~15 minutes on 2 CPU cores (measured; see benchmarks/RESULTS.md): a subset of the demo data,
+        # one epoch, short generations, three weights. LoRA scaling alpha/r = 2 instead of the paper's 1/64, so
+        # that a dozen steps move the policies visibly.
         "model": {"name": "default"},
-        "data": {"source": "demo", "max_rows": 160, "eval_fraction": 0.1, "max_conflict_prompts": 32},
-        "align": {"learning_rate": 5e-4, "epochs": 1, "batch_size": 8, "max_length": 192},
-        "sample": {"weights": [0.2, 0.5, 0.8], "max_new_tokens": 40, "batch_size": 16},
-        "refine": {"review_max_new_tokens": 32, "rewrite_max_new_tokens": 40, "batch_size": 16},
-        "filter": {"batch_size": 16, "max_length": 192},
-        "finetune": {"learning_rate": 5e-5, "epochs": 1, "batch_size": 8, "max_length": 192},
-        "eval": {"num_prompts": 24, "max_new_tokens": 40, "batch_size": 24},
+        "data": {"source": "demo", "max_rows": 28, "eval_fraction": 0.1, "max_conflict_prompts": 10},
+        "align": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 5e-4, "epochs": 1, "batch_size": 4,
+                  "max_length": 112},
+        "sample": {"weights": [0.25, 0.5, 0.75], "max_new_tokens": 40, "batch_size": 16},
+        "refine": {"review_max_new_tokens": 24, "rewrite_max_new_tokens": 40, "batch_size": 16},
+        "filter": {"batch_size": 16, "max_length": 112},
+        "finetune": {"learning_rate": 5e-5, "epochs": 1, "batch_size": 4, "max_length": 112},
+        "eval": {"num_prompts": 16, "max_new_tokens": 40, "batch_size": 16},
     },
     "beavertails": {
         # Alpaca-7B with the beaver prompt format; refinement skipped on BeaverTails (SIPO.md §3). Effective batch

@@ -25,7 +25,8 @@ from pathlib import Path
 import torch
 
 from .context import Context
-from .policies import (Policies, copy_policy, encode, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
+# lora_config is re-exported for sipo_fast.eval, which builds on the same policy helpers.
+from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
                        lora_config, preference_pairs, rewards, save_combined, save_model, train)
 from .rules import keep_rewrite, one_hot, select_pareto
 from .rundir import Parts, read_jsonl, write_jsonl
@@ -218,7 +219,8 @@ class RefineStage(Stage):
 
 class FilterStage(Stage):
     """Stage 2.3: strict dominance over both originals under every implicit reward model (N policies plus
-    DPO soups at the soup weights), the max-sum pick, at most one survivor per prompt; builds D_c."""
+    DPO soups at the soup weights), the max-sum pick, at most one survivor per conflicting pair (``pid``; a
+    PKU-style prompt has one pair); builds D_c = {(x, y_c, y_a), (x, y_c, y_b)}."""
 
     name = "filter"
     upstream = ("align", "refine")

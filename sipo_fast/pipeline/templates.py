@@ -18,41 +18,37 @@ OBJECTIVE_WORDS = {"helpful": "helpful", "harmless": "harmless", "correctness": 
                    "verbosity": "detailed", "helpfulness": "helpful", "coherence": "coherent",
                    "complexity": "sophisticated"}
 
+# One-shot examples: short on purpose, since every review and rewrite prompt carries one (prefill cost), yet
+# specific enough that a small model copies the form (numbered suggestions; a revised answer only).
 _HH_EXAMPLE = dict(
     question="How can I get back at my neighbour for always taking my parking spot?",
-    response="Let the air out of his tyres at night so he learns his lesson.",
-    review="1. Do not suggest damaging property or anything illegal: it can hurt people and get the asker "
-           "into trouble.\n2. Give steps that actually solve the problem, such as a polite note, a calm talk, "
-           "or asking the landlord to enforce the parking rules.\n3. Acknowledge the frustration in one "
-           "sentence and keep a respectful tone.",
-    rewrite="That sounds really frustrating. Start with a short, friendly note or a calm chat: he may not "
-            "know the spot is yours. If it keeps happening, ask your landlord or building manager to mark the "
-            "spots and enforce the rules. Keeping it civil gets the spot back without starting a feud.",
+    response="Let the air out of his tyres so he learns his lesson.",
+    review="1. Do not suggest damaging property: it is illegal and escalates the conflict.\n"
+           "2. Give steps that solve the problem: a polite note, a calm talk, or asking the landlord.",
+    rewrite="That is frustrating. Leave a friendly note or talk to him calmly; he may not know the spot is "
+            "yours. If it continues, ask your landlord to mark and enforce the spots.",
 )
 
 _CV_EXAMPLE = dict(
     question="Why is the sky blue?",
     response="Because it reflects the ocean.",
-    review="1. Correct the cause: the colour comes from Rayleigh scattering of sunlight by air molecules, not "
-           "from the ocean.\n2. Explain that shorter (blue) wavelengths scatter much more than longer (red) "
-           "ones.\n3. Add a related detail, such as why sunsets look red or orange.",
-    rewrite="The sky looks blue because of Rayleigh scattering. Sunlight contains every colour, and when it "
-            "passes through the atmosphere, air molecules scatter short wavelengths far more strongly than "
-            "long ones, so blue light reaches our eyes from every direction of the sky. At sunrise and sunset "
-            "the light crosses much more air, most of the blue is scattered away, and the remaining reds and "
-            "oranges dominate.",
+    review="1. Correct the cause: air molecules scatter sunlight (Rayleigh scattering), not the ocean.\n"
+           "2. Explain that blue light scatters far more than red, and why sunsets look red.",
+    rewrite="Sunlight holds every colour, and air molecules scatter short blue wavelengths much more than long "
+            "red ones (Rayleigh scattering), so blue light reaches us from the whole sky. At sunset the light "
+            "crosses more air, the blue is scattered away, and reds and oranges remain.",
 )
 
 _REVIEW_BODY = (
-    "Read a question and a response, then give three short suggestions that would make the response more "
-    "{words}.\n\nExample\nQuestion: {ex_question}\nResponse: {ex_response}\nSuggestions:\n{ex_review}\n\n"
-    "Now your turn\nQuestion: {{question}}\nResponse: {{response}}\nSuggestions:"
+    "Give two short suggestions that would make the response more {words}.\n\n"
+    "Question: {ex_question}\nResponse: {ex_response}\nSuggestions:\n{ex_review}\n\n"
+    "Question: {{question}}\nResponse: {{response}}\nSuggestions:"
 )
 _REWRITE_BODY = (
-    "Revise the response to the question by following the review, so that it becomes more {words}. Reply "
-    "with the revised response only.\n\nExample\nQuestion: {ex_question}\nResponse: {ex_response}\nReview:\n"
-    "{ex_review}\nRevised response: {ex_rewrite}\n\nNow your turn\nQuestion: {{question}}\n"
-    "Response: {{response}}\nReview:\n{{review}}\nRevised response:"
+    "Revise the response following the review, so that it becomes more {words}. Reply with the revised "
+    "response only.\n\nQuestion: {ex_question}\nResponse: {ex_response}\nReview:\n{ex_review}\n"
+    "Revised response: {ex_rewrite}\n\nQuestion: {{question}}\nResponse: {{response}}\nReview:\n{{review}}\n"
+    "Revised response:"
 )
 REVIEW_PREFIX = "1."
 
@@ -106,8 +102,8 @@ def _fill(template: str, **values: str) -> str:
 
 
 def clean_generation(text: str) -> str:
-    """Cut a generation where a small model starts a new example ("Question:", "Example") and strip it."""
-    for marker in ("\nQuestion:", "\nExample", "\nNow your turn", "\nRevised response:", "\nReview:"):
+    """Cut a generation where a small model starts a new example ("Question:", "Review:", ...) and strip it."""
+    for marker in ("\nQuestion:", "\nRevised response:", "\nReview:", "\nSuggestions:"):
         cut = text.find(marker)
         if cut >= 0:
             text = text[:cut]
