@@ -290,3 +290,33 @@ def test_error_bad_logits_shape():
         mod_mix(torch.randn(4, 10), torch.tensor([1.0]))
     with pytest.raises(ValueError, match="floating"):
         mod_mix(torch.ones(1, 4, 10, dtype=torch.long), torch.tensor([1.0]))
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("b", [1, 64])
+def test_cuda_kernels_match_ref(dtype, b):
+    logits, w = _inputs(4, b, V_ODD, dtype)
+    u = torch.rand(b, V_ODD, generator=torch.Generator().manual_seed(0))
+    cl, cw, cu = logits.cuda(), w.cuda(), u.cuda()
+    torch.testing.assert_close(mod_mix(cl, cw).cpu(), mod_mix_ref(logits, w), atol=1e-4, rtol=1e-5)
+    for kw in (dict(do_sample=False), dict(uniform=u), dict(uniform=u, temperature=0.7, top_k=50, top_p=0.9)):
+        tok, lp = mod_sample(cl, cw, **{k: (cu if k == "uniform" else v) for k, v in kw.items()})
+        rtok, rlp = mod_sample_ref(logits, w, **kw)
+        assert torch.equal(tok.cpu(), rtok)
+        torch.testing.assert_close(lp.cpu(), rlp, atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_cuda_sampling_law():
+    from scipy.stats import chisquare  # noqa: F401
+
+    g = torch.Generator().manual_seed(11)
+    b, v = 20000, 12
+    logits = (torch.randn(2, 1, v, generator=g) * 1.5).expand(2, b, v).contiguous().cuda()
+    w = torch.tensor([0.3, 0.7], device="cuda")
+    tok, _ = mod_sample(logits, w, temperature=0.8, top_k=6, top_p=0.9, generator=torch.Generator().manual_seed(1))
+    counts = torch.bincount(tok.cpu(), minlength=v)
+    z = (0.3 * logits[0, 0] + 0.7 * logits[1, 0]).cpu()
+    assert _chi2_pvalue(counts, _exact_law(z, 0.8, 6, 0.9)) > 1e-3

@@ -250,10 +250,13 @@ class MODDecoder:
         pad = self._pad_id(sampling_kwargs.get("pad_token_id"), self._eos_ids(sampling_kwargs.get("eos_token_id")))
         results: list[MODTextOutput | None] = [None] * len(prompts)
         starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress):
+        seed = sampling_kwargs.pop("seed", None)
+        for k, start in enumerate(tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress)):
             idx = order[start:start + batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad)
-            out = self.generate(ids, mask, weights=w[idx], max_new_tokens=max_new_tokens, **sampling_kwargs)
+            # each batch its own stream (seed + k), so equal prompts in different batches draw independently
+            out = self.generate(ids, mask, weights=w[idx], max_new_tokens=max_new_tokens,
+                                seed=None if seed is None else seed + k, **sampling_kwargs)
             for r, i in enumerate(idx):
                 toks = out.generated_ids(r)
                 results[i] = MODTextOutput(prompt=prompts[i], text=self.tokenizer.decode(toks), token_ids=toks,
@@ -328,7 +331,7 @@ class MODDecoder:
         reserve = getattr(self.runner, "reserve", None)  # [sipo_fast.kv] the paged runner sizes its pools
         if reserve is not None:
             reserve(b, max_new_tokens)
-        logits = self.runner.prefill(s_ids, s_mask)  # [N, U, V]
+        logits = self.runner.prefill(s_ids, s_mask, max_new_tokens)  # [N, U, V]
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
         lp_sum = torch.zeros((b, self.num_policies), dtype=torch.float32, device=dev)
         num_gen = torch.zeros(b, dtype=torch.long, device=dev)

@@ -3,13 +3,16 @@
 A runner holds U decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV
 cache of every policy. It has three verbs, and nothing else in the decoder touches a cache:
 
-    prefill(input_ids [U, T], attention_mask [U, T]) -> logits [N, U, V]   next-token logits per policy
+    prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]   per policy
     step(tokens [U])                                 -> logits [N, U, V]   append one token per state
     select(index [U'])                                                     keep / fork / reorder states
 
 ``select`` is how the decoder drops finished states and forks a state whose rows (several MOD weights
-sharing one prefix) chose different tokens. The caches are transformers' ``DynamicCache``; a paged cache
-(sipo_fast.kv) plugs in by implementing these three verbs.
+sharing one prefix) chose different tokens. The caches are transformers' ``DynamicCache`` with
+:class:`PreallocatedLayer` layers: each layer's keys/values live in one buffer sized for prompt +
+max_new_tokens and every step writes one column in place, where the stock layer re-concatenates the whole
+cache each step (a copy of all of it, on every layer, every token). A paged cache (sipo_fast.kv) plugs in
+by implementing the three verbs above.
 
 Two runners:
   * :class:`SeparateModels`: N independent causal LMs; one forward per model per step over all U states.
@@ -24,6 +27,53 @@ import inspect
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A ``DynamicLayer`` whose keys/values are views into a buffer with room for ``capacity`` positions.
+
+    ``update`` writes the new positions in place and returns views ``[rows, heads, :length, dim]``; the
+    buffer grows (doubling) only if a caller exceeds the capacity it announced.
+    """
+
+    def __init__(self, capacity: int = 0):
+        super().__init__()
+        self.capacity = capacity
+        self._k = self._v = None
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n, t = self.get_seq_length(), key_states.shape[-2]
+        if self._k is None or n + t > self._k.shape[-2]:
+            cap = max(self.capacity, n + t, 2 * n)
+            shape = (*key_states.shape[:2], cap, key_states.shape[-1])  # [rows, kv_heads, capacity, head_dim]
+            k, v = key_states.new_empty(shape), value_states.new_empty(shape[:-1] + value_states.shape[-1:])
+            if n:
+                k[:, :, :n], v[:, :, :n] = self.keys, self.values
+            self._k, self._v = k, v
+        self._k[:, :, n:n + t] = key_states
+        self._v[:, :, n:n + t] = value_states
+        self.keys, self.values = self._k[:, :, :n + t], self._v[:, :, :n + t]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self._k is not None:
+            n = self.get_seq_length()
+            self._k, self._v = self._k.index_select(0, indices), self._v.index_select(0, indices)
+            self.keys, self.values = self._k[:, :, :n], self._v[:, :, :n]
+
+    def reset(self) -> None:
+        self._k = self._v = None
+        super().reset()
+
+
+def new_cache(capacity: int) -> DynamicCache:
+    """An empty cache whose layers preallocate ``capacity`` positions."""
+    cache = DynamicCache()
+    cache.layer_class_to_replicate = functools.partial(PreallocatedLayer, capacity)
+    return cache
 
 
 class _CacheRows:
@@ -68,10 +118,10 @@ class SeparateModels:
         self.models = models
         self.num_policies = len(models)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 0) -> torch.Tensor:
         self.rows = _CacheRows()
         pos = self.rows.start(attention_mask)
-        self.caches = [DynamicCache() for _ in self.models]
+        self.caches = [new_cache(input_ids.shape[1] + max_new_tokens) for _ in self.models]
         return torch.stack([_forward(m, input_ids, self.rows.mask, pos, c) for m, c in zip(self.models, self.caches)])
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -104,10 +154,10 @@ class LoraAdapters:
                               **self.lora.forward_kwargs)
         return logits.view(n, u, -1)  # [N, U, V]
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int = 0) -> torch.Tensor:
         self.rows = _CacheRows()
         pos = self.rows.start(attention_mask)
-        self.cache = DynamicCache()
+        self.cache = new_cache(input_ids.shape[1] + max_new_tokens)
         return self._run(input_ids, self.rows.mask, pos)
 
     def step(self, tokens: torch.Tensor) -> torch.Tensor:

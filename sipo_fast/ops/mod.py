@@ -44,7 +44,7 @@ def check_weights(weights, num_policies: int, batch_size: int | None = None) -> 
     and sum to 1 within 1e-6. Raises ValueError before any work otherwise.
     """
     w = torch.as_tensor(weights)
-    if w.is_floating_point() is False and w.dtype not in (torch.int32, torch.int64):
+    if w.dtype == torch.bool or w.is_complex():
         raise ValueError(f"weights must be real numbers, got dtype {w.dtype}")
     w = w.detach().to(dtype=torch.float64)
     if w.dim() == 1:

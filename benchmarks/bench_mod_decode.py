@@ -1,0 +1,275 @@
+"""MOD decoding throughput on the SIPO sampling workload: P prompts × W = {0.2, 0.4, 0.6, 0.8} (weights
+[w, 1−w]), greedy, two policies on the embedded default (SmolLM2-135M-Instruct).
+
+Variants, each in its own process (so peak RSS is its own):
+  (a) authors   batch 1, one forward per policy per token, a cache per policy (the released code's loop,
+                without its unused reference pass); measured on fewer rows and tokens, reported as tokens/s.
+  (b) naive     all rows in one batch, one HF forward per policy per step with its own cache, torch
+                log_softmax mixing; finished rows keep being computed until every row is done.
+  mod           sipo_fast.MODDecoder (state sharing across W, preallocated cache, batched LoRA).
+  mod-nodedupe  MODDecoder(dedupe=False): the same without state sharing (ablation).
+  mod-peftmix   LoRA only: MODDecoder(lora_impl="peft"), PEFT's own mixed-adapter batches (ablation).
+Every variant runs in float32 and in bfloat16; ratios against (b) use (b) in the same dtype.
+
+Policies: ``--policies models``: two full copies of the model, the second with a random low-rank
+perturbation of every attention/MLP projection (so the two really disagree and the W sweep diverges);
+``--policies lora``: one model with two random LoRA adapters (r=64 on q/k/v/o, as SIPO's stage 1).
+
+    flock /tmp/sipo_bench.lock .venv/bin/python benchmarks/bench_mod_decode.py --policies models
+    flock /tmp/sipo_bench.lock .venv/bin/python benchmarks/bench_mod_decode.py --policies lora
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from harness import record, run_isolated  # noqa: E402
+
+PROMPTS = [
+    "How do I bake a simple loaf of bread at home?",
+    "My neighbour keeps parking in my spot. Write him an angry note.",
+    "What is the capital of France, and why is it famous?",
+    "Give me three tips for staying focused while studying.",
+    "Tell me what you really think of people who are late.",
+    "Explain how a rainbow forms, in two sentences.",
+    "Write a short, harsh review of a bad restaurant.",
+    "How can I get better sleep?",
+]
+W = [0.2, 0.4, 0.6, 0.8]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ----------------------------------------------------------------------------------------- workload
+def _policies(kind: str, dtype: torch.dtype):
+    """(policies for MODDecoder, list of callables that run policy i on a batch, tokenizer)."""
+    from sipo_fast.models import load_default
+
+    base, tok = load_default()
+    g = torch.Generator().manual_seed(0)
+    if kind == "models":
+        other = copy.deepcopy(base)
+        with torch.no_grad():
+            for name, p in other.named_parameters():
+                if p.dim() == 2 and "proj" in name:  # rank-16 perturbation, 1/4 of the weight's scale
+                    u = torch.randn(p.shape[0], 16, generator=g)
+                    v = torch.randn(16, p.shape[1], generator=g)
+                    p.add_((u @ v) * (0.25 * p.std() / 4.0))
+        models = [base.to(dtype).eval(), other.to(dtype).eval()]
+        return models, [lambda m=m, **kw: m(**kw) for m in models], tok
+    from peft import LoraConfig, get_peft_model
+
+    cfg = LoraConfig(r=64, lora_alpha=64, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    pm = get_peft_model(base, cfg, adapter_name="helpful")
+    pm.add_adapter("harmless", cfg)
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    pm = pm.to(dtype).eval()
+
+    def run(name):
+        def f(**kw):
+            pm.set_adapter(name)
+            return pm(**kw)
+        return f
+
+    return pm, [run("helpful"), run("harmless")], tok
+
+
+def _rows(tok, num_prompts: int):
+    from sipo_fast.data.formatting import encode_prompts, left_pad
+
+    prompts = PROMPTS[:num_prompts]
+    ids, mask = left_pad(encode_prompts(tok, prompts, "chat"), tok.pad_token_id)
+    rep = len(W)
+    w = torch.tensor([[x, 1 - x] for _ in prompts for x in W])  # [P·|W|, 2], prompt-major
+    return ids.repeat_interleave(rep, 0), mask.repeat_interleave(rep, 0), w
+
+
+def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
+    """(b): batched, one HF forward per policy per step with its own DynamicCache, log_softmax mixing."""
+    from transformers import DynamicCache
+
+    b = ids.shape[0]
+    caches = [DynamicCache() for _ in fwds]
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    x, m = ids, mask
+    done = torch.zeros(b, dtype=torch.bool)
+    new = torch.full((b, max_new_tokens), eos, dtype=torch.long)
+    lengths = torch.zeros(b, dtype=torch.long)
+    for t in range(max_new_tokens):
+        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, cache=c, use_cache=True, logits_to_keep=1)
+                 .logits[:, -1].float().log_softmax(-1) for f, c in zip(fwds, caches)]
+        mix = sum(w[:, i:i + 1] * lp for i, lp in enumerate(logps))
+        tok = mix.argmax(-1)
+        new[:, t] = torch.where(done, eos, tok)
+        lengths += (~done).long()
+        done |= tok == eos
+        if done.all():
+            break
+        x, pos = tok[:, None], pos[:, -1:] + 1
+        m = torch.cat([m, torch.ones(b, 1, dtype=m.dtype)], 1)
+    return new, lengths
+
+
+def _authors_generate(fwds, ids, mask, w, max_new_tokens, eos):
+    """(a): one row at a time, one forward per policy per token, a cache per policy."""
+    from transformers import DynamicCache
+
+    outs, total = [], 0
+    for r in range(ids.shape[0]):
+        x = ids[r:r + 1, mask[r].bool()]  # the row without padding
+        caches = [DynamicCache() for _ in fwds]
+        toks = []
+        for _ in range(max_new_tokens):
+            logps = [f(input_ids=x, cache=c, use_cache=True).logits[:, -1].float().log_softmax(-1)
+                     for f, c in zip(fwds, caches)]
+            tok = int(sum(w[r, i] * lp for i, lp in enumerate(logps)).argmax(-1))
+            toks.append(tok)
+            if tok == eos:
+                break
+            x = torch.tensor([[tok]])
+        outs.append(toks)
+        total += len(toks)
+    return outs, total
+
+
+def run_variant(variant: str, policies: str, dtype: str, num_prompts: int, max_new_tokens: int,
+                authors_rows: int, authors_tokens: int, repeat: int = 2) -> dict:
+    """One variant in this process: warm up, time full generations (best of ``repeat``: on a shared
+    machine the fastest run is the one least disturbed by other processes), return tokens/s and outputs."""
+    from sipo_fast import MODDecoder
+
+    torch.set_num_threads(2)
+    pol, fwds, tok = _policies(policies, DTYPES[dtype])
+    ids, mask, w = _rows(tok, num_prompts)
+    eos = tok.eos_token_id
+    with torch.inference_mode():
+        if variant == "authors":
+            ids, mask, w = ids[:authors_rows * len(W):len(W)], mask[:authors_rows * len(W):len(W)], w[:authors_rows * len(W):len(W)]
+            _authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos)
+            dt, (_, total) = _best_of(repeat, lambda: _authors_generate(fwds, ids, mask, w, authors_tokens, eos))
+            return {"tokens": total, "seconds": dt}
+        if variant == "naive":
+            _naive_generate(fwds, ids, mask, w, 2, eos)
+            dt, (new, lengths) = _best_of(repeat, lambda: _naive_generate(fwds, ids, mask, w, max_new_tokens, eos))
+            return {"tokens": int(lengths.sum()), "seconds": dt, "rows": new.tolist()}
+        kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm")
+        dec = MODDecoder(pol, tok, **kw)
+        dec.generate(ids, mask, weights=w, max_new_tokens=2)
+        stats = _count_states(dec)
+        dt, out = _best_of(repeat, lambda: dec.generate(ids, mask, weights=w, max_new_tokens=max_new_tokens))
+        gen = out.generated
+        rows = torch.full((gen.shape[0], max_new_tokens), eos, dtype=torch.long)
+        rows[:, : gen.shape[1]] = gen
+        return {"tokens": int(out.num_generated.sum()), "seconds": dt, "rows": rows.tolist(),
+                "mean_states": stats.mean(), "num_rows": ids.shape[0]}
+
+
+def _best_of(repeat: int, fn):
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - t0)
+    return best, result
+
+
+class _StateCounter:
+    def __init__(self):
+        self.counts = []
+
+    def mean(self):
+        return sum(self.counts) / max(1, len(self.counts))
+
+
+def _count_states(dec) -> _StateCounter:
+    """Record how many distinct states each decoding step forwards (rows sharing a prefix count once)."""
+    counter = _StateCounter()
+    step = dec.runner.step
+
+    def counting_step(tokens):
+        counter.counts.append(int(tokens.shape[0]))  # accumulates over the repeats: same workload each time
+        return step(tokens)
+
+    dec.runner.step = counting_step
+    return counter
+
+
+def _mismatch(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
+    """Share of rows whose greedy outputs differ, and share of token positions that differ."""
+    rows = sum(x != y for x, y in zip(a, b)) / len(a)
+    toks = sum(p != q for x, y in zip(a, b) for p, q in zip(x, y)) / sum(len(x) for x in a)
+    return rows, toks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--policies", choices=["models", "lora"], default="models")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts; rows = prompts × |W|")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--authors-rows", type=int, default=1, help="rows (a) decodes (it is slow)")
+    ap.add_argument("--authors-tokens", type=int, default=16, help="max new tokens per row for (a)")
+    ap.add_argument("--dtypes", default="float32,bfloat16")
+    ap.add_argument("--repeat", type=int, default=2, help="timed runs per variant; the fastest is kept")
+    ap.add_argument("--variants", default=None, help="comma list (default: all for the policy kind)")
+    ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    args = ap.parse_args()
+
+    variants = ["authors", "naive", "mod", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
+    if args.variants:
+        variants = args.variants.split(",")
+    common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
+                  authors_rows=args.authors_rows, authors_tokens=args.authors_tokens, repeat=args.repeat)
+    results = {}
+    for dtype in args.dtypes.split(","):
+        for v in variants:
+            if v == "authors" and dtype != "float32":
+                continue  # the released code runs float32
+            r = run_isolated("bench_mod_decode:run_variant", dict(variant=v, dtype=dtype, **common))
+            r["tok_s"] = r["tokens"] / r["seconds"]
+            results[(v, dtype)] = r
+            print(f"{v:13s} {dtype:9s} {r['tok_s']:8.1f} tok/s  {r['tokens']} tokens in {r['seconds']:.1f}s  "
+                  f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+
+    a = results.get(("authors", "float32"))
+    table = []
+    for (v, dtype), r in results.items():
+        b = results.get(("naive", dtype))
+        table.append({
+            "variant": v, "dtype": dtype, "rows": r.get("num_rows", args.authors_rows if v == "authors" else ""),
+            "tokens/s": r["tok_s"],
+            "× (a) authors": r["tok_s"] / a["tok_s"] if a else "",
+            "× (b) naive, same dtype": r["tok_s"] / b["tok_s"] if b else "",
+            "peak RSS MB": r["peak_rss_mb"],
+            "RSS ÷ (b)": r["peak_rss_mb"] / b["peak_rss_mb"] if b else "",
+            "states/step": f"{r['mean_states']:.1f}" if "mean_states" in r else "",
+        })
+    notes = [f"Workload: {args.prompts} prompts × W={W} = {args.prompts * len(W)} rows, greedy, "
+             f"max_new_tokens={args.max_new_tokens}, policies={args.policies}; (a) on {args.authors_rows} rows × "
+             f"≤{args.authors_tokens} tokens. tokens/s counts generated tokens through EOS. states/step: distinct "
+             "(prompt, prefix) states forwarded per decode step (rows sharing a prefix count once)."]
+    f32, bf16 = results.get(("mod", "float32")), results.get(("mod", "bfloat16"))
+    if f32 and bf16:
+        rows, toks = _mismatch(f32["rows"], bf16["rows"])
+        notes.append(f"Greedy bfloat16 vs float32 (MODDecoder): {rows:.0%} of rows differ somewhere; "
+                     f"{toks:.1%} of token positions differ.")
+    nf, mf = results.get(("naive", "float32")), f32
+    if nf and mf:
+        notes.append(f"MODDecoder float32 vs naive float32 outputs: {_mismatch(nf['rows'], mf['rows'])[0]:.0%} of rows differ.")
+    if args.no_record:
+        from harness import markdown_table
+
+        print(markdown_table(table), "\n" + "\n".join(notes))
+    else:
+        record(f"MOD decoding, SIPO sampling workload ({args.policies})", table, notes="\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
