@@ -63,12 +63,15 @@ def reference_generate(models, ids, mask, weights, max_new_tokens, eos, pad, **s
 W4 = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4], [1.0, 0.0]])
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral", "gpt2"])
-def test_greedy_equals_step_by_step_reference(arch, tokenizer):
+# kv_cache="auto" is the paged cache (sipo_fast.kv) for llama/qwen2/mistral when the extension is built, and
+# transformers' DynamicCache with preallocated layers (sipo_fast.decoding.policies) otherwise; test both.
+@pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "dynamic"), ("qwen2", "auto"), ("mistral", "auto"),
+                                     ("gpt2", "auto")])
+def test_greedy_equals_step_by_step_reference(arch, kv, tokenizer):
     models = _policies(arch, tokenizer)
     ids, mask = _batch(tokenizer)
     assert (mask == 0).any()  # ragged left padding
-    dec = MODDecoder(models, tokenizer)
+    dec = MODDecoder(models, tokenizer, kv_cache=kv)
     out = dec.generate(ids, mask, weights=W4, max_new_tokens=10)
     seq, lps = reference_generate(models, ids, mask, W4, 10, [tokenizer.eos_token_id], tokenizer.pad_token_id)
     assert torch.equal(out.sequences, seq)
@@ -81,8 +84,8 @@ def test_sweep_over_weights_of_one_prompt_shares_states(tokenizer):
     models = _policies("llama", tokenizer)
     ids, mask = _batch(tokenizer, ["Tell me something", "Tell me something", "Hi", "Tell me something"])
     w = torch.tensor([[0.0, 1.0], [0.5, 0.5], [0.3, 0.7], [1.0, 0.0]])
-    a = MODDecoder(models, tokenizer, dedupe=True).generate(ids, mask, weights=w, max_new_tokens=10)
-    b = MODDecoder(models, tokenizer, dedupe=False).generate(ids, mask, weights=w, max_new_tokens=10)
+    a = MODDecoder(models, tokenizer, dedupe=True, kv_cache="dynamic").generate(ids, mask, weights=w, max_new_tokens=10)
+    b = MODDecoder(models, tokenizer, dedupe=False, kv_cache="dynamic").generate(ids, mask, weights=w, max_new_tokens=10)
     assert torch.equal(a.sequences, b.sequences)
     torch.testing.assert_close(a.logprobs, b.logprobs)
     assert not torch.equal(a.generated[0], a.generated[3])  # the weights did change the outputs
@@ -93,7 +96,7 @@ def test_eos_stops_row_and_pads(tokenizer):
     its log-probs must be the sum over its first 3 tokens (prefix property of greedy decoding)."""
     models = _policies("llama", tokenizer)
     ids, mask = _batch(tokenizer)
-    dec = MODDecoder(models, tokenizer)
+    dec = MODDecoder(models, tokenizer, kv_cache="dynamic")  # rows leaving the batch = cache rows dropped
     free = dec.generate(ids, mask, weights=W4, max_new_tokens=8, eos_token_id=[])
     eos = int(free.generated[0, 2])
     if (free.generated[0, :2] == eos).any():
@@ -121,8 +124,8 @@ def test_all_rows_finish_early_shortens_output(tokenizer):
     assert out.finished.all() and (out.num_generated == 1).all()
 
 
-@pytest.mark.parametrize("impl", ["bmm", "peft"])
-def test_lora_adapters_equal_merged_separate_models(impl, tokenizer):
+@pytest.mark.parametrize("impl,kv", [("bmm", "dynamic"), ("peft", "dynamic"), ("bmm", "auto")])
+def test_lora_adapters_equal_merged_separate_models(impl, kv, tokenizer):
     from peft import LoraConfig, get_peft_model
 
     base = _policies("llama", tokenizer, n=1)[0]
@@ -141,8 +144,8 @@ def test_lora_adapters_equal_merged_separate_models(impl, tokenizer):
         pm.set_adapter(name)
         merged.append(copy.deepcopy(pm).merge_and_unload())
     ids, mask = _batch(tokenizer)
-    ref = MODDecoder(merged, tokenizer).generate(ids, mask, weights=W4, max_new_tokens=10)
-    dec = MODDecoder(pm, tokenizer, adapter_names=["harmless", "helpful"], lora_impl=impl)
+    ref = MODDecoder(merged, tokenizer, kv_cache="dynamic").generate(ids, mask, weights=W4, max_new_tokens=10)
+    dec = MODDecoder(pm, tokenizer, adapter_names=["harmless", "helpful"], lora_impl=impl, kv_cache=kv)
     out = dec.generate(ids, mask, weights=W4, max_new_tokens=10)
     assert dec.num_policies == 2
     assert torch.equal(out.sequences, ref.sequences)
@@ -204,6 +207,26 @@ def test_generate_accepts_prompt_strings(tokenizer):
     a = dec.generate(PROMPTS, weights=W4, max_new_tokens=4, template="chat")
     b = dec.generate(ids, mask, weights=W4, max_new_tokens=4)
     assert torch.equal(a.sequences, b.sequences)
+
+
+def test_preallocated_layer_matches_dynamic_layer_and_grows():
+    """Writes in place within capacity, grows past it, selects rows: always what concatenation gives."""
+    from transformers.cache_utils import DynamicLayer
+
+    from sipo_fast.decoding.policies import PreallocatedLayer
+
+    g = torch.Generator().manual_seed(0)
+    ours, ref = PreallocatedLayer(capacity=6), DynamicLayer()
+    for t in (4, 1, 1, 3, 1):  # 10 positions > capacity 6
+        k, v = torch.randn(3, 2, t, 8, generator=g), torch.randn(3, 2, t, 8, generator=g)
+        a, b = ours.update(k, v), ref.update(k, v)
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    idx = torch.tensor([2, 2, 0])  # fork row 2, drop row 1
+    ours.batch_select_indices(idx)
+    ref.batch_select_indices(idx)
+    k, v = torch.randn(3, 2, 1, 8, generator=g), torch.randn(3, 2, 1, 8, generator=g)
+    a, b = ours.update(k, v), ref.update(k, v)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and ours.get_seq_length() == 11
 
 
 # ------------------------------------------------------------------------------------ vocabulary checks

@@ -63,6 +63,16 @@ def test_mix_matches_ref(backend, dtype, n, b, v):
     torch.testing.assert_close(out, mod_mix_ref(logits, w), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mix_torch_path_is_bit_identical_to_ref(dtype):
+    """The CPU fast path promises the reference's exact arithmetic (so float32 decoding matches a float32
+    reference exactly), zero weights included."""
+    logits, w = _inputs(3, 9, 777, dtype)
+    w[2] = torch.tensor([0.0, 0.25, 0.75])
+    logits[0, 2, :10] = float("-inf")
+    assert torch.equal(mod_mix(logits, w, backend="torch"), mod_mix_ref(logits, w))
+
+
 def test_mix_triton_multi_block_merge():
     """Small blocks force the cross-block log-sum-exp merge on a small vocabulary."""
     from sipo_fast.kernels.mod_sample import mod_mix_triton

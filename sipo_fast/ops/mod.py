@@ -185,24 +185,32 @@ def mod_sample_ref(logits: torch.Tensor, weights, *, temperature: float = 1.0, t
 
 # ------------------------------------------------------------------------------------ CPU fast path
 def _mix_torch(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Same arithmetic as :func:`_mix_sequential` (so results match the reference bit for bit), fewer
-    temporaries: multiply-accumulate into one float32 buffer."""
-    z = torch.zeros(logits.shape[1:], dtype=torch.float32, device=logits.device)
+    """Same arithmetic as :func:`_mix_sequential` (one rounding for w_i·l_i, one for the add, policies in
+    order), so results match the reference bit for bit, without its temporaries: each term is written
+    into one reused float32 buffer (``out=`` also does the bf16 → f32 conversion in the same pass)."""
+    z = torch.empty(logits.shape[1:], dtype=torch.float32, device=logits.device)
+    term = torch.empty_like(z) if logits.shape[0] > 1 else None
     for i in range(logits.shape[0]):
         w = weights[:, i : i + 1]  # [B, 1]
-        if bool((w == 0).any()):
-            term = w * logits[i].float()
-            z += term.masked_fill_((w == 0).expand_as(term), 0.0)
-        else:
-            z += w * logits[i].float()
+        dst = z if i == 0 else term
+        torch.mul(logits[i], w, out=dst)
+        zero = w == 0
+        if bool(zero.any()):  # 0·(−inf) would be NaN: a zero weight contributes exactly 0
+            dst.masked_fill_(zero.expand_as(dst), 0.0)
+        if i > 0:
+            z += term
     return z
 
 
 def _policy_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """l_i[tok] − logsumexp(l_i) without materialising the [N, B, V] log-softmax."""
+    """l_i[tok] − logsumexp(l_i) without materialising the [N, B, V] log-softmax; reduced-precision
+    logits are upcast one policy at a time."""
     rows = torch.arange(logits.shape[1], device=logits.device)
     picked = logits[:, rows, tokens].float()  # [N, B]
-    lse = torch.logsumexp(logits.float() if logits.dtype != torch.float32 else logits, dim=-1)  # [N, B]
+    if logits.dtype == torch.float32:
+        lse = torch.logsumexp(logits, dim=-1)  # [N, B]
+    else:
+        lse = torch.stack([torch.logsumexp(logits[i].float(), dim=-1) for i in range(logits.shape[0])])
     return (picked - lse).T.contiguous()
 
 
