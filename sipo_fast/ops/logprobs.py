@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "chunked", "ref")
-# Default row chunk: about 2**24 logits (64 MiB in float32) per chunk; 341 rows at V = 49152.
-_CHUNK_ELEMENTS = 1 << 24
+# Default row chunk: about 2**25 logits (128 MiB in float32) per chunk; 682 rows at V = 49152. Larger chunks
+# amortise streaming W through the cache over more rows; the chunked CPU path holds one such block.
+_CHUNK_ELEMENTS = 1 << 25
 
 
 def _out_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -32,7 +33,7 @@ def _out_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def default_chunk_size(num_rows: int, vocab_size: int) -> int:
-    """Rows per chunk so that one chunk's logits hold about 2**24 elements (at least 16 rows)."""
+    """Rows per chunk so that one chunk's logits hold about 2**25 elements (at least 16 rows)."""
     return max(16, min(max(num_rows, 1), _CHUNK_ELEMENTS // max(vocab_size, 1)))
 
 
@@ -82,6 +83,14 @@ def token_logprobs_ref(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     return out.masked_fill(~valid, 0.0)
 
 
+def _logits_into(buf: torch.Tensor, h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """z = h wᵀ (+ b) written into ``buf[:rows]``: one buffer serves every chunk, so the loop allocates nothing
+    (a fresh 100 MB block per chunk costs page faults comparable to the softmax itself on CPU)."""
+    z = buf[: h.shape[0]]  # (c, V)
+    torch.mm(h, w.t(), out=z)
+    return z.add_(b) if b is not None else z
+
+
 def _chunked_forward(hidden, weight, labels, bias, chunk, eager_grad_h=False):
     """(log p, lse, D) per row, one [chunk, V] logits block at a time. Computes in float32 (float64 for float64
     inputs): half-precision weights are upcast once, so the logits and their normaliser are exact to fp32.
@@ -97,20 +106,21 @@ def _chunked_forward(hidden, weight, labels, bias, chunk, eager_grad_h=False):
     out = torch.empty(M, dtype=cd, device=hidden.device)
     lse = torch.empty(M, dtype=cd, device=hidden.device)
     d_h = torch.empty((M, w.shape[1]), dtype=cd, device=hidden.device) if eager_grad_h else None
+    buf = torch.empty((min(chunk, M), w.shape[0]), dtype=cd, device=hidden.device)  # (chunk, V), reused
     for start in range(0, M, chunk):
         stop = min(M, start + chunk)
         y = labels[start:stop, None]  # (c, 1)
-        z = F.linear(hidden[start:stop].to(cd), w, b)  # (c, V)
-        # log_softmax's fused CPU kernel beats torch.logsumexp; lse is recovered from the label's logit.
-        lp = z.log_softmax(1)  # (c, V)
-        out[start:stop] = lp.gather(1, y).squeeze(1)
-        lse[start:stop] = z.gather(1, y).squeeze(1) - out[start:stop]
-        del z
+        z = _logits_into(buf, hidden[start:stop].to(cd), w, b)  # (c, V)
+        target = z.gather(1, y).squeeze(1)
+        # In place: z -> exp(z - max); lse = max + log Σ. No second [c, V] block.
+        zmax = z.amax(1, keepdim=True)  # (c, 1)
+        p = z.sub_(zmax).exp_()
+        total = p.sum(1)
+        lse[start:stop] = zmax.squeeze(1) + total.log()
+        out[start:stop] = target - lse[start:stop]
         if d_h is not None:
-            p = lp.exp_()  # (c, V) softmax, in place
-            p.scatter_add_(1, y, torch.full_like(y, -1, dtype=cd))  # softmax - onehot
+            p.div_(total[:, None]).scatter_add_(1, y, torch.full_like(y, -1, dtype=cd))  # softmax - onehot
             torch.matmul(p, w, out=d_h[start:stop]).neg_()  # (onehot - softmax) W
-        del lp
     return out, lse, d_h
 
 
@@ -123,18 +133,18 @@ def _chunked_backward(hidden, weight, labels, bias, lse, grad_out, chunk, need_w
     grad_w = torch.zeros(w.shape, dtype=cd, device=w.device) if need_w else None
     grad_b = torch.zeros(w.shape[0], dtype=cd, device=w.device) if (need_b and b is not None) else None
     g = grad_out.to(cd)
+    buf = torch.empty((min(chunk, M), w.shape[0]), dtype=cd, device=hidden.device)  # (chunk, V), reused
     for start in range(0, M, chunk):
         stop = min(M, start + chunk)
         h = hidden[start:stop].to(cd)  # (c, H)
-        dz = F.linear(h, w, b)  # (c, V): recomputed logits, turned in place into g·(onehot - softmax)
+        dz = _logits_into(buf, h, w, b)  # (c, V): recomputed logits, turned in place into g·(onehot - softmax)
         dz.sub_(lse[start:stop, None]).exp_().mul_(-g[start:stop, None])
-        dz[torch.arange(stop - start, device=dz.device), labels[start:stop]] += g[start:stop]
+        dz.scatter_add_(1, labels[start:stop, None], g[start:stop, None])
         torch.matmul(dz, w, out=grad_h[start:stop])
         if grad_w is not None:
             grad_w.addmm_(dz.t(), h)  # (V, H)
         if grad_b is not None:
             grad_b += dz.sum(0)
-        del dz
     return grad_h, grad_w, grad_b
 
 
@@ -209,7 +219,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         weight: [V, H] LM head weight (``nn.Linear.weight`` layout; a tied embedding matrix works as is).
         labels: [M] or [B, T] token ids in [0, V), or ``ignore_index`` for positions to skip.
         bias: optional [V] LM head bias.
-        chunk_size: rows per chunk for the chunked paths (default: ~2**24 logits per chunk).
+        chunk_size: rows per chunk for the chunked paths (default: ~2**25 logits per chunk).
         backend: "auto" (Triton for CUDA tensors, chunked torch otherwise), "triton", "chunked" or "ref".
     Returns:
         log p(label) with labels' shape, float32 (float64 for float64 inputs), 0 at ignored positions.
