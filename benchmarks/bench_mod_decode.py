@@ -6,8 +6,10 @@ Variants, each in its own process (so peak RSS is its own):
                 without its unused reference pass); measured on fewer rows and tokens, reported as tokens/s.
   (b) naive     all rows in one batch, one HF forward per policy per step with its own cache, torch
                 log_softmax mixing; finished rows keep being computed until every row is done.
-  mod           sipo_fast.MODDecoder (state sharing across W, preallocated cache, batched LoRA).
-  mod-nodedupe  MODDecoder(dedupe=False): the same without state sharing (ablation).
+  mod           sipo_fast.MODDecoder defaults: state sharing across W, batched LoRA, kv_cache="auto" (the
+                paged KV cache of sipo_fast.kv for Llama-family models when the extension is built).
+  mod-dynamic   MODDecoder(kv_cache="dynamic"): transformers' DynamicCache with preallocated layers.
+  mod-nodedupe  MODDecoder(dedupe=False): without state sharing (ablation).
   mod-peftmix   LoRA only: MODDecoder(lora_impl="peft"), PEFT's own mixed-adapter batches (ablation).
 Every variant runs in float32 and in bfloat16; ratios against (b) use (b) in the same dtype.
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import sys
 import time
 from pathlib import Path
@@ -160,7 +163,8 @@ def run_variant(variant: str, policies: str, dtype: str, num_prompts: int, max_n
             _naive_generate(fwds, ids, mask, w, 2, eos)
             dt, (new, lengths) = _best_of(repeat, lambda: _naive_generate(fwds, ids, mask, w, max_new_tokens, eos))
             return {"tokens": int(lengths.sum()), "seconds": dt, "rows": new.tolist()}
-        kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm")
+        kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",
+                  kv_cache="dynamic" if variant == "mod-dynamic" else "auto")
         dec = MODDecoder(pol, tok, **kw)
         dec.generate(ids, mask, weights=w, max_new_tokens=2)
         stats = _count_states(dec)
@@ -222,12 +226,13 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
 
-    variants = ["authors", "naive", "mod", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
+    variants = ["authors", "naive", "mod", "mod-dynamic", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
     if args.variants:
         variants = args.variants.split(",")
     common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
                   authors_rows=args.authors_rows, authors_tokens=args.authors_tokens, repeat=args.repeat)
     results = {}
+    load_before = os.getloadavg()[0]
     for dtype in args.dtypes.split(","):
         for v in variants:
             if v == "authors" and dtype != "float32":
@@ -255,6 +260,8 @@ def main() -> None:
              f"max_new_tokens={args.max_new_tokens}, policies={args.policies}; (a) on {args.authors_rows} rows × "
              f"≤{args.authors_tokens} tokens. tokens/s counts generated tokens through EOS. states/step: distinct "
              "(prompt, prefix) states forwarded per decode step (rows sharing a prefix count once)."]
+    notes.append(f"Load average (1 min) on this shared {os.cpu_count()}-core machine: {load_before:.1f} at the start, "
+                 f"{os.getloadavg()[0]:.1f} at the end; each variant is the fastest of {args.repeat} runs.")
     f32, bf16 = results.get(("mod", "float32")), results.get(("mod", "bfloat16"))
     if f32 and bf16:
         rows, toks = _mismatch(f32["rows"], bf16["rows"])

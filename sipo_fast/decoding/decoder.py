@@ -384,8 +384,9 @@ def _expand_weight_sets(ids: torch.Tensor, mask: torch.Tensor, weights):
 def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
     if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if not isinstance(temperature, (int, float)) or not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r} (for greedy decoding use do_sample=False)")
+    if do_sample and (not isinstance(temperature, (int, float)) or not temperature > 0):
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (for greedy decoding use "
+                         "do_sample=False)")
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
     if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
