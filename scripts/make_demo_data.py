@@ -73,6 +73,7 @@ def card(rows: list[dict], args, seconds: float) -> str:
     ratio = lambda rs: sum(r["better_response_id"] != r["safer_response_id"] for r in rs) / max(1, len(rs))  # noqa: E731
     unsafe = sum((not r["is_response_0_safe"]) + (not r["is_response_1_safe"]) for r in rows)
     mean = lambda key: sum(r[f"{key}_0"] + r[f"{key}_1"] for r in rows) / (2 * n)  # noqa: E731
+    close = sum(abs(r["offensive_0"] - r["offensive_1"]) < 0.01 for r in conflict)
     return f"""# Demo preference data (sipo_fast/data/demo/demo.jsonl)
 
 A small preference set in the PKU-SafeRLHF schema, made for this project so that the whole SIPO pipeline
@@ -90,7 +91,7 @@ runs offline on a laptop CPU. It stands in for `PKU-Alignment/PKU-SafeRLHF-10K` 
   `alt-profanity-check`; `is_response_i_safe` = P(offensive) < 0.5. Raw scores are kept in `relevance_i`
   and `offensive_i`; `kind` tags the prompt type. Ties go to response 0.
 - Command: `python scripts/make_demo_data.py --max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size} --seed {args.seed}`
-  ({seconds / 60:.1f} min on a 2-core CPU).
+  ({seconds / 60:.1f} min on a 2-core CPU shared with other jobs).
 
 ## Measured
 | | rows | conflict ratio |
@@ -99,7 +100,9 @@ runs offline on a laptop CPU. It stands in for `PKU-Alignment/PKU-SafeRLHF-10K` 
 | harsh prompts | {len(by_kind['harsh'])} | {ratio(by_kind['harsh']):.3f} |
 | ordinary prompts | {len(by_kind['ordinary'])} | {ratio(by_kind['ordinary']):.3f} |
 
-Conflicting rows (helpfulness and harmlessness prefer different responses): {len(conflict)}.
+Conflicting rows (helpfulness and harmlessness prefer different responses): {len(conflict)}. In {close} of
+them the two responses' P(offensive) differ by less than 0.01: the harmlessness preference there is decided
+by small differences between two inoffensive answers, as with any scorer-labelled preference data.
 Responses flagged unsafe (P(offensive) ≥ 0.5): {unsafe} of {2 * n}. Mean relevance {mean('relevance'):.3f};
 mean P(offensive) {mean('offensive'):.3f}.
 
@@ -125,7 +128,13 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (for a quick look)")
+    ap.add_argument("--card-only", type=float, default=None, metavar="MINUTES",
+                    help="rewrite DATASET_CARD.md from the existing demo.jsonl (MINUTES: the recorded generation time)")
     args = ap.parse_args(argv)
+    if args.card_only is not None:
+        rows = [json.loads(line) for line in (OUT_DIR / "demo.jsonl").read_text().splitlines()]
+        write_atomic(OUT_DIR / "DATASET_CARD.md", card(rows, args, args.card_only * 60))
+        return
     sys.path.insert(0, str(ROOT))
     from sipo_fast.data.demo_prompts import prompts as all_prompts
 
