@@ -12,14 +12,12 @@ the exact input of the LM head. The fused op then scores every response position
 from __future__ import annotations
 
 import contextlib
-import logging
 import warnings
 import torch
 import torch.nn as nn
 
 from sipo_fast.ops.logprobs import token_logprobs
 
-logger = logging.getLogger(__name__)
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 _warned: set[str] = set()
 
@@ -279,7 +277,10 @@ def implicit_rewards(policies, reference, batch: dict, beta: float = 0.1, *, ref
             must be adapters of one PeftModel; the reference rides in the same batched forward).
         batch: dict with ``input_ids``, ``attention_mask``, ``response_mask`` [B, T] (``encode_pairs``).
         ref_logprobs: precomputed [B] log π_ref(y|x) (e.g. from :func:`reference_logprobs`); skips the reference.
-        batch_size: rows per forward (default: all B at once); a tqdm bar shows progress over B.
+        batch_size: rows per forward (default: all B at once); a tqdm bar shows progress over B. A batched
+            adapter forward holds (number of adapters [+1 for the base reference]) × batch_size rows.
+    Returns:
+        [B, K] float32 on CPU, columns in the order of ``policies``.
     """
     scorers = _as_scorers(policies)
     if beta <= 0:
