@@ -18,6 +18,7 @@ The paged run's tokens are checked equal to the unshared run's (greedy).
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -81,8 +82,13 @@ def _kv_bytes(runner) -> int:
     return total
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _instrument(runner, stats: dict) -> None:
-    """Wrap the runner's verbs to count prefill positions and track peak KV bytes."""
+    """Wrap the runner's verbs to count prefill positions, time prefill and decode steps, and track peak KV."""
     prefill, step = runner.prefill, runner.step
 
     def track():
@@ -91,12 +97,21 @@ def _instrument(runner, stats: dict) -> None:
     def counted_prefill(ids, mask, *args, **kwargs):
         stats["prefill_positions"] += ids.numel()
         stats["prefill_tokens"] += int(mask.sum())
+        _sync()
+        t0 = time.perf_counter()
         out = prefill(ids, mask, *args, **kwargs)
+        _sync()
+        stats["prefill_s"] += time.perf_counter() - t0
         track()
         return out
 
     def tracked_step(tokens):
+        _sync()
+        t0 = time.perf_counter()
         out = step(tokens)
+        _sync()
+        stats["step_s"] += time.perf_counter() - t0
+        stats["steps"] += 1
         track()
         return out
 
@@ -104,31 +119,38 @@ def _instrument(runner, stats: dict) -> None:
 
 
 def run_variant(variant: str, model: str, num_prompts: int, prompt_len: int, new_tokens: int, repeat: int,
-                block_size: int, threads: int) -> dict:
+                block_size: int, threads: int, device: str = "cpu") -> dict:
     """One variant, in its own process: returns its metrics and its generated tokens."""
     from sipo_fast import MODDecoder
 
     torch.set_num_threads(threads)
     kv_cache, dedupe = VARIANTS[variant]
     models, tok = _policies(model)
-    ids, mask = _prompts(tok, num_prompts, prompt_len)
+    models = [m.to(device) for m in models]
+    ids, mask = (t.to(device) for t in _prompts(tok, num_prompts, prompt_len))
     dec = MODDecoder(models, tok, kv_cache=kv_cache, dedupe=dedupe, kv_block_size=block_size)
-    weights = torch.tensor(WEIGHTS)[None].expand(num_prompts, -1, -1)  # (P, |W|, N): P·|W| rows
+    weights = torch.tensor(WEIGHTS, device=device)[None].expand(num_prompts, -1, -1)  # (P, |W|, N): P·|W| rows
     kw = dict(weights=weights, max_new_tokens=new_tokens, eos_token_id=[])  # no EOS: the same work every run
     dec.generate(ids, mask, weights=weights, max_new_tokens=2, eos_token_id=[])  # warm-up
     stats: dict = {}
     _instrument(dec.runner, stats)
     times, out = [], None
     for _ in range(repeat):
-        stats.update(prefill_positions=0, prefill_tokens=0, peak_kv_bytes=0)
+        stats.update(prefill_positions=0, prefill_tokens=0, peak_kv_bytes=0, prefill_s=0.0, step_s=0.0, steps=0)
         t0 = time.perf_counter()
         out = dec.generate(ids, mask, **kw)
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    result = dict(stats, time_s=times[len(times) // 2], tokens=out.sequences.tolist())
+        _sync()
+        times.append((time.perf_counter() - t0, dict(stats)))
+    times.sort(key=lambda x: x[0])
+    total, stats = times[len(times) // 2]  # the median run, with its own prefill/step timings
+    result = dict(stats, time_s=total, tokens=out.sequences.tolist())
     if kv_cache == "paged":
         result["peak_blocks"] = dec.runner.stats["peak_blocks_used"]
     return result
+
+
+def _median_run(runs: list[dict]) -> dict:
+    return sorted(runs, key=lambda r: r["time_s"])[len(runs) // 2]
 
 
 def main() -> None:
@@ -137,35 +159,48 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="P, distinct prompts (rows = 4P)")
     ap.add_argument("--prompt-len", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--repeat", type=int, default=1, help="timed generate() calls per process (median)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the variants in this many interleaved rounds (fresh processes); on a shared machine "
+                         "the speedup is the median of per-round ratios, so slow drift in load cancels")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny models, P=4, 24+24 tokens")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
     if args.quick:
         args.model, args.prompts, args.prompt_len, args.new_tokens = "tiny", 4, 24, 24
     kwargs = dict(model=args.model, num_prompts=args.prompts, prompt_len=args.prompt_len,
-                  new_tokens=args.new_tokens, repeat=args.repeat, block_size=args.block_size, threads=args.threads)
-    results = {}
-    for variant in VARIANTS:
-        print(f"running {variant} ...", flush=True)
-        results[variant] = run_isolated("bench_kv_sharing:run_variant", dict(variant=variant, **kwargs))
-    base = results["unshared"]
+                  new_tokens=args.new_tokens, repeat=args.repeat, block_size=args.block_size, threads=args.threads,
+                  device=args.device)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    for rnd in range(args.rounds):
+        for variant in VARIANTS:
+            print(f"round {rnd + 1}/{args.rounds}: {variant} ...", flush=True)
+            runs[variant].append(run_isolated("bench_kv_sharing:run_variant", dict(variant=variant, **kwargs)))
+    base_runs = runs["unshared"]
+    base = _median_run(base_runs)
     rows = []
-    for variant, r in results.items():
+    for variant, rs in runs.items():
+        r = _median_run(rs)
+        ratios = [b["time_s"] / x["time_s"] for b, x in zip(base_runs, rs)]
         rows.append({
             "variant": variant, "kv_cache/dedupe": "/".join(map(str, VARIANTS[variant])),
             "prefill positions": r["prefill_positions"], "prefill prompt tokens": r["prefill_tokens"],
             "peak KV MiB": r["peak_kv_bytes"] / 2**20, "peak KV blocks": r.get("peak_blocks", "-"),
-            "time s": r["time_s"], "speedup vs unshared": base["time_s"] / r["time_s"],
-            "same tokens as unshared": r["tokens"] == base["tokens"], "peak RSS MB": r["peak_rss_mb"],
+            "prefill s": r["prefill_s"], "decode ms/step": 1e3 * r["step_s"] / max(r["steps"], 1),
+            "time s": r["time_s"], "speedup vs unshared": statistics.median(ratios),
+            "same tokens as unshared": all(x["tokens"] == base["tokens"] for x in rs),
+            "peak RSS MB": r["peak_rss_mb"],
         })
     notes = (f"P={args.prompts} prompts x |W|=4 weights = {4 * args.prompts} rows, 2 policies "
              f"({'SmolLM2-135M + perturbed copy' if args.model == 'default' else 'tiny llama x2'}, float32), "
              f"prompts ~{args.prompt_len} tokens, {args.new_tokens} new tokens (greedy, no EOS), "
-             f"block size {args.block_size}, {args.threads} threads; time = median of {args.repeat} after a "
-             "warm-up. Prefill positions count padded rows x width per policy; KV counts both policies.")
+             f"block size {args.block_size}, {args.threads} threads, device {args.device}; time = median of "
+             f"{args.repeat} call(s) after a "
+             f"warm-up, median over {args.rounds} interleaved round(s); speedup = median of per-round ratios. "
+             "Prefill positions count padded rows x width per policy; KV counts both policies.")
     if args.no_record:
         from harness import markdown_table
 
