@@ -190,9 +190,6 @@ class SharedPagedKV:
     def num_blocks(self) -> int:
         return self.manager.num_blocks
 
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
     # Sequences -----------------------------------------------------------------------------------------
     def add_prompts(self, prompts: Sequence[Sequence[int]], *, pad_token_id: int = 0):
         """Register prompts (token id lists) and build their prefill inputs.
