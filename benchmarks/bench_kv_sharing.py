@@ -18,6 +18,7 @@ The paged run's tokens are checked equal to the unshared run's (greedy).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -174,6 +175,7 @@ def main() -> None:
     kwargs = dict(model=args.model, num_prompts=args.prompts, prompt_len=args.prompt_len,
                   new_tokens=args.new_tokens, repeat=args.repeat, block_size=args.block_size, threads=args.threads,
                   device=args.device)
+    load_start = os.getloadavg()[0]  # other jobs on a shared machine skew absolute times: say how busy it was
     runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     for rnd in range(args.rounds):
         for variant in VARIANTS:
@@ -200,7 +202,8 @@ def main() -> None:
              f"block size {args.block_size}, {args.threads} threads, device {args.device}; time = median of "
              f"{args.repeat} call(s) after a "
              f"warm-up, median over {args.rounds} interleaved round(s); speedup = median of per-round ratios. "
-             "Prefill positions count padded rows x width per policy; KV counts both policies.")
+             "Prefill positions count padded rows x width per policy; KV counts both policies. "
+             f"1-min load average at start/end: {load_start:.1f}/{os.getloadavg()[0]:.1f} on {os.cpu_count()} cores.")
     if args.no_record:
         from harness import markdown_table
 
