@@ -84,10 +84,39 @@ def test_every_method_sweeps_the_same_grid(evaluated, run_dir):
     for m in ("soups", "soups_ab", "modpo"):
         assert res[m].responses[0] == res["mod"].responses[0] and res[m].responses[2] == res["mod"].responses[2]
     assert res["sipo"].responses != res["mod"].responses  # other adapters, other texts
-    assert (run_dir / "comparison" / "modpo" / "w0.5_0.5" / "adapter_config.json").exists()
+    assert len(list((run_dir / "comparison" / "modpo").glob("*/w0.5_0.5/adapter_config.json"))) == 1
     md = evaluated.paths["markdown"].read_text()
     assert "Pipeline diagnostics" in md and "| 0 | 0.50 | 3 | 3 | 4 | 4 | 8 |" in md
     assert evaluated.paths["png"].stat().st_size > 10_000
+
+
+def test_modpo_margins_are_the_other_policys_implicit_rewards(evaluated, run_dir, tokenizer):
+    """MODPO at w = (0.5, 0.5) trains "helpful" with the harmless policy's implicit reward as the margin.
+    Recompute r = 0.1·(log π_harmless(y|x) − log π_ref(y|x)) with plain forward passes and log-softmax."""
+    from peft import PeftModel
+
+    from sipo_fast.data.formatting import encode_pairs
+    from sipo_fast.models import tiny
+
+    rows = json.loads(next((run_dir / "comparison" / "modpo").glob("*/margins_k0.json")).read_text())["train"]
+    train = [json.loads(line) for line in (run_dir / "align" / "train.jsonl").read_text().splitlines()]
+    assert [r["chosen"] for r in rows] == [t[f"response_{t['pref_helpful']}"] for t in train]
+    model = PeftModel.from_pretrained(tiny("llama", tokenizer=tokenizer)[0], run_dir / "align" / "policies" / "harmless")
+
+    def logp(prompts, responses):
+        b = encode_pairs(tokenizer, prompts, responses, "chat", max_length=64)
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits[:, :-1].float()
+        lp = torch.log_softmax(logits, -1).gather(-1, b["input_ids"][:, 1:, None])[..., 0]  # (B, T-1)
+        return (lp * b["response_mask"][:, 1:]).sum(-1)
+
+    with torch.no_grad():
+        for key in ("chosen", "rejected"):
+            ps, ys = [r["prompt"] for r in rows], [r[key] for r in rows]
+            pol = logp(ps, ys)
+            with model.disable_adapter():
+                ref = logp(ps, ys)
+            got = torch.tensor([r[f"{key}_margin_rewards"][0] for r in rows])
+            torch.testing.assert_close(got, 0.1 * (pol - ref), rtol=1e-4, atol=1e-5)
 
 
 def test_diagnostics_check_survivors_against_the_scorers(evaluated, run_dir):

@@ -79,40 +79,58 @@ def _modpo_split(w: Sequence[float]) -> tuple[int, list[int]]:
     return k, [j for j in range(len(w)) if j != k]
 
 
+def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, list[dict]]:
+    """Objective k's preference pairs ("train" and "eval" splits of stage 1) with the margin rewards r_φ of
+    every other objective: r_j(x, y) = β (log π_j(y|x) − log π_ref(y|x)) on chosen and rejected, under the
+    stage-1 policies. They do not depend on the weight, so they are computed once per k and kept in
+    ``cache_dir/margins_k<k>.json`` for every MODPO weight."""
+    from sipo_fast.data.formatting import encode_pairs
+    from sipo_fast.pipeline.rundir import atomic_write_json, read_jsonl
+    from sipo_fast.pipeline.stages import load_policies, preference_pairs
+    from sipo_fast.training import implicit_rewards
+
+    path = cache_dir / f"margins_k{k}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    cfg, objectives = ctx.config, list(ctx.config.data.objectives)
+    others = [j for j in range(len(objectives)) if j != k]
+    splits = {s: preference_pairs(read_jsonl(align_dir / f"{s}.jsonl"), objectives[k]) for s in ("train", "eval")}
+    pairs = splits["train"] + splits["eval"]
+    policies = load_policies(ctx, align_dir / "policies")
+    ref = None if policies.names is not None else policies.reference
+    pol = ((policies.model, [objectives[j] for j in others]) if policies.names is not None
+           else [policies.models[j] for j in others])
+    # One scoring batch: every chosen response, then every rejected one.
+    batch = encode_pairs(ctx.tokenizer, [p["prompt"] for p in pairs] * 2,
+                         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], cfg.model.template,
+                         max_length=cfg.align.max_length)
+    r = implicit_rewards(pol, ref, batch, beta=cfg.align.beta, batch_size=cfg.filter.batch_size,
+                         progress=ctx.progress)                                   # (2·pairs, N−1)
+    rows = [{**p, "chosen_margin_rewards": r[i].tolist(), "rejected_margin_rewards": r[len(pairs) + i].tolist()}
+            for i, p in enumerate(pairs)]
+    out = {"train": rows[: len(splits["train"])], "eval": rows[len(splits["train"]):]}
+    atomic_write_json(path, out)
+    return out
+
+
 def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
     """Train one MODPO policy at weight ``w`` (SIPO.md §4) and save its LoRA adapter to ``out``.
 
     Objective k (the first with w_k > 0) is trained on its own pairs from ``align/train.jsonl`` with
     r_θ = (1/w_k)[β log π_θ/π_ref − w_{−k}ᵀ r_φ], where r_φ are the implicit rewards β log π_j/π_ref of the
-    other objectives' stage-1 policies. Same LoRA shape, learning rate, epochs and β as stage 1, from π_ref.
+    other objectives' stage-1 policies (:func:`modpo_margins`). Same LoRA shape, learning rate, epochs, β and
+    best-checkpoint rule as stage 1, from π_ref.
     """
+    import torch
     from datasets import Dataset
 
-    from sipo_fast.data.formatting import encode_pairs
-    from sipo_fast.pipeline.rundir import read_jsonl
-    from sipo_fast.pipeline.stages import load_policies, lora_config, preference_pairs
-    from sipo_fast.training import implicit_rewards, train_preference
+    from sipo_fast.pipeline.stages import lora_config
+    from sipo_fast.training import train_preference
 
     cfg, objectives = ctx.config, list(ctx.config.data.objectives)
     k, others = _modpo_split(w)
-
-    def with_margins(rows: list[dict]) -> list[dict]:
-        pairs = preference_pairs(rows, objectives[k])
-        if not pairs:
-            return []
-        policies = load_policies(ctx, align_dir / "policies")
-        enc = lambda key: encode_pairs(ctx.tokenizer, [p["prompt"] for p in pairs], [p[key] for p in pairs],  # noqa: E731
-                                       cfg.model.template, max_length=cfg.align.max_length)
-        names = [objectives[j] for j in others]
-        kw = dict(beta=cfg.align.beta, batch_size=cfg.filter.batch_size, progress=ctx.progress)
-        ref = None if policies.names is not None else policies.reference
-        pol = (policies.model, names) if policies.names is not None else [policies.models[j] for j in others]
-        rc, rr = implicit_rewards(pol, ref, enc("chosen"), **kw), implicit_rewards(pol, ref, enc("rejected"), **kw)
-        return [{**p, "chosen_margin_rewards": c.tolist(), "rejected_margin_rewards": r.tolist()}
-                for p, c, r in zip(pairs, rc, rr)]
-
-    train = with_margins(read_jsonl(align_dir / "train.jsonl"))
-    held = with_margins(read_jsonl(align_dir / "eval.jsonl")) if cfg.align.select_best else []
+    data = modpo_margins(ctx, align_dir, k, out.parent)
+    train, held = data["train"], (data["eval"] if cfg.align.select_best else [])
     a = cfg.align
     log.info("modpo: w=%s, objective %r with margins %s, %d pairs", list(w), objectives[k],
              [objectives[j] for j in others], len(train))
@@ -123,8 +141,6 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
         eval_dataset=Dataset.from_list(held) if held else None, seed=cfg.seed, modpo_weight=float(w[k]),
         modpo_margin_weights=[float(w[j]) for j in others], objective_names=[objectives[j] for j in [k, *others]],
         max_steps=a.max_steps)
-    import torch
-
     # train_preference returns the trained model, or (newer) a result object holding it in ``.model``.
     # (A PeftModel has a ``.model`` too, the wrapped base, so test the type, not the attribute.)
     model = result if isinstance(result, torch.nn.Module) else result.model
@@ -260,20 +276,27 @@ def _modpo_policies(ctx, run_dir: Path, weights: np.ndarray, out_dir: Path) -> l
     its optimum as w_k → 0 is the margin objective's own DPO policy), a trained MODPO adapter elsewhere."""
     from peft import PeftModel
 
+    from sipo_fast.pipeline.rundir import RunDir, stable_hash
+
     align = run_dir / "align"
     objectives = list(ctx.config.data.objectives)
     if not ctx.config.align.use_lora:
         raise ValueError("the modpo baseline is implemented for LoRA runs (align.use_lora=true)")
+    # MODPO models (and their margins) belong to one set of stage-1 policies and one training config:
+    # a re-run stage 1 gets a fresh directory instead of reusing models trained against the old one.
+    key = stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
+                       "seed": ctx.config.seed, "template": ctx.config.model.template})
+    root = out_dir / "modpo" / key
     base = None
     out = []
     for i, w in enumerate(np.asarray(weights).tolist()):
         if max(w) == 1.0:
             path, name = align / "policies" / objectives[int(np.argmax(w))], f"stage1_{int(np.argmax(w))}"
         else:
-            path, name = out_dir / "modpo" / f"w{'_'.join(f'{x:g}' for x in w)}", f"modpo{i}"
+            path, name = root / f"w{'_'.join(f'{x:g}' for x in w)}", f"modpo{i}"
             if not (path / "adapter_config.json").exists():
-                path.parent.mkdir(parents=True, exist_ok=True)
-                train_modpo(ctx, align, w, path, scratch=out_dir / "modpo" / ".scratch")
+                root.mkdir(parents=True, exist_ok=True)
+                train_modpo(ctx, align, w, path, scratch=root / ".scratch")
         if base is None:
             base = PeftModel.from_pretrained(ctx.load_base(), path, adapter_name=name)
         elif name not in base.peft_config:
