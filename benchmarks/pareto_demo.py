@@ -1,7 +1,9 @@
 """Evidence for issue 7: SIPO's Pareto front against MOD, DPO soups and MODPO on the embedded default model
 (SmolLM2-135M-Instruct, the shipped demo data, relevance vs harmlessness scorers), over several seeds.
 
-    flock /tmp/sipo_bench.lock .venv/bin/python benchmarks/pareto_demo.py --seeds 0 1 2
+    .venv/bin/python benchmarks/pareto_demo.py --seeds 0 1 2
+
+Not under the benchmark lock: it runs for hours and measures quality, not speed (its wall times are context).
 
 For each seed s: the demo pipeline (``--preset demo``, ``seed=s``, its own eval stage off) in
 ``<runs-dir>/seed<s>``, then :func:`sipo_fast.eval.evaluate_run` for each method on W ∪ {0, 1}, timed.
@@ -92,11 +94,12 @@ def main() -> None:
         results += r
     objectives = results[0].objectives
     commentary = Path(args.commentary).read_text().strip() + "\n\n" if args.commentary else ""
-    cmd = "flock /tmp/sipo_bench.lock .venv/bin/python " + " ".join(["benchmarks/pareto_demo.py"] + sys.argv[1:])
+    cmd = ".venv/bin/python " + " ".join(["benchmarks/pareto_demo.py"] + sys.argv[1:])
     notes = (f"### How this was made\n\n- command: `{cmd}`\n- machine: {harness.machine()}\n"
              f"- preset `{args.preset}` with seed = s for each s in {args.seeds} (training seed, and the seed "
              "recorded with each sweep; decoding is greedy). The pipeline's data split and prompts are the same "
-             "for every seed.\n- methods: " + ", ".join(args.methods) + "; each method's front is its per-weight "
+             "for every seed, so the per-weight table pools the same prompts once per seed: its CIs treat seeds as extra "
+             "samples and are narrower than a fresh-prompt CI would be.\n- methods: " + ", ".join(args.methods) + "; each method's front is its per-weight "
              "mean points. MODPO's endpoints are the stage-1 policies (its w_k = 1 optimum is DPO on objective k; "
              "w_k → 0 tends to the other objective's DPO policy).\n\n"
              "### Pipeline diagnostics per seed\n\n" + diagnostics_markdown(diags, objectives) +
