@@ -146,6 +146,9 @@ def test_sweeps_are_reused_until_an_input_changes(evaluated, run_dir, monkeypatc
     assert all(np.array_equal(r.scores, old[r.method].scores) for r in again.results)
     with pytest.raises(AssertionError, match="reused"):  # new decoding length: the sweep must be redone
         evaluate_run(run_dir, methods=["mod"], weights=[0.0, 0.5, 1.0], max_new_tokens=3, progress=False, write=False)
+    with pytest.raises(AssertionError, match="reused"):  # other scorers: the saved scores do not apply
+        evaluate_run(run_dir, methods=["mod"], weights=[0.0, 0.5, 1.0], scorers=["harmlessness", "relevance"],
+                     progress=False, write=False)
 
 
 def test_evaluate_run_errors(run_dir, tmp_path):
@@ -155,6 +158,10 @@ def test_evaluate_run_errors(run_dir, tmp_path):
         evaluate_run(run_dir, methods=["dpo_lw"])
     with pytest.raises(ValueError, match="one scorer per objective"):
         evaluate_run(run_dir, methods=["mod"], scorers=["relevance"])
+    with pytest.raises(ValueError, match="positive integer"):
+        evaluate_run(run_dir, methods=["mod"], num_prompts=0)
+    with pytest.raises(ValueError, match="one per objective"):
+        evaluate_run(run_dir, methods=["mod"], ref=[0.0])
     from sipo_fast.pipeline.rundir import RunDir
 
     RunDir(run_dir).forget("finetune")

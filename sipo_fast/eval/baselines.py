@@ -330,7 +330,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
         if missing:
             raise ValueError(f"method {m!r} needs the pipeline stage(s) {missing} of {run_dir}, which are not finished; "
                              "run `sipo-fast run` with that --output-dir first")
+    for name, v in (("num_prompts", num_prompts), ("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"{name} must be a positive integer, got {v!r}")
     n = len(config.data.objectives)
+    if ref is not None and len(ref) != n:
+        raise ValueError(f"ref has {len(ref)} values; give one per objective {config.data.objectives}")
     w = check_weights(weights, n) if weights is not None else default_weights(config)
     specs = list(scorers) if scorers is not None else (config.eval.scorers or DEFAULT_SCORERS.get(config.data.source))
     if not specs or len(specs) != n:
@@ -349,7 +354,8 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
         path = out_dir / "sweeps" / f"{m}.json"
         if path.exists():
             old = SweepResult.load(path)
-            if old.meta.get("fingerprint") == fp:
+            # Scorer names key the score cache too; other names mean other scorers, so the sweep is redone.
+            if old.meta.get("fingerprint") == fp and old.objectives == [s.name for s in scorer_objs]:
                 log.info("eval: %s: reusing %s", m, path)
                 results.append(old)
                 continue
