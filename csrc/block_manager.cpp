@@ -129,7 +129,8 @@ class BlockManager {
       seq.blocks.push_back(b);
       if (i < shareable && hash_to_block_.find(hashes[i]) == hash_to_block_.end()) {
         hash_to_block_[hashes[i]] = b;
-        cached_[b] = CachedBlock{hashes[i], std::vector<int64_t>(tokens.begin(), tokens.begin() + (i + 1) * block_size_)};
+        cached_[b] = CachedBlock{hashes[i],
+                                 std::vector<int64_t>(tokens.begin(), tokens.begin() + (i + 1) * block_size_)};
       }
     }
     return insert(std::move(seq));

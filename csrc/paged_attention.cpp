@@ -7,10 +7,10 @@
 // with K_b[t, g] = k_cache[block_tables[b, t / B], t % B, g] (B = block size), the same for V.
 // A sequence with an empty window (L_b = 0) gets zeros.
 //
-// Parallelism: ATen's parallel_for (OpenMP in torch's CPU builds) over (sequence, kv head) pairs; one work item
-// computes the G = H / Hkv query heads that share a kv head, so every K/V row is loaded once for G heads. Inner loops run over the head dimension with
-// `omp simd` so the compiler vectorises them; scores and accumulators are float (double for float64 input),
-// and half/bfloat16 rows are widened once per row.
+// Parallelism: ATen's parallel_for (OpenMP in torch's CPU builds) over (sequence, kv head) pairs; one work
+// item computes the G = H / Hkv query heads that share a kv head, so every K/V row is loaded once for G heads.
+// Inner loops run over the head dimension with `omp simd` so the compiler vectorises them; scores and
+// accumulators are float (double for float64 input), and half/bfloat16 rows are widened once per row.
 #include "sipo_fast.h"
 
 #include <ATen/Dispatch.h>

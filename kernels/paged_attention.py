@@ -69,8 +69,8 @@ def paged_attention_decode(query: torch.Tensor, k_cache: torch.Tensor, v_cache: 
                            block_tables: torch.Tensor, context_lens: torch.Tensor, scale: float,
                            sliding_window: int = 0) -> torch.Tensor:
     """Launch the kernel. query [B, H, D]; caches [num_blocks, block_size, Hkv, D] (unit stride on D);
-    block_tables int [B, W] (unit stride on W); context_lens int [B]. Returns [B, H, D] in query's dtype. No validation here:
-    :func:`sipo_fast.ops.paged_attention` validates."""
+    block_tables int [B, W] (unit stride on W); context_lens int [B]. Returns [B, H, D] in query's dtype.
+    No validation here: :func:`sipo_fast.ops.paged_attention` validates."""
     batch, heads, head_dim = query.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     # The kernel writes float32/float64; the cast to a 16-bit dtype happens in torch (round to nearest even).

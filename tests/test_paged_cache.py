@@ -67,7 +67,8 @@ def test_ragged_prefill_and_decode_match_stock_hf(models, arch, block_size):
     with paged_attention_enabled(model):
         got = [paged_step([model], kv, seq_ids, ids, mask)[0]]
         for tokens in steps:
-            got.append(paged_step([model], kv, seq_ids, tokens[:, None], torch.ones(len(prompts), 1, dtype=torch.bool))[0])
+            ones = torch.ones(len(prompts), 1, dtype=torch.bool)
+            got.append(paged_step([model], kv, seq_ids, tokens[:, None], ones)[0])
     for s, (e, g) in enumerate(zip(expected, got)):
         torch.testing.assert_close(g, e, atol=ATOL, rtol=1e-4, msg=f"step {s}")
     assert model.config._attn_implementation != "sipo_paged", "the context manager must restore the model"

@@ -291,7 +291,7 @@ class SharedPagedKV:
             seq_ids=list(step.seq_ids) * n, new_mask=step.new_mask.repeat(n, 1),
             position_ids=step.position_ids.repeat(n, 1),
             slots=(step.slots[None, :] + offsets[:, None] * self.block_size).reshape(-1),  # (N*T,) policy-major
-            block_tables=(step.block_tables[None] + offsets[:, None, None].to(torch.int32)).reshape(-1, step.block_tables.shape[1]),
+            block_tables=(step.block_tables[None] + offsets[:, None, None].to(torch.int32)).flatten(0, 1),  # (N*B, W)
             context_lens=step.context_lens.repeat(n), past_lens=step.past_lens.repeat(n))
         return self.step
 
