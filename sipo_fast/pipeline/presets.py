@@ -28,18 +28,20 @@ PRESETS: dict[str, dict] = {
         "eval": {"weights": [0.3, 0.7], "num_prompts": 3, "max_new_tokens": 8, "batch_size": 8, "baselines": ["mod"]},
     },
     "demo": {
-        # Sized for ~15 minutes on 2 CPU cores (measured; see benchmarks/RESULTS.md): a subset of the demo data,
-        # one epoch, short generations, three weights. LoRA scaling alpha/r = 2 instead of the paper's 1/64, so
-        # that a dozen steps move the policies visibly.
+        # Sized for about 15 minutes on an otherwise idle 2-core CPU (SmolLM2-135M in float32 trains at ~10 s per
+        # step of 4 pairs and decodes at a few tenths of a second per token there): 28 pairs for stage 1, one
+        # epoch without the held-out evaluation, 8 conflicting prompts, 3 weights, short generations, one soup
+        # as an extra reward model, and the evaluation against MOD only (add soups with `sipo-fast eval`).
+        # LoRA scaling alpha/r = 2 instead of the paper's 1/64, so that seven steps move the policies.
         "model": {"name": "default"},
-        "data": {"source": "demo", "max_rows": 28, "eval_fraction": 0.1, "max_conflict_prompts": 10},
+        "data": {"source": "demo", "max_rows": 28, "eval_fraction": 0.0, "max_conflict_prompts": 8},
         "align": {"lora_r": 16, "lora_alpha": 32, "learning_rate": 5e-4, "epochs": 1, "batch_size": 4,
-                  "max_length": 112},
-        "sample": {"weights": [0.25, 0.5, 0.75], "max_new_tokens": 40, "batch_size": 16},
-        "refine": {"review_max_new_tokens": 24, "rewrite_max_new_tokens": 40, "batch_size": 16},
-        "filter": {"batch_size": 16, "max_length": 112},
+                  "max_length": 112, "select_best": False},
+        "sample": {"weights": [0.25, 0.5, 0.75], "max_new_tokens": 32, "batch_size": 16},
+        "refine": {"review_max_new_tokens": 16, "rewrite_max_new_tokens": 32, "batch_size": 16},
+        "filter": {"soup_weights": [0.5], "batch_size": 16, "max_length": 112},
         "finetune": {"learning_rate": 5e-5, "epochs": 1, "batch_size": 4, "max_length": 112},
-        "eval": {"num_prompts": 16, "max_new_tokens": 40, "batch_size": 16},
+        "eval": {"num_prompts": 12, "max_new_tokens": 32, "batch_size": 16, "baselines": ["mod"]},
     },
     "beavertails": {
         # Alpaca-7B with the beaver prompt format; refinement skipped on BeaverTails (SIPO.md §3). Effective batch

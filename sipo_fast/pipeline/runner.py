@@ -110,10 +110,11 @@ class SIPOPipeline:
             if unknown:
                 raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(self.stages)}")
         self.run_dir.open(identity(self.config), force=self.force)
-        atomic_write_text(self.run_dir.root / "config.yaml", self.config.to_yaml())
         handler = self._file_log()
         try:
             self.validate()
+            # The resolved config of the latest invocation that passed validation (sipo_fast.eval reads it).
+            atomic_write_text(self.run_dir.root / "config.yaml", self.config.to_yaml())
             out = {}
             for name, stage in self.stages.items():
                 if stages is not None and name not in stages:

@@ -1,0 +1,191 @@
+"""The ``sipo-fast`` command line: help everywhere, clean errors, and the smoke pipeline end to end in
+subprocesses: a full run, a no-op rerun, a run killed mid-stage and resumed to the same artifacts, and a
+changed config that re-runs only the stages it affects."""
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sipo_fast.cli import STAGE_COMMANDS, main
+
+ENTRY = Path(sys.executable).with_name("sipo-fast")
+SMOKE = ["--preset", "smoke", "--no-progress"]
+
+
+def cli(*args, env=None, timeout=600):
+    cmd = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "sipo_fast.cli"]
+    return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def manifest(run: Path) -> dict:
+    return json.loads((run / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------ fast checks
+
+
+@pytest.mark.parametrize("command", ["run", "demo", "status", "config", "eval", "env", *STAGE_COMMANDS])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"])
+    assert exc.value.code == 0
+    assert "usage: sipo-fast " + command in capsys.readouterr().out
+
+
+def test_help_does_not_import_torch():
+    code = "import sys, sipo_fast.cli as c; c.build_parser(); print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_config_prints_the_resolved_yaml_with_overrides(capsys):
+    assert main(["config", "--preset", "smoke", "sample.max_new_tokens=5", "--", "refine.enabled=false"]) == 0
+    out = capsys.readouterr().out
+    assert "max_new_tokens: 5" in out and "enabled: false" in out and "name: tiny" in out
+
+
+def test_overrides_may_follow_options():
+    from sipo_fast.cli import _parse
+
+    args = _parse(["run", "--preset", "smoke", "sample.batch_size=2", "--force", "sample.max_new_tokens=3"])
+    assert args.overrides == ["sample.batch_size=2", "sample.max_new_tokens=3"] and args.force
+    with pytest.raises(SystemExit):
+        _parse(["run", "--bogus"])
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", "--preset", "nope"], "unknown preset 'nope'"),
+    (["run", "--preset", "smoke", "sample.weights=[1.5]"], "off the simplex"),
+    (["run", "--preset", "smoke", "data.objectives=[helpful, funny]"], "unknown objective"),
+    (["sample", "--preset", "smoke"], "needs ['align'] done first"),
+])
+def test_bad_input_fails_fast_with_a_message_and_no_traceback(args, match, tmp_path, capsys):
+    assert main(args + ["--output-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert match in err and "Traceback" not in err
+
+
+def test_foreign_output_dir_is_refused(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("not a run")
+    assert main(["run", "--preset", "smoke", "--output-dir", str(tmp_path)]) == 2
+    assert "not a sipo_fast run directory" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").exists()
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("smoke") / "clean"
+    proc = cli("run", *SMOKE, "--output-dir", run)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return run, proc
+
+
+def test_smoke_pipeline_end_to_end_through_the_cli(smoke_run):
+    run, proc = smoke_run
+    stages = manifest(run)["stages"]
+    assert set(stages) == {"align", "sample", "refine", "filter", "finetune", "eval"}
+    f = stages["filter"]["summary"]
+    n = stages["sample"]["summary"]["conflicting_prompts"]
+    assert 1 <= n <= 4 and f["conflicting_prompts"] == n
+    assert f["candidates"] == 2 * n  # one candidate per prompt and weight
+    assert f["survivors"] <= f["candidates"] and f["prompts_covered"] <= f["conflicting_prompts"]
+    assert f["pairs"] == 2 * f["prompts_covered"]
+    assert f["reward_models"] == ["helpful", "harmless", "soup0", "soup1"]
+    assert stages["finetune"]["summary"]["pairs"] == f["pairs"]
+    for obj in ("helpful", "harmless"):
+        assert (run / "align" / "policies" / obj / "adapter_model.safetensors").exists()
+        assert (run / "finetune" / "policies" / obj / "adapter_model.safetensors").exists()
+        assert "eval_loss" in stages["align"]["summary"]["metrics"][obj]
+    assert (run / "eval" / "report.md").exists() and (run / "eval" / "sweeps" / "sipo.json").exists()
+    assert f"filter: {2 * n} candidates" in proc.stdout and "## Hypervolume" in proc.stdout
+    for stage in ("align", "sample", "refine", "filter", "finetune", "eval"):
+        assert f"[sipo] {stage}: done" in proc.stderr
+    assert not list((run / ".work").glob("align*")), "work directories are cleared once a stage commits"
+
+
+def run_main(caplog, *args) -> int:
+    """The CLI in this process (imports already warm), with the pipeline's log captured."""
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="sipo_fast"):
+        return main([str(a) for a in args])
+
+
+def test_rerun_skips_every_finished_stage(smoke_run, caplog):
+    run, _ = smoke_run
+    before = manifest(run)
+    assert run_main(caplog, "run", *SMOKE, "--output-dir", run) == 0
+    assert caplog.text.count("up to date, skipping") == 6
+    assert manifest(run)["stages"] == before["stages"]
+
+
+def _sweeps(run: Path) -> dict:
+    out = {}
+    for p in sorted((run / "eval" / "sweeps").glob("*.json")):
+        d = json.loads(p.read_text())
+        out[p.name] = (d["responses"], d["scores"])
+    return out
+
+
+def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog):
+    """Kill stage 1 right after the first objective's adapter is saved (as a SIGKILL would: os._exit), then
+    resume: the finished adapter is reused, and every artifact equals the uninterrupted run's."""
+    clean, _ = smoke_run
+    run = tmp_path / "killed"
+    proc = cli("run", *SMOKE, "--output-dir", run, env={"SIPO_FAST_CRASH_AFTER": "align:1"})
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    assert manifest(run)["stages"] == {}
+    assert (run / ".work" / "align" / "policies" / "helpful" / "adapter_model.safetensors").exists()
+    assert not (run / ".work" / "align" / "policies" / "harmless").exists()
+
+    assert run_main(caplog, "run", *SMOKE, "--output-dir", run) == 0
+    assert "align: running (resuming an unfinished run)" in caplog.text
+    assert "DPO for objective 'helpful'" not in caplog.text  # not trained twice
+    assert "DPO for objective 'harmless'" in caplog.text
+    got, want = manifest(run)["stages"], manifest(clean)["stages"]
+    for stage in ("align", "sample", "refine", "filter", "finetune"):
+        assert got[stage]["artifact"] == want[stage]["artifact"], stage
+        assert got[stage]["fingerprint"] == want[stage]["fingerprint"], stage
+    # The evaluation records its run directory in each sweep's metadata; its numbers must match.
+    assert _sweeps(run) == _sweeps(clean)
+
+
+def test_changed_config_reruns_only_the_affected_stages(smoke_run, tmp_path, caplog, capsys):
+    clean, _ = smoke_run
+    run = tmp_path / "changed"
+    shutil.copytree(clean, run)
+    assert run_main(caplog, "run", *SMOKE, "--output-dir", run, "sample.max_new_tokens=6") == 0
+    assert "align: up to date, skipping" in caplog.text
+    assert "sample: running (config changed: sample.max_new_tokens: 8 -> 6)" in caplog.text
+    assert "refine: running (its input changed: sample)" in caplog.text
+    assert "filter: running (its input changed: refine)" in caplog.text
+    before, after = manifest(clean)["stages"], manifest(run)["stages"]
+    assert after["align"] == before["align"]
+    assert after["sample"]["artifact"] != before["sample"]["artifact"]
+
+    capsys.readouterr()
+    status = [a for a in SMOKE if a != "--no-progress"]
+    assert main(["status", *status, "--output-dir", str(run), "sample.max_new_tokens=6"]) == 0
+    assert capsys.readouterr().out.count(" done ") == 6
+    assert main(["status", *status, "--output-dir", str(run)]) == 0
+    assert "sample    stale     config changed: sample.max_new_tokens: 6 -> 8" in capsys.readouterr().out
+
+
+def test_single_stage_command_reruns_one_stage(smoke_run, tmp_path, caplog):
+    clean, _ = smoke_run
+    run = tmp_path / "single"
+    shutil.copytree(clean, run)
+    assert run_main(caplog, "filter", *SMOKE, "--output-dir", run) == 0
+    assert "filter: up to date, skipping" in caplog.text
+    assert run_main(caplog, "filter", *SMOKE, "--output-dir", run, "--rerun") == 0
+    assert "filter: running (rerun requested)" in caplog.text
+    assert "sample:" not in caplog.text  # no other stage touched
+    assert manifest(run)["stages"]["filter"]["artifact"] == manifest(clean)["stages"]["filter"]["artifact"]
