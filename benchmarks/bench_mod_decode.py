@@ -1,7 +1,7 @@
 """MOD decoding throughput on the SIPO sampling workload: P prompts × W = {0.2, 0.4, 0.6, 0.8} (weights
 [w, 1−w]), greedy, two policies on the embedded default (SmolLM2-135M-Instruct).
 
-Variants, each in its own process (so peak RSS is its own):
+Variants, each in its own process (so peak RSS is its own), timed round-robin:
   (a) authors   batch 1, one forward per policy per token, a cache per policy (the released code's loop,
                 without its unused reference pass); measured on fewer rows and tokens, reported as tokens/s.
   (b) naive     all rows in one batch, one HF forward per policy per step with its own cache, torch
@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,7 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import record, run_isolated  # noqa: E402
+from harness import markdown_table, record  # noqa: E402
 
 PROMPTS = [
     "How do I bake a simple loaf of bread at home?",
@@ -143,46 +145,89 @@ def _authors_generate(fwds, ids, mask, w, max_new_tokens, eos):
     return outs, total
 
 
-def run_variant(variant: str, policies: str, dtype: str, num_prompts: int, max_new_tokens: int,
-                authors_rows: int, authors_tokens: int, repeat: int = 2) -> dict:
-    """One variant in this process: warm up, time full generations (best of ``repeat``: on a shared
-    machine the fastest run is the one least disturbed by other processes), return tokens/s and outputs."""
+def _prepare(variant: str, policies: str, dtype: str, num_prompts: int, max_new_tokens: int,
+             authors_rows: int, authors_tokens: int):
+    """Load one variant and warm it up; return ``run() -> dict`` (one full generation) and a summary hook."""
     from sipo_fast import MODDecoder
 
     torch.set_num_threads(2)
     pol, fwds, tok = _policies(policies, DTYPES[dtype])
     ids, mask, w = _rows(tok, num_prompts)
     eos = tok.eos_token_id
-    with torch.inference_mode():
-        if variant == "authors":
-            ids, mask, w = ids[:authors_rows * len(W):len(W)], mask[:authors_rows * len(W):len(W)], w[:authors_rows * len(W):len(W)]
-            _authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos)
-            dt, (_, total) = _best_of(repeat, lambda: _authors_generate(fwds, ids, mask, w, authors_tokens, eos))
-            return {"tokens": total, "seconds": dt}
-        if variant == "naive":
-            _naive_generate(fwds, ids, mask, w, 2, eos)
-            dt, (new, lengths) = _best_of(repeat, lambda: _naive_generate(fwds, ids, mask, w, max_new_tokens, eos))
-            return {"tokens": int(lengths.sum()), "seconds": dt, "rows": new.tolist()}
-        kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",
-                  kv_cache="dynamic" if variant == "mod-dynamic" else "auto")
-        dec = MODDecoder(pol, tok, **kw)
-        dec.generate(ids, mask, weights=w, max_new_tokens=2)
-        stats = _count_states(dec)
-        dt, out = _best_of(repeat, lambda: dec.generate(ids, mask, weights=w, max_new_tokens=max_new_tokens))
-        gen = out.generated
-        rows = torch.full((gen.shape[0], max_new_tokens), eos, dtype=torch.long)
-        rows[:, : gen.shape[1]] = gen
-        return {"tokens": int(out.num_generated.sum()), "seconds": dt, "rows": rows.tolist(),
-                "mean_states": stats.mean(), "num_rows": ids.shape[0]}
+    if variant == "authors":
+        pick = slice(0, authors_rows * len(W), len(W))  # one row per prompt, at w = W[0]
+        ids, mask, w = ids[pick], mask[pick], w[pick]
+        _authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos)
+        return lambda: {"tokens": _authors_generate(fwds, ids, mask, w, authors_tokens, eos)[1]}
+    if variant == "naive":
+        _naive_generate(fwds, ids, mask, w, 2, eos)
+
+        def run_naive():
+            new, lengths = _naive_generate(fwds, ids, mask, w, max_new_tokens, eos)
+            return {"tokens": int(lengths.sum()), "rows": new.tolist()}
+        return run_naive
+    kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",
+              kv_cache="dynamic" if variant == "mod-dynamic" else "auto")
+    dec = MODDecoder(pol, tok, **kw)
+    dec.generate(ids, mask, weights=w, max_new_tokens=2)
+    stats = _count_states(dec)
+
+    def run_mod():
+        stats.counts.clear()
+        out = dec.generate(ids, mask, weights=w, max_new_tokens=max_new_tokens)
+        rows = torch.full((ids.shape[0], max_new_tokens), eos, dtype=torch.long)
+        rows[:, : out.generated.shape[1]] = out.generated
+        return {"tokens": int(out.num_generated.sum()), "rows": rows.tolist(), "mean_states": stats.mean(),
+                "num_rows": ids.shape[0], "kv_cache": dec.kv_cache}
+    return run_mod
 
 
-def _best_of(repeat: int, fn):
-    best, result = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        result = fn()
-        best = min(best, time.perf_counter() - t0)
-    return best, result
+def worker(spec: str) -> None:
+    """A variant's process: load and warm up, then time one generation per "run" line on stdin, so the
+    parent can interleave variants round-robin (slow phases of a shared machine hit all of them alike);
+    "done" prints the last result with this process's peak RSS."""
+    import resource
+
+    run = _prepare(**json.loads(spec))
+    print("READY", flush=True)
+    last = None
+    for line in sys.stdin:
+        if line.strip() == "run":
+            with torch.inference_mode():
+                t0 = time.perf_counter()
+                last = run()
+                print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+        else:
+            last["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            print(json.dumps(last), flush=True)
+            return
+
+
+class _Worker:
+    def __init__(self, spec: dict):
+        self.proc = subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(spec)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, text=True, bufsize=1)
+        self._expect("READY")
+
+    def _read(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker exited with code {self.proc.wait()}")
+        return line.strip()
+
+    def _expect(self, word: str) -> None:
+        while (line := self._read()) != word:
+            pass
+
+    def run(self) -> float:
+        self.proc.stdin.write("run\n")
+        return json.loads(self._read())["seconds"]
+
+    def finish(self) -> dict:
+        self.proc.stdin.write("done\n")
+        out = json.loads(self._read())
+        self.proc.wait()
+        return out
 
 
 class _StateCounter:
@@ -214,6 +259,8 @@ def _mismatch(a: list[list[int]], b: list[list[int]]) -> tuple[float, float]:
 
 
 def main() -> None:
+    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
+        return worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", choices=["models", "lora"], default="models")
     ap.add_argument("--prompts", type=int, default=4, help="prompts; rows = prompts × |W|")
@@ -221,7 +268,7 @@ def main() -> None:
     ap.add_argument("--authors-rows", type=int, default=1, help="rows (a) decodes (it is slow)")
     ap.add_argument("--authors-tokens", type=int, default=16, help="max new tokens per row for (a)")
     ap.add_argument("--dtypes", default="float32,bfloat16")
-    ap.add_argument("--repeat", type=int, default=2, help="timed runs per variant; the fastest is kept")
+    ap.add_argument("--repeat", type=int, default=3, help="timed rounds (variants interleaved); fastest kept")
     ap.add_argument("--variants", default=None, help="comma list (default: all for the policy kind)")
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
@@ -230,18 +277,23 @@ def main() -> None:
     if args.variants:
         variants = args.variants.split(",")
     common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                  authors_rows=args.authors_rows, authors_tokens=args.authors_tokens, repeat=args.repeat)
+                  authors_rows=args.authors_rows, authors_tokens=args.authors_tokens)
     results = {}
     load_before = os.getloadavg()[0]
     for dtype in args.dtypes.split(","):
-        for v in variants:
-            if v == "authors" and dtype != "float32":
-                continue  # the released code runs float32
-            r = run_isolated("bench_mod_decode:run_variant", dict(variant=v, dtype=dtype, **common))
+        names = [v for v in variants if not (v == "authors" and dtype != "float32")]  # the released code is fp32
+        workers = {v: _Worker(dict(variant=v, dtype=dtype, **common)) for v in names}
+        times = {v: [] for v in names}
+        for _ in range(args.repeat):  # round-robin, fastest run kept
+            for v in names:
+                times[v].append(workers[v].run())
+        for v in names:
+            r = workers[v].finish()
+            r["seconds"] = min(times[v])
             r["tok_s"] = r["tokens"] / r["seconds"]
             results[(v, dtype)] = r
-            print(f"{v:13s} {dtype:9s} {r['tok_s']:8.1f} tok/s  {r['tokens']} tokens in {r['seconds']:.1f}s  "
-                  f"peak {r['peak_rss_mb']:.0f} MB", flush=True)
+            print(f"{v:13s} {dtype:9s} {r['tok_s']:8.1f} tok/s  {r['tokens']} tokens in {r['seconds']:.1f}s "
+                  f"(runs {', '.join(f'{t:.1f}' for t in times[v])})  peak {r['peak_rss_mb']:.0f} MB", flush=True)
 
     a = results.get(("authors", "float32"))
     table = []
@@ -261,7 +313,8 @@ def main() -> None:
              f"≤{args.authors_tokens} tokens. tokens/s counts generated tokens through EOS. states/step: distinct "
              "(prompt, prefix) states forwarded per decode step (rows sharing a prefix count once)."]
     notes.append(f"Load average (1 min) on this shared {os.cpu_count()}-core machine: {load_before:.1f} at the start, "
-                 f"{os.getloadavg()[0]:.1f} at the end; each variant is the fastest of {args.repeat} runs.")
+                 f"{os.getloadavg()[0]:.1f} at the end; variants ran interleaved, round-robin, each in its own process, "
+                 f"and each keeps its fastest of {args.repeat} runs.")
     f32, bf16 = results.get(("mod", "float32")), results.get(("mod", "bfloat16"))
     if f32 and bf16:
         rows, toks = _mismatch(f32["rows"], bf16["rows"])
@@ -271,8 +324,6 @@ def main() -> None:
     if nf and mf:
         notes.append(f"MODDecoder float32 vs naive float32 outputs: {_mismatch(nf['rows'], mf['rows'])[0]:.0%} of rows differ.")
     if args.no_record:
-        from harness import markdown_table
-
         print(markdown_table(table), "\n" + "\n".join(notes))
     else:
         record(f"MOD decoding, SIPO sampling workload ({args.policies})", table, notes="\n".join(notes))
