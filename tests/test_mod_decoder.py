@@ -309,6 +309,8 @@ def test_batch_errors(decoder, tokenizer):
         decoder.generate(ids + 10**6, mask, weights=[0.5, 0.5], max_new_tokens=2)
     with pytest.raises(ValueError, match="shape"):
         decoder.generate(ids, mask[:, 1:], weights=[0.5, 0.5], max_new_tokens=2)
+    with pytest.raises(ValueError, match="text prompts"):
+        decoder.generate(["hi", "there"], mask[:2], weights=[0.5, 0.5], max_new_tokens=2)
 
 
 def test_constructor_errors(tokenizer):

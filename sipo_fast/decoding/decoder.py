@@ -209,6 +209,8 @@ class MODDecoder:
             :class:`MODOutput` with ``sequences`` [B, T+L] and ``logprobs`` [B, N].
         """
         if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str):
+            if attention_mask is not None:
+                raise ValueError("attention_mask goes with token ids; text prompts are padded here, pass none")
             input_ids, attention_mask = self._encode(list(input_ids), template)
         ids, mask = self._check_batch(input_ids, attention_mask)
         ids, mask, weights = _expand_weight_sets(ids, mask, weights)  # [sipo_fast.kv] [B, S, N] weights
