@@ -127,56 +127,65 @@ def test_rerun_skips_every_finished_stage(smoke_run, caplog):
     assert manifest(run)["stages"] == before["stages"]
 
 
-def _sweeps(run: Path) -> dict:
-    out = {}
-    for p in sorted((run / "eval" / "sweeps").glob("*.json")):
-        d = json.loads(p.read_text())
-        out[p.name] = (d["responses"], d["scores"])
-    return out
+def _forget(run: Path, stages: list[str]) -> None:
+    """Make a copied run look as if ``stages`` never ran."""
+    data = manifest(run)
+    for s in stages:
+        data["stages"].pop(s, None)
+        shutil.rmtree(run / s, ignore_errors=True)
+    (run / "manifest.json").write_text(json.dumps(data))
 
 
-def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog):
-    """Kill stage 1 right after the first objective's adapter is saved (as a SIGKILL would: os._exit), then
-    resume: the finished adapter is reused, and every artifact equals the uninterrupted run's."""
+@pytest.mark.parametrize("stage,first_part,later_part", [
+    ("align", "policies/helpful/adapter_model.safetensors", "policies/harmless"),
+    ("sample", "parts/w0.jsonl", "parts/w1.jsonl"),
+])
+def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog, stage, first_part, later_part):
+    """Kill a stage right after its first part is saved (os._exit, as a SIGKILL would), then resume: the finished
+    part is reused, the rest is done, and the artifact equals the uninterrupted run's (so every later stage gets
+    the same inputs and the same fingerprint)."""
     clean, _ = smoke_run
     run = tmp_path / "killed"
-    proc = cli("run", *SMOKE, "--output-dir", run, env={"SIPO_FAST_CRASH_AFTER": "align:1"})
+    shutil.copytree(clean, run)
+    order = ["align", "sample", "refine", "filter", "finetune", "eval"]
+    _forget(run, order[order.index(stage):])
+    proc = cli("run", *SMOKE, "--output-dir", run, env={"SIPO_FAST_CRASH_AFTER": f"{stage}:1"})
     assert proc.returncode == 75, proc.stderr[-3000:]
-    assert manifest(run)["stages"] == {}
-    assert (run / ".work" / "align" / "policies" / "helpful" / "adapter_model.safetensors").exists()
-    assert not (run / ".work" / "align" / "policies" / "harmless").exists()
+    assert stage not in manifest(run)["stages"]
+    assert (run / ".work" / stage / first_part).exists() and not (run / ".work" / stage / later_part).exists()
 
-    assert run_main(caplog, "run", *SMOKE, "--output-dir", run) == 0
-    assert "align: running (resuming an unfinished run)" in caplog.text
-    assert "DPO for objective 'helpful'" not in caplog.text  # not trained twice
-    assert "DPO for objective 'harmless'" in caplog.text
-    got, want = manifest(run)["stages"], manifest(clean)["stages"]
-    for stage in ("align", "sample", "refine", "filter", "finetune"):
-        assert got[stage]["artifact"] == want[stage]["artifact"], stage
-        assert got[stage]["fingerprint"] == want[stage]["fingerprint"], stage
-    # The evaluation records its run directory in each sweep's metadata; its numbers must match.
-    assert _sweeps(run) == _sweeps(clean)
+    assert run_main(caplog, stage, *SMOKE, "--output-dir", run) == 0
+    assert f"{stage}: running (resuming an unfinished run)" in caplog.text
+    assert f"{stage}: reusing" in caplog.text and first_part in caplog.text
+    if stage == "align":
+        assert "DPO for objective 'helpful'" not in caplog.text  # not trained twice
+        assert "DPO for objective 'harmless'" in caplog.text
+    got, want = manifest(run)["stages"][stage], manifest(clean)["stages"][stage]
+    assert got["artifact"] == want["artifact"] and got["fingerprint"] == want["fingerprint"]
+    assert not (run / ".work" / stage).exists()
 
 
 def test_changed_config_reruns_only_the_affected_stages(smoke_run, tmp_path, caplog, capsys):
     clean, _ = smoke_run
     run = tmp_path / "changed"
     shutil.copytree(clean, run)
-    assert run_main(caplog, "run", *SMOKE, "--output-dir", run, "sample.max_new_tokens=6") == 0
-    assert "align: up to date, skipping" in caplog.text
-    assert "sample: running (config changed: sample.max_new_tokens: 8 -> 6)" in caplog.text
-    assert "refine: running (its input changed: sample)" in caplog.text
-    assert "filter: running (its input changed: refine)" in caplog.text
+    assert run_main(caplog, "run", *SMOKE, "--output-dir", run, "finetune.learning_rate=0.002") == 0
+    for stage in ("align", "sample", "refine", "filter"):
+        assert f"{stage}: up to date, skipping" in caplog.text
+    assert "finetune: running (config changed: finetune.learning_rate: 0.001 -> 0.002)" in caplog.text
+    assert "eval: running (its input changed: finetune)" in caplog.text
     before, after = manifest(clean)["stages"], manifest(run)["stages"]
-    assert after["align"] == before["align"]
-    assert after["sample"]["artifact"] != before["sample"]["artifact"]
+    assert all(after[s] == before[s] for s in ("align", "sample", "refine", "filter"))
+    assert after["finetune"]["fingerprint"] != before["finetune"]["fingerprint"]
 
     capsys.readouterr()
     status = [a for a in SMOKE if a != "--no-progress"]
-    assert main(["status", *status, "--output-dir", str(run), "sample.max_new_tokens=6"]) == 0
+    assert main(["status", *status, "--output-dir", str(run), "finetune.learning_rate=0.002"]) == 0
     assert capsys.readouterr().out.count(" done ") == 6
     assert main(["status", *status, "--output-dir", str(run)]) == 0
-    assert "sample    stale     config changed: sample.max_new_tokens: 6 -> 8" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finetune  stale     config changed: finetune.learning_rate: 0.002 -> 0.001" in out
+    assert "sample    done" in out
 
 
 def test_single_stage_command_reruns_one_stage(smoke_run, tmp_path, caplog):

@@ -143,10 +143,11 @@ class SIPOPipeline:
         log.info("%s: running (%s)", stage.name, "rerun requested" if rerun else self._why(stage, *fp))
         self.run_dir.forget(stage.name)
         work = self.run_dir.work_dir(stage.name, fingerprint)
-        resumed = sorted(p.name for p in work.iterdir() if not p.name.startswith("."))
+        resumed = sorted(str(p.relative_to(work)) for p in work.rglob("*") if p.is_file()
+                         and not any(x.startswith(".") or x == "logs" for x in p.relative_to(work).parts))
         if resumed:
-            log.info("%s: reusing %d finished part(s) from an interrupted run: %s", stage.name, len(resumed),
-                     ", ".join(resumed))
+            log.info("%s: reusing %d file(s) saved by an interrupted run: %s", stage.name, len(resumed),
+                     ", ".join(resumed[:8]) + (", ..." if len(resumed) > 8 else ""))
         t0, c0 = time.perf_counter(), time.process_time()
         summary = stage.run(self.context(), Parts(work, stage.name, crash_point(stage.name)),
                             {u: self.run_dir.stage_dir(u) for u in stage.upstream})
