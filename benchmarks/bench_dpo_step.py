@@ -5,8 +5,8 @@ for three log-prob paths on the same batch and weights, each in its own process 
   * ``fused``: ``sipo_fast.training.FusedDPOTrainer`` (``token_logprobs``, chunked CPU / Triton GPU path);
   * ``naive``: the same trainer with ``logprobs_backend="ref"`` (full float32 logits + log_softmax + gather).
 
-Reported: median step time, working-memory peak (CPU: peak RSS during the steps minus RSS before; GPU:
-max_memory_allocated minus allocated before), the loss, and the relative L2 difference of the LoRA gradients
+Reported: median step time, working-memory peak over all steps, warm-up included (CPU: peak RSS minus RSS after
+set-up; GPU: max_memory_allocated minus allocated after set-up), the loss, and the relative L2 difference of the LoRA gradients
 and of the loss against TRL's (target ≤ 1e-4). Batch: B/2 preference pairs, i.e. B sequences of T tokens in the
 concatenated [chosen; rejected] forward, 64 prompt tokens each. Gradient checkpointing on (TRL's default).
 
@@ -65,10 +65,10 @@ def step_variant(variant: str, B: int, T: int, prompt_len: int, repeat: int, gra
             p.grad = None
         return trainer.training_step(trainer.model, batch)
 
-    loss = step().item()  # warm-up, and the loss/gradients compared across variants
-    torch.save({n: p.grad.detach().float().cpu() for n, p in params}, grads_path)
     peak = _Peak(device)
     peak.start()
+    loss = step().item()  # warm-up, and the loss/gradients compared across variants
+    torch.save({n: p.grad.detach().float().cpu() for n, p in params}, grads_path)
     t, c = measure(step, repeat)
     extra = peak.stop()
     return {"time_s": t, "cpu_s": c, "extra_mb": extra, "loss": loss, "device": device}

@@ -6,8 +6,9 @@ Two tables, each variant in its own process (``harness.run_isolated``) so peak m
      forward+backward; on a GPU also achieved bandwidth (minimum bytes moved / time) and useful TFLOP/s.
   2. scoring: implicit rewards r = β(log π - log π_ref) of the embedded SmolLM2-135M on B sequences of T tokens
      (a prompt of 64 tokens, the rest response), with a perturbed copy as the reference.
-Peak memory is the working memory of the measured calls: on CPU, the peak RSS (VmHWM, reset after loading)
-minus the RSS before the calls; on GPU, ``max_memory_allocated`` minus what was allocated before.
+Peak memory is the working memory of the calls (warm-up included, so memory the allocator keeps from one call
+to the next is counted): on CPU, the peak RSS (VmHWM, reset after set-up) minus the RSS after set-up; on GPU,
+``max_memory_allocated`` minus what was allocated after set-up.
 
     flock /tmp/sipo_bench.lock .venv/bin/python benchmarks/bench_logprobs.py [--quick]
 """
@@ -78,15 +79,17 @@ def _setup(threads: int) -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def op_variant(variant: str, M: int, H: int, V: int, dtype: str, backward: bool, repeat: int, threads: int = 2):
-    """Time and working memory of token_logprobs (variant = backend) or token_logprobs_ref ("naive")."""
+def op_variant(variant: str, M: int, H: int, V: int, dtype: str, backward: bool, repeat: int, frozen_head: bool = False,
+               threads: int = 2):
+    """Time and working memory of token_logprobs (variant = backend) or token_logprobs_ref ("naive");
+    ``frozen_head``: only the hidden states need a gradient (the LoRA case)."""
     from sipo_fast.ops.logprobs import token_logprobs, token_logprobs_ref
 
     device = _setup(threads)
     dt = getattr(torch, dtype)
     g = torch.Generator().manual_seed(0)
     h = torch.randn(M, H, generator=g).to(device, dt).requires_grad_(backward)
-    w = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dt).requires_grad_(backward)
+    w = (torch.randn(V, H, generator=g) / H ** 0.5).to(device, dt).requires_grad_(backward and not frozen_head)
     y = torch.randint(0, V, (M,), generator=g).to(device)
 
     def step():
@@ -97,9 +100,9 @@ def op_variant(variant: str, M: int, H: int, V: int, dtype: str, backward: bool,
         return out
 
     with torch.no_grad() if not backward else torch.enable_grad():
-        step()  # warm-up (Triton compiles here)
         peak = _Peak(device)
         peak.start()
+        step()  # warm-up (Triton compiles here)
         t, c = measure(step, repeat)
         extra = peak.stop()
     return {"time_s": t, "cpu_s": c, "extra_mb": extra, "device": device}
@@ -135,9 +138,9 @@ def scoring_variant(variant: str, B: int, T: int, prompt_len: int, policies: int
         return torch.stack([0.1 * (sequence_logprobs_ref(m, **batch) - ref_lp) for m in pol], 1)
 
     fn = naive if variant == "naive" else (lambda: implicit_rewards(pol, ref, batch, beta=0.1, progress=False))
-    fn()  # warm-up
     peak = _Peak(device)
     peak.start()
+    fn()  # warm-up
     t, c = measure(fn, repeat)
     extra = peak.stop()
     rewards = fn().float().cpu()
@@ -153,20 +156,23 @@ def _op_rows(args) -> list[dict]:
     dtypes = ["float32", "bfloat16"] if cuda else ["float32"]
     rows = []
     for dtype in dtypes:
-        for backward in (False, True):
+        for backward, frozen in ((False, False), (True, True), (True, False)):
             res = {v: run_isolated("bench_logprobs:op_variant", dict(variant=v, M=M, H=H, V=V, dtype=dtype,
-                                                                     backward=backward, repeat=args.repeat))
+                                                                     backward=backward, frozen_head=frozen,
+                                                                     repeat=args.repeat))
                    for v in ("naive", fast)}
             n, f = res["naive"], res[fast]
-            row = {"pass": "fwd+bwd" if backward else "fwd", "dtype": dtype, "M×H×V": f"{M}×{H}×{V}",
+            name = "fwd" if not backward else ("fwd+bwd, frozen W" if frozen else "fwd+bwd, W trained")
+            row = {"pass": name, "dtype": dtype, "M×H×V": f"{M}×{H}×{V}",
                    "naive_s": n["time_s"], f"{fast}_s": f["time_s"], "time_ratio": f["time_s"] / n["time_s"],
                    "cpu_time_ratio": f["cpu_s"] / n["cpu_s"],
                    "naive_MiB": n["extra_mb"], f"{fast}_MiB": f["extra_mb"],
                    "mem_reduction": n["extra_mb"] / max(f["extra_mb"], 1e-3)}
             if cuda:
                 elt = torch.finfo(getattr(torch, dtype)).bits // 8
-                io = (M * H + V * H) * elt * (3 if backward else 1) + M * 8  # read h, W (+ dh, dW written)
-                flops = 2 * M * H * V * (3 if backward else 1)
+                passes = 1 if not backward else (2 if frozen else 3)  # fwd; + dh; + dW
+                io = (M * H + V * H) * elt * passes + M * 8  # read h, W (+ dh, dW written)
+                flops = 2 * M * H * V * passes
                 row["GB/s"] = io / f["time_s"] / 1e9
                 row["TFLOP/s"] = flops / f["time_s"] / 1e12
             rows.append(row)
