@@ -110,6 +110,11 @@ class SIPOPipeline:
             if unknown:
                 raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(self.stages)}")
         self.run_dir.open(identity(self.config), force=self.force)
+        for name in stages or []:  # before the (slower) validation: a missing upstream stage is the likelier mistake
+            missing = [u for u in self.stages[name].upstream
+                       if u not in stages and self.run_dir.artifact_hash(u) is None]
+            if missing:
+                raise self._missing(name, missing)
         handler = self._file_log()
         try:
             self.validate()
@@ -131,9 +136,7 @@ class SIPOPipeline:
     def _run_stage(self, stage: Stage, *, rerun: bool) -> dict:
         fp = self._fingerprint(stage)
         if fp is None:
-            missing = [u for u in stage.upstream if self.run_dir.artifact_hash(u) is None]
-            raise ValueError(f"stage '{stage.name}' needs {missing} done first: run `sipo-fast {missing[0]}` with the "
-                             f"same config and --output-dir, or `sipo-fast run` for the whole pipeline")
+            raise self._missing(stage.name, [u for u in stage.upstream if self.run_dir.artifact_hash(u) is None])
         fingerprint, inputs, values = fp
         if self.run_dir.is_current(stage.name, fingerprint) and not rerun:
             log.info("%s: up to date, skipping (fingerprint %s)", stage.name, fingerprint)
@@ -160,6 +163,11 @@ class SIPOPipeline:
         self._record(stage, fingerprint, inputs, values, summary)
         log.info("%s: done in %.1f s: %s", stage.name, time.perf_counter() - t0, _short(summary))
         return summary
+
+    @staticmethod
+    def _missing(name: str, missing: list[str]) -> ValueError:
+        return ValueError(f"stage '{name}' needs {missing} done first: run `sipo-fast {missing[0]}` with the same "
+                          "config and --output-dir, or `sipo-fast run` for the whole pipeline")
 
     def _record(self, stage: Stage, fingerprint: str, inputs: dict, values: dict, summary: dict) -> None:
         self.run_dir.finish(stage.name, fingerprint, inputs, summary, config=values, version=stage.version)
