@@ -80,10 +80,16 @@ def test_every_method_sweeps_the_same_grid(evaluated, run_dir):
     for r in res.values():
         assert r.scores.shape == (3, 3, 2) and r.objectives == ["relevance", "harmlessness"]
         assert r.prompts == ["Tell me about bread.", "Tell me about cats.", "Tell me about rain."]
-    # At w = (0,1) and (1,0) every baseline is a stage-1 policy on its own: same greedy texts as MOD's.
+    # At w = (0,1) and (1,0) every baseline is a stage-1 policy on its own: those rows come from MOD's texts
+    # through the text cache (test_eval_methods checks, without a cache, that they are indeed equal).
     for m in ("soups", "soups_ab", "modpo"):
         assert res[m].responses[0] == res["mod"].responses[0] and res[m].responses[2] == res["mod"].responses[2]
     assert res["sipo"].responses != res["mod"].responses  # other adapters, other texts
+    # Distinct models decoded: 2 stage-1 + 2 SIPO policies alone, and one mix each for sipo, mod, soups,
+    # soups_ab, modpo at w = 0.5: 9 keys × 3 prompts.
+    from sipo_fast.eval.cache import TextCache
+
+    assert len(TextCache(run_dir / "comparison" / "generations.sqlite")) == 9 * 3
     assert len(list((run_dir / "comparison" / "modpo").glob("*/w0.5_0.5/adapter_config.json"))) == 1
     md = evaluated.paths["markdown"].read_text()
     assert "Pipeline diagnostics" in md and "| 0 | 0.50 | 3 | 3 | 4 | 4 | 8 |" in md

@@ -10,7 +10,8 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
 from sipo_fast.decoding import MODDecoder  # noqa: E402
-from sipo_fast.eval.methods import mod_generator, per_weight_generator, soup_generator  # noqa: E402
+from sipo_fast.eval.cache import TextCache  # noqa: E402
+from sipo_fast.eval.methods import cached_generator, mod_generator, per_weight_generator, soup_generator  # noqa: E402
 from sipo_fast.eval.sweep import run_eval  # noqa: E402
 
 PROMPTS = ["Tell me a joke.", "How do I bake bread?", "Hi"]
@@ -86,6 +87,30 @@ def test_per_weight_generator(two_adapters, tokenizer):
     assert gen(PROMPTS, W[[0, 2]]) == mod  # w=(0,1) is the harmless policy alone, w=(1,0) the helpful one
     with pytest.raises(ValueError, match="one policy per weight"):
         gen(PROMPTS, W)
+    asked = []
+    lazy = per_weight_generator(lambda w: asked.append(w) or (two_adapters, "helpful" if w[0] == 1 else "harmless"),
+                                tokenizer, **KW)
+    assert lazy(PROMPTS, W[[0, 2]]) == mod and asked == [[0.0, 1.0], [1.0, 0.0]]
+
+
+def test_cached_generator_decodes_only_what_is_missing():
+    calls = []
+
+    def gen(prompts, weights, seed=None):
+        calls.append(np.asarray(weights).tolist())
+        return [[f"{w[0]}:{p}" for p in prompts] for w in weights]
+
+    cache = TextCache()
+    g = cached_generator(gen, cache, ["a", None, "b"])
+    first = g(["p", "q"], W)
+    assert first == [["0.0:p", "0.0:q"], ["0.5:p", "0.5:q"], ["1.0:p", "1.0:q"]] and calls == [W.tolist()]
+    again = g(["p", "q"], W)
+    assert again == first and calls[-1] == [[0.5, 0.5]]          # only the uncached (None-key) weight
+    other = cached_generator(gen, cache, ["b", "c", "a"])         # another method sharing models a and b
+    assert other(["p", "q"], W)[0] == first[2] and calls[-1] == [[0.5, 0.5]]
+    assert other(["p", "r"], W) and calls[-1] == W.tolist()       # a new prompt: every row is decoded
+    with pytest.raises(ValueError, match="keys"):
+        g(["p"], W[:2])
 
 
 def test_sampled_sweep_is_deterministic_under_a_seed(two_adapters, tokenizer):

@@ -249,60 +249,115 @@ def _fingerprint(run_dir: Path, method: str, prompts, weights, settings: dict) -
                         "settings": settings, "inputs": inputs})
 
 
-def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Path, settings: dict):
-    from sipo_fast.pipeline.stages import load_policies
+def _policy_hash(policy_dir: Path) -> str:
+    """Content hash of a saved policy's weights and configs (not its metrics or README), so a copied policy
+    (finetune without survivors copies stage 1) hashes like its source."""
+    import hashlib
 
+    h = hashlib.sha256()
+    for f in sorted(policy_dir.rglob("*")):
+        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith("config.json")):
+            h.update(f.relative_to(policy_dir).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def _model_keys(ctx, run_dir: Path, method: str, weights: np.ndarray, settings: dict) -> list[str]:
+    """What decodes each sweep weight, as a text-cache key. A one-hot weight is policy k alone for every
+    method (MOD mixes nothing else in, the soup is that adapter, MODPO uses the stage-1 policy), so such rows
+    share one key across methods; so do SIPO's rows and MOD's when finetune kept the stage-1 policies."""
+    stage = "finetune" if method == "sipo" else "align"
+    own = [_policy_hash(run_dir / stage / "policies" / o) for o in ctx.config.data.objectives]
+    tag = {"sipo": "mod", "mod": "mod", "soups": "soup", "soups_ab": "soup_ab", "modpo": "modpo"}[method]
+    mix = _modpo_key(ctx, run_dir) if method == "modpo" else ",".join(own)
+    tail = f"|{settings['max_new_tokens']}|{settings['template']}|greedy"
+    keys = []
+    for w in np.asarray(weights, dtype=np.float64).tolist():
+        if max(w) == 1.0:
+            keys.append(f"policy:{own[int(np.argmax(w))]}{tail}")
+        else:
+            keys.append(f"{tag}:{mix}:{','.join(f'{x:.6g}' for x in w)}{tail}")
+    return keys
+
+
+def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Path, settings: dict):
+    """The method's generator, wrapped with the run's text cache (``out_dir/generations.sqlite``)."""
+    from .cache import TextCache
+    from .methods import cached_generator
+
+    return cached_generator(_raw_generator(ctx, run_dir, method, out_dir, settings),
+                            TextCache(out_dir / "generations.sqlite"), _model_keys(ctx, run_dir, method, weights, settings))
+
+
+def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dict):
+    """Models load lazily, on the first call: a sweep served from the text cache loads nothing."""
     from .methods import mod_generator, per_weight_generator, soup_generator
 
     kw = dict(max_new_tokens=settings["max_new_tokens"], template=settings["template"],
               batch_size=settings["batch_size"], progress=ctx.progress)
-    if method in ("sipo", "mod"):
-        pol = load_policies(ctx, run_dir / ("finetune" if method == "sipo" else "align") / "policies")
-        return mod_generator(pol.decoder(ctx), **kw)
-    if method in ("soups", "soups_ab"):
-        pol = load_policies(ctx, run_dir / "align" / "policies")
-        if pol.names is not None:
-            return soup_generator(pol.model, ctx.tokenizer, adapter_names=pol.names, exact=method == "soups", **kw)
-        if method == "soups_ab":
-            raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models (align.use_lora=false)")
-        return soup_generator(list(pol.models), ctx.tokenizer, **kw)
-    if method == "modpo":
-        return per_weight_generator(_modpo_policies(ctx, run_dir, weights, out_dir), ctx.tokenizer, **kw)
-    raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def build():
+        from sipo_fast.pipeline.stages import load_policies
+
+        if method in ("sipo", "mod"):
+            pol = load_policies(ctx, run_dir / ("finetune" if method == "sipo" else "align") / "policies")
+            return mod_generator(pol.decoder(ctx), **kw)
+        if method in ("soups", "soups_ab"):
+            pol = load_policies(ctx, run_dir / "align" / "policies")
+            if pol.names is not None:
+                return soup_generator(pol.model, ctx.tokenizer, adapter_names=pol.names, exact=method == "soups", **kw)
+            if method == "soups_ab":
+                raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models (align.use_lora=false)")
+            return soup_generator(list(pol.models), ctx.tokenizer, **kw)
+        if method == "modpo":
+            return per_weight_generator(_modpo_policy_for(ctx, run_dir, out_dir), ctx.tokenizer, **kw)
+        raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+    def generate(prompts, weights, seed=None):
+        return build()(prompts, weights, seed=seed)
+    return generate
 
 
-def _modpo_policies(ctx, run_dir: Path, weights: np.ndarray, out_dir: Path) -> list:
-    """One policy per weight: stage-1 policy k at a one-hot weight (MODPO at w_k = 1 is DPO on objective k, and
-    its optimum as w_k → 0 is the margin objective's own DPO policy), a trained MODPO adapter elsewhere."""
-    from peft import PeftModel
-
+def _modpo_key(ctx, run_dir: Path) -> str:
+    """MODPO models (and their margins) belong to one set of stage-1 policies and one training config:
+    a re-run stage 1 gets a fresh key (directory) instead of reusing models trained against the old one."""
     from sipo_fast.pipeline.rundir import RunDir, stable_hash
 
-    align = run_dir / "align"
-    objectives = list(ctx.config.data.objectives)
+    return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
+                        "seed": ctx.config.seed, "template": ctx.config.model.template})
+
+
+def _modpo_root(ctx, run_dir: Path, out_dir: Path) -> Path:
+    return out_dir / "modpo" / _modpo_key(ctx, run_dir)
+
+
+def _modpo_policy_for(ctx, run_dir: Path, out_dir: Path):
+    """``policy_for(w)``: stage-1 policy k at a one-hot weight (MODPO at w_k = 1 is DPO on objective k, and its
+    optimum as w_k → 0 is the margin objective's own DPO policy), a MODPO adapter elsewhere, trained on first
+    use and kept under :func:`_modpo_root`. All share one base model."""
+    from peft import PeftModel
+
     if not ctx.config.align.use_lora:
         raise ValueError("the modpo baseline is implemented for LoRA runs (align.use_lora=true)")
-    # MODPO models (and their margins) belong to one set of stage-1 policies and one training config:
-    # a re-run stage 1 gets a fresh directory instead of reusing models trained against the old one.
-    key = stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
-                       "seed": ctx.config.seed, "template": ctx.config.model.template})
-    root = out_dir / "modpo" / key
-    base = None
-    out = []
-    for i, w in enumerate(np.asarray(weights).tolist()):
+    align, root = run_dir / "align", _modpo_root(ctx, run_dir, out_dir)
+    objectives = list(ctx.config.data.objectives)
+    state: dict = {}
+
+    def policy_for(w: list[float]):
         if max(w) == 1.0:
-            path, name = align / "policies" / objectives[int(np.argmax(w))], f"stage1_{int(np.argmax(w))}"
+            k = int(np.argmax(w))
+            path, name = align / "policies" / objectives[k], f"stage1_{k}"
         else:
-            path, name = root / f"w{'_'.join(f'{x:g}' for x in w)}", f"modpo{i}"
+            path = root / f"w{'_'.join(f'{x:g}' for x in w)}"
+            name = path.name.replace(".", "p")
             if not (path / "adapter_config.json").exists():
                 root.mkdir(parents=True, exist_ok=True)
                 train_modpo(ctx, align, w, path, scratch=root / ".scratch")
-        if base is None:
-            base = PeftModel.from_pretrained(ctx.load_base(), path, adapter_name=name)
-        elif name not in base.peft_config:
-            base.load_adapter(path, adapter_name=name)
-        out.append((base.eval(), name))
-    return out
+        if "model" not in state:
+            state["model"] = PeftModel.from_pretrained(ctx.load_base(), path, adapter_name=name).eval()
+        elif name not in state["model"].peft_config:
+            state["model"].load_adapter(path, adapter_name=name)
+        return state["model"], name
+    return policy_for
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT_METHODS, weights=None,
@@ -348,8 +403,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"
     cache = ScoreCache(out_dir / "scores.sqlite")
     ctx = Context(config, RunDir(run_dir), progress=progress)
-    results = []
-    for m in methods:
+    results = {}
+    # MOD first: its stage-1 endpoints seed the text cache that the other methods' endpoints reuse.
+    for m in sorted(methods, key=lambda name: name != "mod"):
         fp = _fingerprint(run_dir, m, prompts, w, {k: v for k, v in settings.items() if k != "batch_size"})
         path = out_dir / "sweeps" / f"{m}.json"
         if path.exists():
@@ -357,14 +413,15 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
             # Scorer names key the score cache too; other names mean other scorers, so the sweep is redone.
             if old.meta.get("fingerprint") == fp and old.objectives == [s.name for s in scorer_objs]:
                 log.info("eval: %s: reusing %s", m, path)
-                results.append(old)
+                results[m] = old
                 continue
         log.info("eval: %s: sweeping %d weights × %d prompts", m, len(w), len(prompts))
         gen = _generator(ctx, run_dir, m, w, out_dir, settings)
         res = run_eval(gen, prompts, scorer_objs, w, m, cache=cache, seed=config.seed,
                        meta={"fingerprint": fp, "run_dir": str(run_dir), **settings})
         res.save(path)
-        results.append(res)
+        results[m] = res
+    results = [results[m] for m in methods]
     diag = pipeline_diagnostics(run_dir, scorer_objs, cache)
     paths = {}
     if write:

@@ -84,3 +84,42 @@ class CachedScorer:
         return torch.tensor(cached, dtype=torch.float32)
 
     __call__ = score
+
+
+_TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (
+    model TEXT NOT NULL, prompt TEXT NOT NULL, text TEXT NOT NULL, PRIMARY KEY (model, prompt))"""
+
+
+class TextCache:
+    """Persistent map (model key, prompt) → generated text, for greedy decoding, where the same model and prompt
+    always give the same text. Methods share models more often than it seems: every baseline's endpoints
+    (w = 0 and 1) are the stage-1 policies themselves, and SIPO's policies are the stage-1 ones when no
+    candidate survives the filter. The key must name everything that decides the text (weights of the
+    models, mixing weight, decoding settings); :mod:`.baselines` builds it from file hashes."""
+
+    def __init__(self, path: str | os.PathLike | None = None):
+        self.path = Path(path) if path is not None else None
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:")
+        self._db.execute(_TEXT_SCHEMA)
+        self._db.commit()
+
+    def get(self, model: str, prompts: Sequence[str]) -> list[str] | None:
+        """Texts for every prompt, or None unless all are cached."""
+        q = "SELECT text FROM texts WHERE model=? AND prompt=?"
+        out = []
+        for p in prompts:
+            row = self._db.execute(q, (model, p)).fetchone()
+            if row is None:
+                return None
+            out.append(row[0])
+        return out
+
+    def put(self, model: str, prompts: Sequence[str], texts: Sequence[str]) -> None:
+        self._db.executemany("INSERT OR REPLACE INTO texts VALUES (?, ?, ?)",
+                             [(model, p, t) for p, t in zip(prompts, texts)])
+        self._db.commit()
+
+    def __len__(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM texts").fetchone()[0])

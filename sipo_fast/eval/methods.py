@@ -7,6 +7,7 @@
   authors' A/B interpolation with ``exact=False``, or full-weight soups of separate models), one model per
   weight, decoded on its own.
 - :func:`per_weight_generator`: one given model per weight (MODPO, DPO LW, anything trained per weight).
+- :func:`cached_generator`: reuse greedy texts of a model already decoded (another method's endpoint, say).
 
 All decode through :class:`sipo_fast.decoding.MODDecoder` (a single policy with weight [1] is plain
 decoding), so every method sees the same prompt template, EOS handling and greedy tie-breaking.
@@ -91,17 +92,42 @@ def soup_generator(policies, tokenizer, *, adapter_names: Sequence[str] | None =
     return generate
 
 
-def per_weight_generator(policies: Sequence, tokenizer, *, max_new_tokens: int, template: str = "chat",
+def per_weight_generator(policies, tokenizer, *, max_new_tokens: int, template: str = "chat",
                          batch_size: int = 16, do_sample: bool = False, temperature: float = 1.0,
                          top_p: float = 1.0, progress: bool = True):
-    """One policy per weight row (a model, or ``(peft_model, adapter_name)``), e.g. MODPO's per-weight models.
-    The generator checks that it is called with as many weights as it has policies."""
-    policies = list(policies)
+    """One policy per weight (a model, or ``(peft_model, adapter_name)``), e.g. MODPO's per-weight models.
+
+    ``policies``: a list with one policy per sweep weight, in order (the generator checks the count), or a
+    callable ``policy_for(weight) -> policy``, called only for the weights actually decoded (so a model that
+    must be trained first is trained only when its texts are not cached)."""
+    fixed = None if callable(policies) else list(policies)
 
     def generate(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
-        if len(weights) != len(policies):
-            raise ValueError(f"per_weight_generator has {len(policies)} policies but the sweep has {len(weights)} "
+        if fixed is not None and len(weights) != len(fixed):
+            raise ValueError(f"per_weight_generator has {len(fixed)} policies but the sweep has {len(weights)} "
                              "weights; give one policy per weight, in the same order")
         kw = _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)
-        return [_decode_one(p, tokenizer, prompts, kw) for p in policies]
+        pols = fixed if fixed is not None else [policies(w) for w in np.asarray(weights, dtype=np.float64).tolist()]
+        return [_decode_one(p, tokenizer, prompts, kw) for p in pols]
     return generate
+
+
+def cached_generator(generate, cache, keys: Sequence[str | None]):
+    """Wrap ``generate`` with a :class:`~sipo_fast.eval.cache.TextCache`: ``keys[i]`` names the model that
+    decodes sweep weight i (None: never cached). Weights whose texts are all cached are not decoded; the
+    others go to ``generate`` together, in sweep order. Only for deterministic (greedy) generators."""
+    keys = list(keys)
+
+    def gen(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
+        if len(weights) != len(keys):
+            raise ValueError(f"cached_generator has {len(keys)} keys but the sweep has {len(weights)} weights")
+        out = [cache.get(k, prompts) if k is not None else None for k in keys]
+        todo = [i for i, texts in enumerate(out) if texts is None]
+        if todo:
+            fresh = generate(prompts, np.asarray(weights)[todo], seed=seed)
+            for i, texts in zip(todo, fresh):
+                out[i] = list(texts)
+                if keys[i] is not None:
+                    cache.put(keys[i], prompts, out[i])
+        return out
+    return gen
