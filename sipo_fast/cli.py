@@ -7,6 +7,10 @@
     sipo-fast config --preset demo > my.yaml         # the resolved config, to edit and pass with --config
     sipo-fast eval ...                               # stand-alone evaluation (sipo_fast.eval)
     sipo-fast env                                    # versions and build facts
+    accelerate launch --num_processes 8 -m sipo_fast.cli run --config configs/beavertails.yaml   # 8 GPUs
+
+Under ``accelerate launch`` / ``torchrun`` every rank runs the command; rank 0 alone writes and prints, the
+other ranks log warnings only (see ``sipo_fast.pipeline.distributed``).
 
 No torch import at module level: ``sipo-fast --help`` answers instantly.
 """
@@ -167,14 +171,18 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "eval" and args._eval_run is not None:
             return int(args._eval_run(args) or 0)
-        _setup_logging(args.quiet)
+        from sipo_fast.pipeline.distributed import current
+
+        main_rank = current().is_main
+        _setup_logging(args.quiet or not main_rank)
         pipe = _pipeline(args)
         if args.command in ("run", "demo"):
             summary = pipe.run()
         else:
             stage = "eval" if args.command in ("evaluate", "eval") else args.command
             summary = pipe.run([stage], rerun=getattr(args, "rerun", False))
-        _print_summary(pipe.run_dir.root, summary)
+        if main_rank:
+            _print_summary(pipe.run_dir.root, summary)
         return 0
     except ValueError as exc:  # bad input: the message says what to do; no traceback
         print(f"sipo-fast {args.command}: error: {exc}", file=sys.stderr)

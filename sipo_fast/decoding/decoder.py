@@ -224,13 +224,17 @@ class MODDecoder:
                                 top_k=top_k, top_p=top_p, generator=gen), eos, pad)
 
     def generate_text(self, prompts: Sequence[str], *, weights, max_new_tokens: int, template: str = "chat",
-                      batch_size: int = 32, progress: bool = True, **sampling_kwargs) -> list[MODTextOutput]:
+                      batch_size: int = 32, progress: bool = True, shard: tuple[int, int] | None = None,
+                      **sampling_kwargs) -> list[MODTextOutput]:
         """Decode a list of prompt strings; returns one :class:`MODTextOutput` per prompt, in input order.
 
         Prompts are rendered with :func:`sipo_fast.data.formatting.encode_prompts` (``template``: "chat",
         "none" or a format string), sorted by length and batched ``batch_size`` at a time so that
         batches carry little padding. ``weights`` is [N] or one row per prompt [len(prompts), N].
         ``sampling_kwargs`` go to :meth:`generate` (do_sample, temperature, top_k, top_p, seed, ...).
+        ``shard=(rank, world)`` decodes only the batches ``k`` with ``k % world == rank`` (the others' entries
+        are None): several processes together decode exactly the batches, and seeds, of one process
+        (``sipo_fast.pipeline.distributed.generate_text`` gathers them).
         """
         from tqdm.auto import tqdm
 
@@ -251,9 +255,13 @@ class MODDecoder:
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
         pad = self._pad_id(sampling_kwargs.get("pad_token_id"), self._eos_ids(sampling_kwargs.get("eos_token_id")))
         results: list[MODTextOutput | None] = [None] * len(prompts)
-        starts = range(0, len(order), batch_size)
+        if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+        starts = list(enumerate(range(0, len(order), batch_size)))
+        if shard is not None:
+            starts = starts[shard[0]::shard[1]]
         seed = sampling_kwargs.pop("seed", None)
-        for k, start in enumerate(tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress)):
+        for k, start in tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress):
             idx = order[start:start + batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad)
             # each batch its own stream (seed + k), so equal prompts in different batches draw independently
@@ -264,7 +272,7 @@ class MODDecoder:
                 results[i] = MODTextOutput(prompt=prompts[i], text=self.tokenizer.decode(toks), token_ids=toks,
                                            logprobs=out.logprobs[r].tolist(), finished=bool(out.finished[r]),
                                            weights=w[i].tolist())
-        return results  # type: ignore[return-value]
+        return results  # type: ignore[return-value]  (None only outside this shard)
 
     # -- internals
     def _encode(self, prompts: list[str], template: str):

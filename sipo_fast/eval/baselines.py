@@ -89,9 +89,12 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     from sipo_fast.pipeline.stages import load_policies, preference_pairs
     from sipo_fast.training import implicit_rewards
 
+    from sipo_fast.pipeline.distributed import current
+
     path = cache_dir / f"margins_k{k}.json"
-    if path.exists():
-        return json.loads(path.read_text())
+    cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
+    if cached is not None:
+        return cached
     cfg, objectives = ctx.config, list(ctx.config.data.objectives)
     others = [j for j in range(len(objectives)) if j != k]
     splits = {s: preference_pairs(read_jsonl(align_dir / f"{s}.jsonl"), objectives[k]) for s in ("train", "eval")}
@@ -109,7 +112,7 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     rows = [{**p, "chosen_margin_rewards": r[i].tolist(), "rejected_margin_rewards": r[len(pairs) + i].tolist()}
             for i, p in enumerate(pairs)]
     out = {"train": rows[: len(splits["train"])], "eval": rows[len(splits["train"]):]}
-    atomic_write_json(path, out)
+    current().on_main(lambda: atomic_write_json(path, out))
     return out
 
 
@@ -124,6 +127,7 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
     import torch
     from datasets import Dataset
 
+    from sipo_fast.pipeline.distributed import current
     from sipo_fast.pipeline.stages import lora_config
     from sipo_fast.training import train_preference
 
@@ -144,12 +148,15 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
     # train_preference returns the trained model, or (newer) a result object holding it in ``.model``.
     # (A PeftModel has a ``.model`` too, the wrapped base, so test the type, not the attribute.)
     model = result if isinstance(result, torch.nn.Module) else result.model
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)  # a killed run leaves no half-written adapter under the final name
-    shutil.rmtree(scratch, ignore_errors=True)
+
+    def save() -> None:  # rank 0 writes (the trainer ran data-parallel on every rank)
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)  # a killed run leaves no half-written adapter under the final name
+        shutil.rmtree(scratch, ignore_errors=True)
+    current().on_main(save)
     return out
 
 
@@ -281,11 +288,19 @@ def _model_keys(ctx, run_dir: Path, method: str, weights: np.ndarray, settings: 
 
 def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Path, settings: dict):
     """The method's generator, wrapped with the run's text cache (``out_dir/generations.sqlite``)."""
-    from .cache import TextCache
     from .methods import cached_generator
 
     return cached_generator(_raw_generator(ctx, run_dir, method, out_dir, settings),
-                            TextCache(out_dir / "generations.sqlite"), _model_keys(ctx, run_dir, method, weights, settings))
+                            _text_cache(out_dir), _model_keys(ctx, run_dir, method, weights, settings))
+
+
+def _text_cache(out_dir: Path):
+    """The run's text cache; with several processes only rank 0 keeps the file (the others' is never read)."""
+    from sipo_fast.pipeline.distributed import current
+
+    from .cache import TextCache
+
+    return TextCache(out_dir / "generations.sqlite" if current().is_main else None)
 
 
 def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dict):
@@ -336,6 +351,8 @@ def _modpo_policy_for(ctx, run_dir: Path, out_dir: Path):
     use and kept under :func:`_modpo_root`. All share one base model."""
     from peft import PeftModel
 
+    from sipo_fast.pipeline.distributed import current
+
     if not ctx.config.align.use_lora:
         raise ValueError("the modpo baseline is implemented for LoRA runs (align.use_lora=true)")
     align, root = run_dir / "align", _modpo_root(ctx, run_dir, out_dir)
@@ -349,7 +366,7 @@ def _modpo_policy_for(ctx, run_dir: Path, out_dir: Path):
         else:
             path = root / f"w{'_'.join(f'{x:g}' for x in w)}"
             name = path.name.replace(".", "p")
-            if not (path / "adapter_config.json").exists():
+            if not current().on_main(lambda: (path / "adapter_config.json").exists()):
                 root.mkdir(parents=True, exist_ok=True)
                 train_modpo(ctx, align, w, path, scratch=root / ".scratch")
         if "model" not in state:
@@ -372,8 +389,10 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     the data source's defaults). Decoding is greedy; the run's seed labels the results.
     """
     from sipo_fast.pipeline.context import Context
+    from sipo_fast.pipeline.distributed import current
     from sipo_fast.pipeline.rundir import RunDir
 
+    dist = current()  # several processes: each decodes and scores a share, rank 0 decides and writes
     run_dir = Path(run_dir)
     config = _load_config(run_dir)
     bad = [m for m in methods if m not in METHODS]
@@ -401,33 +420,42 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     settings = {"max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
                 "batch_size": batch_size or config.eval.batch_size, "template": config.model.template}
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"
-    cache = ScoreCache(out_dir / "scores.sqlite")
-    ctx = Context(config, RunDir(run_dir), progress=progress)
+    cache = ScoreCache(out_dir / "scores.sqlite" if dist.is_main else None)
+    ctx = Context(config, RunDir(run_dir), progress=progress and dist.is_main)
     results = {}
     # MOD first: its stage-1 endpoints seed the text cache that the other methods' endpoints reuse.
     for m in sorted(methods, key=lambda name: name != "mod"):
         fp = _fingerprint(run_dir, m, prompts, w, {k: v for k, v in settings.items() if k != "batch_size"})
         path = out_dir / "sweeps" / f"{m}.json"
-        if path.exists():
-            old = SweepResult.load(path)
-            # Scorer names key the score cache too; other names mean other scorers, so the sweep is redone.
-            if old.meta.get("fingerprint") == fp and old.objectives == [s.name for s in scorer_objs]:
-                log.info("eval: %s: reusing %s", m, path)
-                results[m] = old
-                continue
+        old = dist.on_main(lambda: _reusable(path, fp, scorer_objs))
+        if old is not None:
+            log.info("eval: %s: reusing %s", m, path)
+            results[m] = old
+            continue
         log.info("eval: %s: sweeping %d weights × %d prompts", m, len(w), len(prompts))
         gen = _generator(ctx, run_dir, m, w, out_dir, settings)
         res = run_eval(gen, prompts, scorer_objs, w, m, cache=cache, seed=config.seed,
                        meta={"fingerprint": fp, "run_dir": str(run_dir), **settings})
-        res.save(path)
+        dist.on_main(lambda: res.save(path))
         results[m] = res
     results = [results[m] for m in methods]
     diag = pipeline_diagnostics(run_dir, scorer_objs, cache)
     paths = {}
-    if write:
+    if write and dist.is_main:
         notes = "### Pipeline diagnostics\n\n" + diagnostics_markdown({config.seed: diag}, config.data.objectives)
         paths = write_report(results, out_dir, ref=ref, baseline=baseline if baseline in methods else None, notes=notes,
                              title=title or f"SIPO vs baselines on {config.data.source} ({run_dir.name}, seed "
                                             f"{config.seed})")
         (out_dir / "diagnostics.json").write_text(json.dumps(diag, indent=1))
+    if write:
+        paths = dist.broadcast(paths)
     return EvalRun(results=results, diagnostics=diag, paths=paths)
+
+
+def _reusable(path: Path, fingerprint: str, scorers) -> SweepResult | None:
+    """A saved sweep of the same inputs and scorers (scorer names key the score cache too; other names mean
+    other scorers, so the sweep is redone), or None."""
+    if not path.exists():
+        return None
+    old = SweepResult.load(path)
+    return old if old.meta.get("fingerprint") == fingerprint and old.objectives == [s.name for s in scorers] else None

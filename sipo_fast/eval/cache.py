@@ -70,11 +70,15 @@ class CachedScorer:
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
-        cached = self.cache.get(self.name, prompts, responses)
+        from sipo_fast.pipeline.distributed import current
+
+        dist = current()
+        # With several processes rank 0's cache answers for all (the others hold an empty one).
+        cached = dist.on_main(lambda: self.cache.get(self.name, prompts, responses))
         todo = list(dict.fromkeys((p, r) for p, r, s in zip(prompts, responses, cached) if s is None))
         if todo:
             ps, rs = [p for p, _ in todo], [r for _, r in todo]
-            fresh = torch.as_tensor(self.scorer.score(ps, rs), dtype=torch.float64).reshape(-1)
+            fresh = torch.as_tensor(self._score(ps, rs, dist), dtype=torch.float64).reshape(-1)
             if fresh.numel() != len(todo):
                 raise ValueError(f"scorer {self.name!r} returned {fresh.numel()} scores for {len(todo)} inputs")
             self.cache.put(self.name, ps, rs, fresh.tolist())
@@ -84,6 +88,21 @@ class CachedScorer:
         return torch.tensor(cached, dtype=torch.float32)
 
     __call__ = score
+
+    def _score(self, prompts: list[str], responses: list[str], dist):
+        """The underlying scorer on every pair. With several processes, a transformer scorer (reward or score
+        model, batching its inputs in order) scores its share of its own batches on each rank, so every batch
+        is the single-process one; any other scorer runs on rank 0 and its scores are broadcast."""
+        if not dist.enabled:
+            return self.scorer.score(prompts, responses)
+        from sipo_fast.pipeline.distributed import batched
+        from sipo_fast.scoring import _TransformerScorer
+
+        def run(a: int, b: int) -> list[float]:
+            return torch.as_tensor(self.scorer.score(prompts[a:b], responses[a:b])).double().reshape(-1).tolist()
+        if isinstance(self.scorer, _TransformerScorer):
+            return [x for chunk in batched(len(prompts), self.scorer.batch_size, run, dist=dist) for x in chunk]
+        return dist.on_main(lambda: run(0, len(prompts)))
 
 
 _TEXT_SCHEMA = """CREATE TABLE IF NOT EXISTS texts (

@@ -11,6 +11,8 @@
 
 All decode through :class:`sipo_fast.decoding.MODDecoder` (a single policy with weight [1] is plain
 decoding), so every method sees the same prompt template, EOS handling and greedy tie-breaking.
+Under several processes each decodes its share of the batches and the texts are gathered
+(:func:`sipo_fast.pipeline.distributed.generate_text`), so every rank gets the sweep one process would.
 """
 from __future__ import annotations
 
@@ -19,6 +21,12 @@ from typing import Sequence
 import numpy as np
 
 _SOUP = "_eval_soup"
+
+
+def _generate_text(decoder, prompts, **kwargs):
+    from sipo_fast.pipeline.distributed import generate_text
+
+    return generate_text(decoder, prompts, **kwargs)
 
 
 def _texts(outputs) -> list[str]:
@@ -40,7 +48,7 @@ def mod_generator(decoder, *, max_new_tokens: int, template: str = "chat", batch
         W, P = len(weights), len(prompts)
         rows = [p for p in prompts for _ in range(W)]                  # (P·W,), prompt-major
         w = np.tile(np.asarray(weights, dtype=np.float64), (P, 1))     # (P·W, N): row p·W + i has weight i
-        outs = _texts(decoder.generate_text(rows, weights=w, **_decode_kwargs(
+        outs = _texts(_generate_text(decoder, rows, weights=w, **_decode_kwargs(
             max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)))
         return [[outs[p * W + i] for p in range(P)] for i in range(W)]  # (W, P)
     return generate
@@ -54,7 +62,7 @@ def _decode_one(policy, tokenizer, prompts, kwargs) -> list[str]:
         dec = MODDecoder(policy[0], tokenizer, adapter_names=[policy[1]])
     else:
         dec = MODDecoder([policy], tokenizer)
-    return _texts(dec.generate_text(list(prompts), weights=[1.0], **kwargs))
+    return _texts(_generate_text(dec, list(prompts), weights=[1.0], **kwargs))
 
 
 def soup_generator(policies, tokenizer, *, adapter_names: Sequence[str] | None = None, exact: bool = True,
@@ -121,7 +129,10 @@ def cached_generator(generate, cache, keys: Sequence[str | None]):
     def gen(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
         if len(weights) != len(keys):
             raise ValueError(f"cached_generator has {len(keys)} keys but the sweep has {len(weights)} weights")
-        out = [cache.get(k, prompts) if k is not None else None for k in keys]
+        from sipo_fast.pipeline.distributed import current
+
+        # Rank 0's cache decides for every rank (the others hold an empty one), so all decode the same weights.
+        out = current().on_main(lambda: [cache.get(k, prompts) if k is not None else None for k in keys])
         todo = [i for i, texts in enumerate(out) if texts is None]
         if todo:
             fresh = generate(prompts, np.asarray(weights)[todo], seed=seed)

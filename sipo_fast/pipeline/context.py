@@ -53,7 +53,12 @@ class Context:
     # -- device, dtype, models ----------------------------------------------------------------------------
     @cached_property
     def device(self) -> torch.device:
+        from .distributed import current
+
         d = self.config.model.device
+        dist = current()
+        if dist.device is not None and (d == "auto" or d.startswith("cuda")):
+            return dist.device  # one GPU per process under accelerate launch / torchrun: cuda:<local rank>
         if d == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
         if d.startswith("cuda") and not torch.cuda.is_available():

@@ -86,8 +86,12 @@ def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *,
     """MOD generation (``MODDecoder.generate_text``) of one response per prompt at one weight vector.
 
     Greedy decoding of a repeated prompt (HelpSteer pairs share prompts) gives the same text, so each distinct
-    prompt is decoded once; with sampling every row is decoded on its own.
+    prompt is decoded once; with sampling every row is decoded on its own. Under several processes the
+    batches are split over the ranks and gathered (:func:`.distributed.generate_text`): every rank returns
+    the texts one process would.
     """
+    from .distributed import generate_text
+
     if not prompts:
         return []
     todo = list(prompts) if do_sample else list(dict.fromkeys(prompts))
@@ -96,7 +100,7 @@ def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *,
                   batch_size=batch_size, progress=ctx.progress)
     if do_sample:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
-    texts = [o.text for o in decoder.generate_text(todo, **kwargs)]
+    texts = [o.text for o in generate_text(decoder, todo, **kwargs)]
     if do_sample:
         return texts
     by_prompt = dict(zip(todo, texts))
@@ -114,8 +118,14 @@ def encode(ctx: Context, prompts: list[str], responses: list[str], max_length: i
 def rewards(ctx: Context, policies, reference, prompts: list[str], responses: list[str], *, beta: float,
             max_length: int, batch_size: int) -> torch.Tensor:
     """[B, K] implicit rewards r_k = β (log π_k(y|x) − log π_ref(y|x)) of distinct (prompt, response) pairs,
-    scored once each (greedy candidates at neighbouring weights are often identical)."""
+    scored once each (greedy candidates at neighbouring weights are often identical).
+
+    Under several processes each rank scores its share of the ``batch_size``-row batches of the one padded
+    encoding, so every forward holds the rows and padding of the single-process one and the gathered rewards
+    are the single-process rewards."""
     from sipo_fast.training import implicit_rewards
+
+    from .distributed import batched, current
 
     if not prompts:
         return torch.zeros(0, 0)
@@ -123,7 +133,14 @@ def rewards(ctx: Context, policies, reference, prompts: list[str], responses: li
     uniq = list(dict.fromkeys(keys))
     index = {k: i for i, k in enumerate(uniq)}
     batch = encode(ctx, [p for p, _ in uniq], [r for _, r in uniq], max_length)
-    r = implicit_rewards(policies, reference, batch, beta=beta, batch_size=batch_size, progress=ctx.progress)
+    dist = current()
+    if dist.enabled:
+        def score(start: int, stop: int) -> torch.Tensor:
+            sub = {k: v[start:stop] for k, v in batch.items()}
+            return implicit_rewards(policies, reference, sub, beta=beta, batch_size=stop - start, progress=False)
+        r = torch.cat(batched(len(uniq), batch_size, score, dist=dist))
+    else:
+        r = implicit_rewards(policies, reference, batch, beta=beta, batch_size=batch_size, progress=ctx.progress)
     return r[torch.tensor([index[k] for k in keys])]  # (B, K)
 
 
@@ -183,7 +200,9 @@ def copy_policy(src: Path, dst: Path, skip: tuple[str, ...] = ()) -> None:
 
 
 def log_metrics(parts: Parts, objective: str, history: list[dict]) -> None:
-    """TRL's metric names, per objective, in the (unhashed) logs of the stage."""
+    """TRL's metric names, per objective, in the (unhashed) logs of the stage (rank 0 writes them)."""
+    if not parts.dist.is_main:
+        return
     logs = parts.work / "logs"
     logs.mkdir(exist_ok=True)
     with open(logs / "metrics.jsonl", "a") as fh:

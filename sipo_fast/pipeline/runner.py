@@ -4,14 +4,20 @@ For each stage the runner computes its fingerprint (config values it reads + con
 artifacts it consumes, see :mod:`.rundir`), skips it when the manifest says that fingerprint finished and the
 files still match, and otherwise says why it runs (never run, config keys changed, an input changed,
 files changed on disk) and runs it into a work directory whose finished parts survive a crash.
+
+Under several processes (``accelerate launch`` / ``torchrun``, see :mod:`.distributed`) every rank runs every
+stage; rank 0 alone opens the run directory, decides what runs, writes the manifest, config and artifacts,
+and the others follow its decisions, so the artifacts are those of a single process.
 """
 from __future__ import annotations
 
 import logging
 import os
 import time
+from pathlib import Path
 
 from .config import PipelineConfig
+from .distributed import current
 from .rundir import Parts, RunDir, atomic_write_json, atomic_write_text, crash_point, stable_hash
 from .stages import STAGES, Context, Stage
 
@@ -95,8 +101,8 @@ class SIPOPipeline:
 
     # -- running ----------------------------------------------------------------------------------------------
     def context(self) -> Context:
-        if self._ctx is None:
-            self._ctx = Context(self.config, self.run_dir, progress=self.progress)
+        if self._ctx is None:  # one progress bar per job: rank 0's
+            self._ctx = Context(self.config, self.run_dir, progress=self.progress and current().is_main)
         return self._ctx
 
     def validate(self) -> None:
@@ -109,17 +115,18 @@ class SIPOPipeline:
             unknown = [s for s in stages if s not in self.stages]
             if unknown:
                 raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(self.stages)}")
-        self.run_dir.open(identity(self.config), force=self.force)
+        dist = current()
+        dist.on_main(lambda: self.run_dir.open(identity(self.config), force=self.force))
         for name in stages or []:  # before the (slower) validation: a missing upstream stage is the likelier mistake
             missing = [u for u in self.stages[name].upstream
                        if u not in stages and self.run_dir.artifact_hash(u) is None]
             if missing:
                 raise self._missing(name, missing)
-        handler = self._file_log()
+        handler = self._file_log() if dist.is_main else None
         try:
             self.validate()
             # The resolved config of the latest invocation that passed validation (sipo_fast.eval reads it).
-            atomic_write_text(self.run_dir.root / "config.yaml", self.config.to_yaml())
+            dist.on_main(lambda: atomic_write_text(self.run_dir.root / "config.yaml", self.config.to_yaml()))
             out = {}
             for name, stage in self.stages.items():
                 if stages is not None and name not in stages:
@@ -130,19 +137,48 @@ class SIPOPipeline:
                 out[name] = self._run_stage(stage, rerun=rerun)
             return out
         finally:
-            logging.getLogger("sipo_fast").removeHandler(handler)
-            handler.close()
+            if handler is not None:
+                logging.getLogger("sipo_fast").removeHandler(handler)
+                handler.close()
 
     def _run_stage(self, stage: Stage, *, rerun: bool) -> dict:
+        dist = current()
         fp = self._fingerprint(stage)
         if fp is None:
             raise self._missing(stage.name, [u for u in stage.upstream if self.run_dir.artifact_hash(u) is None])
         fingerprint, inputs, values = fp
+        # Rank 0 decides (skip, adopt, or run in a work directory it prepares); the other ranks follow.
+        state, value = dist.on_main(lambda: self._plan(stage, fingerprint, inputs, values, fp, rerun=rerun))
+        if state == "done":
+            return value
+        work = Path(value)
+        t0, c0 = time.perf_counter(), time.process_time()
+        summary = stage.run(self.context(), Parts(work, stage.name, crash_point(stage.name), dist),
+                            {u: self.run_dir.stage_dir(u) for u in stage.upstream})
+        dist.barrier()  # every rank is done with the work directory before rank 0 moves it into place
+
+        def finish() -> dict:
+            # stage.json is part of the artifact (hashed): counts only, no timings.
+            atomic_write_json(work / "stage.json", {"stage": stage.name, "fingerprint": fingerprint,
+                                                    "summary": summary})
+            # CPU seconds (all threads) beside wall seconds: on a shared machine they show what the stage costs.
+            timing = {"seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3)}
+            if dist.enabled:
+                timing["processes"] = dist.world
+            atomic_write_json(work / "logs" / "timing.json", timing)
+            self.run_dir.commit(stage.name, work)
+            self._record(stage, fingerprint, inputs, values, summary)
+            log.info("%s: done in %.1f s: %s", stage.name, time.perf_counter() - t0, _short(summary))
+            return summary
+        return dist.on_main(finish)
+
+    def _plan(self, stage: Stage, fingerprint: str, inputs: dict, values: dict, fp, *, rerun: bool):
+        """("done", summary) for a stage that is up to date (or adopted), else ("run", work directory)."""
         if self.run_dir.is_current(stage.name, fingerprint) and not rerun:
             log.info("%s: up to date, skipping (fingerprint %s)", stage.name, fingerprint)
-            return self.run_dir.entry(stage.name)["summary"]
+            return "done", self.run_dir.entry(stage.name)["summary"]
         if not rerun and self._adopt(stage, fingerprint, inputs, values):
-            return self.run_dir.entry(stage.name)["summary"]
+            return "done", self.run_dir.entry(stage.name)["summary"]
         log.info("%s: running (%s)", stage.name, "rerun requested" if rerun else self._why(stage, *fp))
         self.run_dir.forget(stage.name)
         work = self.run_dir.work_dir(stage.name, fingerprint)
@@ -151,18 +187,9 @@ class SIPOPipeline:
         if resumed:
             log.info("%s: reusing %d file(s) saved by an interrupted run: %s", stage.name, len(resumed),
                      ", ".join(resumed[:8]) + (", ..." if len(resumed) > 8 else ""))
-        t0, c0 = time.perf_counter(), time.process_time()
-        summary = stage.run(self.context(), Parts(work, stage.name, crash_point(stage.name)),
-                            {u: self.run_dir.stage_dir(u) for u in stage.upstream})
-        # stage.json is part of the artifact (hashed): counts only, no timings.
-        atomic_write_json(work / "stage.json", {"stage": stage.name, "fingerprint": fingerprint, "summary": summary})
-        # CPU seconds (all threads) beside wall seconds: on a shared machine they show what the stage costs.
-        atomic_write_json(work / "logs" / "timing.json", {"seconds": round(time.perf_counter() - t0, 3),
-                                                          "cpu_seconds": round(time.process_time() - c0, 3)})
-        self.run_dir.commit(stage.name, work)
-        self._record(stage, fingerprint, inputs, values, summary)
-        log.info("%s: done in %.1f s: %s", stage.name, time.perf_counter() - t0, _short(summary))
-        return summary
+        if current().enabled:
+            log.info("%s: %d processes", stage.name, current().world)
+        return "run", str(work)
 
     @staticmethod
     def _missing(name: str, missing: list[str]) -> ValueError:

@@ -29,7 +29,7 @@ from .context import Context
 from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
                        lora_config, preference_pairs, rewards, save_combined, save_model, train)
 from .rules import keep_rewrite, one_hot, select_pareto
-from .rundir import Parts, read_jsonl, write_jsonl
+from .rundir import Parts, read_jsonl
 from .templates import REVIEW_PREFIX, RefinePrompts, clean_generation
 
 log = logging.getLogger("sipo_fast.pipeline")
@@ -61,7 +61,7 @@ class AlignStage(Stage):
         cfg, a = ctx.config, ctx.config.align
         for split in ("train", "eval"):
             if not parts.done(f"{split}.jsonl"):
-                write_jsonl(parts.path(f"{split}.jsonl"), ctx.split[split])
+                parts.write_jsonl(f"{split}.jsonl", ctx.split[split])
         rows, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
         summary = {"train_pairs": len(rows), "eval_pairs": len(held),
                    "conflicting_train_pairs": len(ctx.conflicting(rows)), "metrics": {}}
@@ -80,7 +80,7 @@ class AlignStage(Stage):
                     scratch=scratch)
                 log_metrics(parts, obj, history)
                 parts.save_dir(part, save_model(model, history))
-                shutil.rmtree(scratch, ignore_errors=True)
+                parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))
             summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary
 
@@ -102,7 +102,7 @@ class SampleStage(Stage):
         if cfg.data.max_conflict_prompts is not None:
             conflicts = conflicts[: cfg.data.max_conflict_prompts]
         prompts = [{"pid": i, **r} for i, r in enumerate(conflicts)]
-        write_jsonl(parts.path("prompts.jsonl"), prompts)
+        parts.write_jsonl("prompts.jsonl", prompts)
         texts = [p["prompt"] for p in prompts]
         policies = decoder = None
         for wi, w in enumerate(cfg.sample.weights):
@@ -121,8 +121,8 @@ class SampleStage(Stage):
                                     for p, t in zip(prompts, outs)])
         rows = [r for wi in range(len(cfg.sample.weights)) for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
         rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
-        write_jsonl(parts.path("candidates.jsonl"), rows)
-        shutil.rmtree(parts.path("parts"))
+        parts.write_jsonl("candidates.jsonl", rows)
+        parts.remove("parts")
         return {"conflicting_prompts": len(prompts), "weights": len(cfg.sample.weights), "candidates": len(rows)}
 
 
@@ -138,13 +138,13 @@ class RefineStage(Stage):
     def run(self, ctx, parts, inputs):
         cfg = ctx.config
         prompt_rows = read_jsonl(inputs["sample"] / "prompts.jsonl")
-        write_jsonl(parts.path("prompts.jsonl"), prompt_rows)  # filter reads prompts from here, its one input
+        parts.write_jsonl("prompts.jsonl", prompt_rows)  # filter reads prompts from here, its one input
         prompts = {p["pid"]: p for p in prompt_rows}
         cands = read_jsonl(inputs["sample"] / "candidates.jsonl")
         if not cfg.refine.enabled:
             rows = [{**c, "original": c["candidate"], "review": None, "rewrite": None, "rewritten": False}
                     for c in cands]
-            write_jsonl(parts.path("candidates.jsonl"), rows)
+            parts.write_jsonl("candidates.jsonl", rows)
             return {"enabled": False, "candidates": len(rows), "rewrites_kept": 0}
         templates = RefinePrompts.for_config(cfg.data.objectives, cfg.refine.review_template,
                                              cfg.refine.rewrite_template)
@@ -163,8 +163,8 @@ class RefineStage(Stage):
         rows = [r for wi in sorted({c["weight_index"] for c in cands})
                 for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
         rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
-        write_jsonl(parts.path("candidates.jsonl"), rows)
-        shutil.rmtree(parts.path("parts"))
+        parts.write_jsonl("candidates.jsonl", rows)
+        parts.remove("parts")
         kept = sum(r["rewritten"] for r in rows)
         log.info("refine: kept %d of %d rewrites", kept, len(rows))
         return {"enabled": True, "candidates": len(rows), "rewrites_kept": kept,
@@ -272,9 +272,9 @@ class FilterStage(Stage):
                               "response_1": p["response_1"]})
             pairs += [{"prompt": p["prompt"], "chosen": c["candidate"], "rejected": p["response_0"], "pid": pid},
                       {"prompt": p["prompt"], "chosen": c["candidate"], "rejected": p["response_1"], "pid": pid}]
-        write_jsonl(parts.path("rewards.jsonl"), reward_rows)
-        write_jsonl(parts.path("survivors.jsonl"), survivors)
-        write_jsonl(parts.path("pairs.jsonl"), pairs)
+        parts.write_jsonl("rewards.jsonl", reward_rows)
+        parts.write_jsonl("survivors.jsonl", survivors)
+        parts.write_jsonl("pairs.jsonl", pairs)
         counts = {"conflicting_prompts": len(pids), "candidates": len(cands),
                   "rewrites_kept": sum(bool(c.get("rewritten")) for c in cands),
                   "survivors": sel.num_survivors, "prompts_covered": sel.prompts_covered, "pairs": len(pairs),
@@ -346,7 +346,7 @@ class FinetuneStage(Stage):
                     parts.save_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))
                 else:
                     parts.save_dir(part, save_model(model, history))
-                shutil.rmtree(scratch, ignore_errors=True)
+                parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))
             summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary
 

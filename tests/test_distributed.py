@@ -1,0 +1,182 @@
+"""Several processes: sharded generation and scoring merge into exactly the single-process artifacts.
+
+The fast tests check the sharding itself in one process (``generate_text(shard=...)`` split and merged by
+hand equals the unsharded call). The ``distributed`` tests start 2 CPU processes with gloo through
+``torch.distributed.run`` (what ``accelerate launch`` does underneath) and compare whole run directories:
+
+- stage 1 under DDP: trains (one optimizer step per objective where one process takes two), saves once;
+- sample (sampling, seeded), refine (greedy reviews and rewrites, implicit rewards), filter (rewards under
+  the policies and the soups) and the evaluation sweeps of the stage-1 methods (greedy MOD and soups,
+  ground-truth scores) give byte-identical artifacts to a single process's. The stage-1 policies are random
+  LoRA adapters, so greedy decoding of the tiny model says something other than newlines.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from sipo_fast.pipeline.distributed import Dist, batched, generate_text
+
+PROMPTS = ["How do I fix a flat tyre?", "Tell me a joke", "hi", "What is the capital of France?",
+           "Write a haiku about rain", "Is it safe to eat raw eggs?", "Name three prime numbers"]
+
+
+def random_adapters(root: Path, tokenizer, names=("helpful", "harmless")) -> list[Path]:
+    """LoRA adapters with random A and B (init_lora_weights=False) on the tiny llama: distinct, non-trivial
+    policies whose greedy outputs vary from prompt to prompt."""
+    from peft import LoraConfig, get_peft_model
+
+    from sipo_fast.models import tiny
+
+    paths = []
+    for seed, name in enumerate(names, start=1):
+        base, _ = tiny("llama", tokenizer=tokenizer)
+        torch.manual_seed(seed)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj"],
+                                                init_lora_weights=False, task_type="CAUSAL_LM"))
+        model.save_pretrained(root / name)
+        paths.append(root / name)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def lora_decoder(tokenizer, tmp_path_factory):
+    from peft import PeftModel
+
+    from sipo_fast import MODDecoder
+    from sipo_fast.models import tiny
+
+    paths = random_adapters(tmp_path_factory.mktemp("adapters"), tokenizer)
+    base, _ = tiny("llama", tokenizer=tokenizer)
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="a")
+    model.load_adapter(paths[1], adapter_name="b")
+    return MODDecoder(model.eval(), tokenizer, adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("sampling", [False, True])
+@pytest.mark.parametrize("world", [2, 3])
+def test_shards_of_generate_text_merge_into_the_unsharded_result(lora_decoder, sampling, world):
+    w = [[0.2, 0.8], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.3, 0.7], [0.6, 0.4]]
+    kw = dict(weights=w, max_new_tokens=6, batch_size=2, progress=False)
+    if sampling:
+        kw.update(do_sample=True, temperature=1.0, seed=11)
+    full = lora_decoder.generate_text(PROMPTS, **kw)
+    assert len({o.text for o in full}) > 2, "the fixture should make greedy outputs differ between prompts"
+    merged = [None] * len(PROMPTS)
+    covered = []
+    for rank in range(world):
+        part = lora_decoder.generate_text(PROMPTS, shard=(rank, world), **kw)
+        mine = [i for i, o in enumerate(part) if o is not None]
+        covered += mine
+        for i in mine:
+            merged[i] = part[i]
+    assert sorted(covered) == list(range(len(PROMPTS)))  # every row decoded by exactly one rank
+    assert [o.token_ids for o in merged] == [o.token_ids for o in full]
+    assert [o.logprobs for o in merged] == [o.logprobs for o in full]
+
+
+def test_shard_argument_is_checked(lora_decoder):
+    with pytest.raises(ValueError, match="shard must be"):
+        lora_decoder.generate_text(PROMPTS[:2], weights=[0.5, 0.5], max_new_tokens=2, shard=(2, 2), progress=False)
+
+
+def test_one_process_helpers_are_the_plain_calls(lora_decoder):
+    one = Dist()
+    assert not one.enabled and one.is_main and one.mine(5) == [0, 1, 2, 3, 4]
+    assert Dist(rank=1, world=3).mine(8) == [1, 4, 7]
+    assert one.on_main(lambda: 7) == 7 and one.broadcast("x") == "x" and one.all_gather(3) == [3]
+    assert batched(7, 3, lambda a, b: (a, b), dist=one) == [(0, 3), (3, 6), (6, 7)]
+    kw = dict(weights=[0.5, 0.5], max_new_tokens=4, batch_size=2, progress=False)
+    assert [o.text for o in generate_text(lora_decoder, PROMPTS, dist=one, **kw)] == \
+        [o.text for o in lora_decoder.generate_text(PROMPTS, **kw)]
+
+
+# ------------------------------------------------------------------------------------------ two processes
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    # Same thread count in every process of both runs (torchrun would set 1 for its workers anyway).
+    env.update(OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR", "ACCELERATE_USE_CPU"):
+        env.pop(key, None)
+    return env
+
+
+def _cli(args: list[str], *, processes: int, timeout: int = 420) -> subprocess.CompletedProcess:
+    if processes == 1:
+        cmd = [sys.executable, "-m", "sipo_fast.cli", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "sipo_fast.cli", *args]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
+    return res
+
+
+def _files(stage_dir: Path) -> dict[str, bytes]:
+    return {p.relative_to(stage_dir).as_posix(): p.read_bytes() for p in sorted(stage_dir.rglob("*"))
+            if p.is_file() and p.relative_to(stage_dir).parts[0] != "logs"}
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_align_trains_data_parallel_on_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    _cli(["align", "--preset", "smoke", "--output-dir", str(out), "--no-progress"], processes=2)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["stages"]) == {"align"}
+    assert json.loads((out / "align" / "logs" / "timing.json").read_text())["processes"] == 2
+    for obj in ("helpful", "harmless"):
+        policy = out / "align" / "policies" / obj
+        assert (policy / "adapter_model.safetensors").exists() and not list(policy.glob(".*"))
+        steps = [r for r in json.loads((policy / "train_metrics.json").read_text()) if "loss" in r]
+        # 12 training pairs at 6 per device: one process takes 2 optimizer steps, two processes take 1.
+        assert len(steps) == 1, steps
+    # One process writes: no stray temporary or scratch directories left by the other rank.
+    assert sorted(p.name for p in out.iterdir() if p.name != ".work") == ["align", "config.yaml", "logs",
+                                                                          "manifest.json"]
+    assert not any((out / ".work").iterdir())
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_two_processes_write_the_single_process_artifacts(tmp_path, tokenizer):
+    policies = random_adapters(tmp_path / "policies", tokenizer)
+    overrides = [f"align.policies=[{policies[0]},{policies[1]}]", "data.max_rows=32", "data.max_conflict_prompts=7",
+                 # sampled candidates (seeded per batch), several decoding and scoring batches per rank
+                 "sample.do_sample=true", "sample.batch_size=2", "refine.batch_size=3", "filter.batch_size=5",
+                 "eval.batch_size=3", "eval.num_prompts=5", "eval.baselines=[mod,soups]"]
+    runs = {}
+    for n in (1, 2):
+        runs[n] = tmp_path / f"p{n}"
+        _cli(["run", "--preset", "smoke", "--output-dir", str(runs[n]), "--no-progress", *overrides], processes=n)
+    one, two = runs[1], runs[2]
+    m1, m2 = (json.loads((r / "manifest.json").read_text())["stages"] for r in (one, two))
+    for stage in ("align", "sample", "refine", "filter"):
+        assert _files(one / stage) == _files(two / stage), stage
+        assert m1[stage]["artifact"] == m2[stage]["artifact"], stage
+        assert m1[stage]["fingerprint"] == m2[stage]["fingerprint"], stage
+    assert json.loads((two / "sample" / "logs" / "timing.json").read_text())["processes"] == 2
+    cands = [json.loads(line) for line in (one / "refine" / "candidates.jsonl").read_text().splitlines()]
+    assert len({c["candidate"] for c in cands}) > 3 and len({c["rewrite"] for c in cands}) > 1  # not trivial
+    # Fine-tuning ran data-parallel (not compared: DDP sums gradients in another order); the evaluation sweeps
+    # of the methods built on stage 1 alone are the single-process ones (the run directory's name aside).
+    assert set(m2) == {"align", "sample", "refine", "filter", "finetune", "eval"}
+    for method in ("mod", "soups"):
+        a, b = (json.loads((r / "eval" / "sweeps" / f"{method}.json").read_text()) for r in (one, two))
+        assert a["meta"].pop("run_dir") != b["meta"].pop("run_dir")
+        assert a == b, method
+        assert len({t for row in a["responses"] for t in row}) > 2
