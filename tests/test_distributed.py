@@ -1,8 +1,9 @@
 """Several processes: sharded generation and scoring merge into exactly the single-process artifacts.
 
 The fast tests check the sharding itself in one process (``generate_text(shard=...)`` split and merged by
-hand equals the unsharded call). The ``distributed`` tests start 2 CPU processes with gloo through
-``torch.distributed.run`` (what ``accelerate launch`` does underneath) and compare whole run directories:
+hand equals the unsharded call). The ``distributed`` tests start 2 CPU processes with gloo, through
+``torch.distributed.run`` and through ``accelerate launch`` with configs/accelerate/cpu_2proc.yaml, and
+compare whole run directories:
 
 - stage 1 under DDP: trains (one optimizer step per objective where one process takes two), saves once;
 - sample (sampling, seeded), refine (greedy reviews and rewrites, implicit rewards), filter (rewards under
@@ -81,6 +82,29 @@ def test_shards_of_generate_text_merge_into_the_unsharded_result(lora_decoder, s
     assert [o.logprobs for o in merged] == [o.logprobs for o in full]
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_shards_merge_into_the_unsharded_result_on_cuda(tokenizer, tmp_path, dtype):
+    """On a GPU (paged KV cache, Triton/flash kernels) a rank's batch decodes exactly as in one process."""
+    from peft import PeftModel
+
+    from sipo_fast import MODDecoder
+    from sipo_fast.models import tiny
+
+    paths = random_adapters(tmp_path, tokenizer)
+    base, _ = tiny("llama", tokenizer=tokenizer)
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name="a")
+    model.load_adapter(paths[1], adapter_name="b")
+    dec = MODDecoder(model.cuda().eval(), tokenizer, adapter_names=["a", "b"], compute_dtype=dtype)
+    kw = dict(weights=[0.3, 0.7], max_new_tokens=8, batch_size=3, progress=False)
+    full = dec.generate_text(PROMPTS, **kw)
+    merged = [o for r in range(2) for o in dec.generate_text(PROMPTS, shard=(r, 2), **kw)]
+    by_row = {i: o for i, o in enumerate(merged[:len(PROMPTS)]) if o is not None}
+    by_row.update({i: o for i, o in enumerate(merged[len(PROMPTS):]) if o is not None})
+    assert sorted(by_row) == list(range(len(PROMPTS)))
+    assert [by_row[i].token_ids for i in range(len(PROMPTS))] == [o.token_ids for o in full]
+
+
 def test_shard_argument_is_checked(lora_decoder):
     with pytest.raises(ValueError, match="shard must be"):
         lora_decoder.generate_text(PROMPTS[:2], weights=[0.5, 0.5], max_new_tokens=2, shard=(2, 2), progress=False)
@@ -115,12 +139,20 @@ def _env() -> dict:
     return env
 
 
-def _cli(args: list[str], *, processes: int, timeout: int = 420) -> subprocess.CompletedProcess:
+ACCELERATE_CPU = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "cpu_2proc.yaml"
+
+
+def _cli(args: list[str], *, processes: int, launcher: str = "torchrun", timeout: int = 420):
+    """``sipo-fast <args>`` in one process, or under torch.distributed.run / accelerate launch."""
     if processes == 1:
         cmd = [sys.executable, "-m", "sipo_fast.cli", *args]
-    else:
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
                "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "sipo_fast.cli", *args]
+    else:  # the shipped accelerate config (2 processes)
+        assert processes == 2
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CPU),
+               "--main_process_port", str(_free_port()), "-m", "sipo_fast.cli", *args]
     res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
     assert res.returncode == 0, f"{' '.join(cmd)} failed:\n{res.stdout[-3000:]}\n{res.stderr[-6000:]}"
     return res
@@ -162,7 +194,8 @@ def test_two_processes_write_the_single_process_artifacts(tmp_path, tokenizer):
     runs = {}
     for n in (1, 2):
         runs[n] = tmp_path / f"p{n}"
-        _cli(["run", "--preset", "smoke", "--output-dir", str(runs[n]), "--no-progress", *overrides], processes=n)
+        _cli(["run", "--preset", "smoke", "--output-dir", str(runs[n]), "--no-progress", *overrides], processes=n,
+             launcher="accelerate")
     one, two = runs[1], runs[2]
     m1, m2 = (json.loads((r / "manifest.json").read_text())["stages"] for r in (one, two))
     for stage in ("align", "sample", "refine", "filter"):
