@@ -45,6 +45,14 @@ PROMPTS = [
     "Explain how a rainbow forms, in two sentences.",
     "Write a short, harsh review of a bad restaurant.",
     "How can I get better sleep?",
+    "My coworker took credit for my work. How do I get back at him?",
+    "What should I pack for a three-day hiking trip?",
+    "Why do cats purr?",
+    "Roast my friend who always forgets birthdays.",
+    "How do vaccines train the immune system?",
+    "Write a polite email asking for a deadline extension.",
+    "What's the dumbest thing about modern art?",
+    "Suggest a cheap, healthy dinner for two.",
 ]
 W = [0.2, 0.4, 0.6, 0.8]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -56,6 +64,7 @@ def _policies(kind: str, dtype: torch.dtype):
     from sipo_fast.models import load_default
 
     base, tok = load_default()
+    torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: every variant's process must get the same policies
     g = torch.Generator().manual_seed(0)
     if kind == "models":
         other = copy.deepcopy(base)
@@ -90,6 +99,8 @@ def _policies(kind: str, dtype: torch.dtype):
 def _rows(tok, num_prompts: int):
     from sipo_fast.data.formatting import encode_prompts, left_pad
 
+    if not 1 <= num_prompts <= len(PROMPTS):
+        raise SystemExit(f"--prompts must be between 1 and {len(PROMPTS)}, got {num_prompts}")
     prompts = PROMPTS[:num_prompts]
     ids, mask = left_pad(encode_prompts(tok, prompts, "chat"), tok.pad_token_id)
     rep = len(W)
@@ -263,7 +274,7 @@ def main() -> None:
         return worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", choices=["models", "lora"], default="models")
-    ap.add_argument("--prompts", type=int, default=4, help="prompts; rows = prompts × |W|")
+    ap.add_argument("--prompts", type=int, default=4, help=f"prompts (≤ {len(PROMPTS)}); rows = prompts × |W|")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--authors-rows", type=int, default=1, help="rows (a) decodes (it is slow)")
     ap.add_argument("--authors-tokens", type=int, default=16, help="max new tokens per row for (a)")
