@@ -60,8 +60,7 @@ def lora_decoder(tokenizer, tmp_path_factory):
     return MODDecoder(model.eval(), tokenizer, adapter_names=["a", "b"])
 
 
-@pytest.mark.parametrize("sampling", [False, True])
-@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("sampling,world", [(False, 2), (False, 3), (True, 3)])
 def test_shards_of_generate_text_merge_into_the_unsharded_result(lora_decoder, sampling, world):
     w = [[0.2, 0.8], [0.5, 0.5], [0.9, 0.1], [0.2, 0.8], [1.0, 0.0], [0.3, 0.7], [0.6, 0.4]]
     kw = dict(weights=w, max_new_tokens=6, batch_size=2, progress=False)

@@ -422,6 +422,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"
     cache = ScoreCache(out_dir / "scores.sqlite" if dist.is_main else None)
     ctx = Context(config, RunDir(run_dir), progress=progress and dist.is_main)
+    _place_scorers(scorer_objs, ctx)
     results = {}
     # MOD first: its stage-1 endpoints seed the text cache that the other methods' endpoints reuse.
     for m in sorted(methods, key=lambda name: name != "mod"):
@@ -450,6 +451,19 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     if write:
         paths = dist.broadcast(paths)
     return EvalRun(results=results, diagnostics=diag, paths=paths)
+
+
+def _place_scorers(scorers, ctx) -> None:
+    """Reward/score-model scorers (7B beaver models in the paper's setting) load on the CPU in float32; on a GPU
+    run they move to the run's device and dtype (this rank's GPU under accelerate launch), as the policies do.
+    On CPU they stay as built."""
+    from sipo_fast.scoring import _TransformerScorer
+
+    if ctx.device.type != "cuda":
+        return
+    for s in scorers:
+        if isinstance(s, _TransformerScorer):
+            s.model = s.model.to(ctx.device, dtype=ctx.dtype)
 
 
 def _reusable(path: Path, fingerprint: str, scorers) -> SweepResult | None:
