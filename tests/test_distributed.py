@@ -5,7 +5,8 @@ hand equals the unsharded call). The ``distributed`` tests start 2 CPU processes
 ``torch.distributed.run`` and through ``accelerate launch`` with configs/accelerate/cpu_2proc.yaml, and
 compare whole run directories:
 
-- stage 1 under DDP: trains (one optimizer step per objective where one process takes two), saves once;
+- stage 1 under DDP: trains (one optimizer step per objective where one process takes two), saves once, and
+  the ranks stay in step (same LoRA weights after several steps);
 - sample (sampling, seeded), refine (greedy reviews and rewrites, implicit rewards), filter (rewards under
   the policies and the soups) and the evaluation sweeps of the stage-1 methods (greedy MOD and soups,
   ground-truth scores) give byte-identical artifacts to a single process's. The stage-1 policies are random
@@ -180,6 +181,44 @@ def test_align_trains_data_parallel_on_two_processes(tmp_path):
     assert sorted(p.name for p in out.iterdir() if p.name != ".work") == ["align", "config.yaml", "logs",
                                                                           "manifest.json"]
     assert not any((out / ".work").iterdir())
+
+
+_SYNC_SCRIPT = """
+import json, sys
+from pathlib import Path
+from sipo_fast.pipeline import preset
+from sipo_fast.pipeline.context import Context
+from sipo_fast.pipeline.distributed import current
+from sipo_fast.pipeline.policies import preference_pairs, train
+from sipo_fast.pipeline.rundir import RunDir
+dist, out = current(), Path(sys.argv[1])
+ctx = Context(preset("smoke"), RunDir(out), progress=False)
+model, history = train(ctx, ctx.load_base(), preference_pairs(ctx.split["train"], "helpful"), objective="helpful",
+                       loss="sigmoid", beta=0.1, alpha=0.0, lr=1e-2, epochs=2, max_steps=-1, batch_size=2,
+                       grad_accum=1, max_length=96, use_lora=True, eval_pairs=None, select_best=False,
+                       eval_steps=None, scratch=out / "scratch")
+lora = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n}
+steps = sum(1 for row in history if "loss" in row)
+(out / f"rank{dist.rank}.json").write_text(json.dumps({"world": dist.world, "steps": steps, "lora": lora}))
+"""
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
+    """Each rank trains on its half of the pairs; DDP averages the gradients, so after several steps at a
+    large learning rate the two ranks still hold the same LoRA weights (unsynchronised ranks would not)."""
+    script = tmp_path / "sync.py"
+    script.write_text(_SYNC_SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(script), str(tmp_path)]
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=420)
+    assert res.returncode == 0, res.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["world"] == r1["world"] == 2
+    assert r0["steps"] == r1["steps"] == 6  # 12 pairs, 2 per device on 2 ranks: 3 steps per epoch, 2 epochs
+    assert r0["lora"] and r0["lora"] == r1["lora"]
+    assert any(v != 0.0 for k, v in r0["lora"].items() if "lora_B" in k)  # B starts at zero: it trained
 
 
 @pytest.mark.distributed
