@@ -136,6 +136,13 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.run_dir) == bool(args.policies):
         print("sipo-fast eval: give exactly one of --run-dir DIR or --policies DIR [DIR ...]", file=sys.stderr)
         return 2
+    from sipo_fast.pipeline.distributed import current
+
+    dist = current()
+    if dist.enabled and args.policies:
+        print("sipo-fast eval: --policies runs in one process; under accelerate launch / torchrun evaluate a run "
+              "directory (--run-dir), whose sweeps are split over the processes", file=sys.stderr)
+        return 2
     if args.run_dir:
         from .baselines import DEFAULT_METHODS, evaluate_run
 
@@ -146,5 +153,6 @@ def run(args: argparse.Namespace) -> int:
         paths = run_.paths
     else:
         paths = _own_policies(args)
-    print(f"report: {paths['markdown']}\nplot:   {paths['png']}")
+    if dist.is_main:
+        print(f"report: {paths['markdown']}\nplot:   {paths['png']}")
     return 0
