@@ -8,8 +8,9 @@ compare whole run directories:
 - stage 1 under DDP: trains (one optimizer step per objective where one process takes two), saves once, and
   the ranks stay in step (same LoRA weights after several steps);
 - sample (sampling, seeded), refine (greedy reviews and rewrites, implicit rewards), filter (rewards under
-  the policies and the soups) and the evaluation sweeps of the stage-1 methods (greedy MOD and soups,
-  ground-truth scores) give byte-identical artifacts to a single process's. The stage-1 policies are random
+  the policies and the soups) and the evaluation sweeps of the stage-1 methods (greedy MOD and soups, scored
+  by relevance on rank 0 and by a reward model split over the ranks) give byte-identical artifacts to a
+  single process's. The stage-1 policies are random
   LoRA adapters, so greedy decoding of the tiny model says something other than newlines.
 """
 import json
@@ -46,6 +47,28 @@ def random_adapters(root: Path, tokenizer, names=("helpful", "harmless")) -> lis
         model.save_pretrained(root / name)
         paths.append(root / name)
     return paths
+
+
+def tiny_cost_model(root: Path, tokenizer) -> Path:
+    """A random beaver-style score model (``model.*`` backbone + ``score_head``) on the tiny llama shape: a
+    reward-model scorer (``beaver_cost:<path>``, batches of 8 in input order) that evaluation splits by its
+    own batches across the ranks."""
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig, LlamaModel
+
+    torch.manual_seed(5)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                         pad_token_id=tokenizer.pad_token_id)
+    backbone = LlamaModel(config).eval()
+    head = torch.nn.Linear(config.hidden_size, 1)
+    state = {f"model.{k}": v for k, v in backbone.state_dict().items()}
+    state.update({"score_head.weight": head.weight.data, "score_head.bias": head.bias.data})
+    root.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(root / "model.safetensors"))
+    config.save_pretrained(root)
+    tokenizer.save_pretrained(root)
+    return root
 
 
 @pytest.fixture(scope="module")
@@ -228,10 +251,13 @@ def test_data_parallel_training_keeps_the_ranks_in_step(tmp_path):
 @pytest.mark.slow
 def test_two_processes_write_the_single_process_artifacts(tmp_path, tokenizer):
     policies = random_adapters(tmp_path / "policies", tokenizer)
+    cost = tiny_cost_model(tmp_path / "cost", tokenizer)
     overrides = [f"align.policies=[{policies[0]},{policies[1]}]", "data.max_rows=32", "data.max_conflict_prompts=7",
                  # sampled candidates (seeded per batch), several decoding and scoring batches per rank
                  "sample.do_sample=true", "sample.batch_size=2", "refine.batch_size=3", "filter.batch_size=5",
-                 "eval.batch_size=3", "eval.num_prompts=5", "eval.baselines=[mod,soups]"]
+                 "eval.batch_size=3", "eval.num_prompts=5", "eval.baselines=[mod,soups]",
+                 # one scorer that rank 0 runs (relevance), one split over the ranks (a reward model)
+                 f"eval.scorers=[relevance,beaver_cost:{cost}]"]
     runs = {}
     for n in (1, 2):
         runs[n] = tmp_path / f"p{n}"
@@ -254,6 +280,8 @@ def test_two_processes_write_the_single_process_artifacts(tmp_path, tokenizer):
         assert a["meta"].pop("run_dir") != b["meta"].pop("run_dir")
         assert a == b, method
         assert len({t for row in a["responses"] for t in row}) > 2
+        assert a["objectives"] == ["relevance", "beaver_cost"]
+        assert len({round(x[1], 6) for row in a["scores"] for x in row}) > 8  # > one batch of distinct costs
 
 
 @pytest.mark.distributed
