@@ -166,6 +166,22 @@ def test_sampling_seeded_and_backends_agree(tokenizer):
     assert torch.equal(a.sequences, ref.sequences)
 
 
+def test_generate_text_batch_seeds_do_not_collide_across_calls(tokenizer):
+    """Callers seed one call per weight with seed, seed + 1, ...; batch 1 of the call seeded s must not replay
+    batch 0 of the call seeded s + 1 (it did when batch k was seeded with s + k)."""
+    from sipo_fast.decoding.decoder import batch_seed
+
+    assert batch_seed(None, 3) is None and batch_seed(7, 0) == 7
+    assert len({batch_seed(s, k) for s in range(4) for k in range(4)}) == 16
+    dec = MODDecoder(_policies("qwen2", tokenizer), tokenizer)
+    kw = dict(weights=[0.5, 0.5], max_new_tokens=8, do_sample=True, temperature=1.5, batch_size=1, progress=False,
+              template="none")
+    first = dec.generate_text(["Same prompt"] * 2, seed=0, **kw)
+    second = dec.generate_text(["Same prompt"] * 2, seed=1, **kw)
+    assert first[1].token_ids != second[0].token_ids
+    assert first[0].token_ids == dec.generate_text(["Same prompt"], seed=0, **kw)[0].token_ids
+
+
 def test_bfloat16_path_logprobs_match_float32_scoring(tokenizer):
     """The bf16 decoder's reported log-probs must match float32 scoring of its own outputs within bf16
     tolerance, and the caller's float32 models must be left untouched."""

@@ -264,9 +264,9 @@ class MODDecoder:
         for k, start in tqdm(starts, desc="MOD decoding", unit="batch", disable=not progress):
             idx = order[start:start + batch_size]
             ids, mask = left_pad([encoded[i] for i in idx], pad)
-            # each batch its own stream (seed + k), so equal prompts in different batches draw independently
+            # each batch its own stream, so equal prompts in different batches draw independently
             out = self.generate(ids, mask, weights=w[idx], max_new_tokens=max_new_tokens,
-                                seed=None if seed is None else seed + k, **sampling_kwargs)
+                                seed=batch_seed(seed, k), **sampling_kwargs)
             for r, i in enumerate(idx):
                 toks = out.generated_ids(r)
                 results[i] = MODTextOutput(prompt=prompts[i], text=self.tokenizer.decode(toks), token_ids=toks,
@@ -375,6 +375,19 @@ class MODDecoder:
         length = int(num_gen.max())
         return MODOutput(sequences=torch.cat([ids, out[:, :length]], dim=1), logprobs=lp_sum, num_generated=num_gen,
                          finished=finished, prompt_length=t)
+
+
+def batch_seed(seed: int | None, k: int) -> int | None:
+    """The seed of batch ``k`` of a :meth:`MODDecoder.generate_text` call seeded with ``seed``: ``seed`` itself for
+    the first batch (a one-batch call samples exactly like ``generate(seed=seed)``), an independent stream
+    derived from (seed, k) for the others. Not ``seed + k``: callers seed consecutive calls with seed, seed + 1,
+    ... (one per weight), and batch 1 of one call would then replay batch 0 of the next."""
+    if seed is None or k == 0:
+        return seed
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(k)]).generate_state(1, dtype=np.uint64)[0]
+               >> 1)
 
 
 def _expand_weight_sets(ids: torch.Tensor, mask: torch.Tensor, weights):
