@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sipo_fast.cli import STAGE_COMMANDS, main
 
@@ -19,8 +20,11 @@ SMOKE = ["--preset", "smoke", "--no-progress"]
 
 def cli(*args, env=None, timeout=600):
     cmd = [str(ENTRY)] if ENTRY.exists() else [sys.executable, "-m", "sipo_fast.cli"]
+    # The subprocess trains with as many threads as this process (conftest sets them), whatever OMP_NUM_THREADS
+    # says: artifacts compared across the two must come from the same float reduction order.
+    threads = {"OMP_NUM_THREADS": str(torch.get_num_threads())}
     return subprocess.run(cmd + [str(a) for a in args], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+                          env={**os.environ, **threads, **(env or {})})
 
 
 def manifest(run: Path) -> dict:
