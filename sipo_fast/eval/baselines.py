@@ -259,13 +259,10 @@ def _fingerprint(run_dir: Path, method: str, prompts, weights, settings: dict) -
 def _policy_hash(policy_dir: Path) -> str:
     """Content hash of a saved policy's weights and configs (not its metrics or README), so a copied policy
     (finetune without survivors copies stage 1) hashes like its source."""
-    import hashlib
+    from sipo_fast.pipeline.rundir import dir_hash
 
-    h = hashlib.sha256()
-    for f in sorted(policy_dir.rglob("*")):
-        if f.is_file() and (f.suffix in (".safetensors", ".bin") or f.name.endswith("config.json")):
-            h.update(f.relative_to(policy_dir).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
-    return h.hexdigest()[:16]
+    return dir_hash(policy_dir, include=lambda rel: rel.suffix in (".safetensors", ".bin")
+                    or rel.name.endswith("config.json"))
 
 
 def _model_keys(ctx, run_dir: Path, method: str, weights: np.ndarray, settings: dict) -> list[str]:
@@ -321,7 +318,8 @@ def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dic
             if pol.names is not None:
                 return soup_generator(pol.model, ctx.tokenizer, adapter_names=pol.names, exact=method == "soups", **kw)
             if method == "soups_ab":
-                raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models (align.use_lora=false)")
+                raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models "
+                                 "(align.use_lora=false): use method 'soups', which interpolates the full weights")
             return soup_generator(list(pol.models), ctx.tokenizer, **kw)
         if method == "modpo":
             return per_weight_generator(_modpo_policy_for(ctx, run_dir, out_dir), ctx.tokenizer, **kw)

@@ -21,16 +21,22 @@ _SCHEMA = """CREATE TABLE IF NOT EXISTS scores (
     PRIMARY KEY (scorer, prompt, response))"""
 
 
+def _open(path: str | os.PathLike | None, schema: str) -> tuple[Path | None, sqlite3.Connection]:
+    """(path, connection) of a cache database with ``schema``; ``path=None`` keeps it in memory."""
+    path = Path(path) if path is not None else None
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(str(path) if path is not None else ":memory:")
+    db.execute(schema)
+    db.commit()
+    return path, db
+
+
 class ScoreCache:
     """Persistent map (scorer name, prompt, response) → float. ``path=None`` keeps it in memory."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:")
-        self._db.execute(_SCHEMA)
-        self._db.commit()
+        self.path, self._db = _open(path, _SCHEMA)
 
     def get(self, scorer: str, prompts: Sequence[str], responses: Sequence[str]) -> list[float | None]:
         """Cached scores in input order, None where missing."""
@@ -117,12 +123,7 @@ class TextCache:
     models, mixing weight, decoding settings); :mod:`.baselines` builds it from file hashes."""
 
     def __init__(self, path: str | os.PathLike | None = None):
-        self.path = Path(path) if path is not None else None
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(self.path) if self.path is not None else ":memory:")
-        self._db.execute(_TEXT_SCHEMA)
-        self._db.commit()
+        self.path, self._db = _open(path, _TEXT_SCHEMA)
 
     def get(self, model: str, prompts: Sequence[str]) -> list[str] | None:
         """Texts for every prompt, or None unless all are cached."""

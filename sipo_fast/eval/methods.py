@@ -128,7 +128,8 @@ def cached_generator(generate, cache, keys: Sequence[str | None]):
 
     def gen(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
         if len(weights) != len(keys):
-            raise ValueError(f"cached_generator has {len(keys)} keys but the sweep has {len(weights)} weights")
+            raise ValueError(f"cached_generator has {len(keys)} keys but the sweep has {len(weights)} weights; give one key "
+                             "per sweep weight, in order (None for a weight that must not be cached)")
         from sipo_fast.pipeline.distributed import current
 
         # Rank 0's cache decides for every rank (the others hold an empty one), so all decode the same weights.

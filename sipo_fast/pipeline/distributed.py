@@ -102,7 +102,8 @@ class Dist:
             merged.update(part)
         missing = [k for k in range(num_units) if k not in merged]
         if missing:
-            raise RuntimeError(f"distributed merge: units {missing[:8]} came back from no rank")
+            raise RuntimeError(f"distributed merge: units {missing[:8]} came back from no rank; every rank must split the "
+                               "same number of units (same inputs and batch size on every rank)")
         return [merged[k] for k in range(num_units)]
 
 

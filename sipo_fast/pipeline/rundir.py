@@ -21,7 +21,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -38,13 +38,16 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def dir_hash(path: Path) -> str:
+def dir_hash(path: Path, include: Callable[[Path], bool] | None = None) -> str:
     """Content hash of a directory: relative paths and bytes of every file, except under ``logs/``, the
-    rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache."""
+    rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache.
+    ``include(relative_path)``, if given, further restricts the files hashed. Files are read in chunks."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
         if rel.parts[0] in UNHASHED_DIRS or rel.as_posix() in UNHASHED_FILES:
+            continue
+        if include is not None and not include(rel):
             continue
         h.update(str(rel.as_posix()).encode() + b"\0")
         with open(f, "rb") as fh:
