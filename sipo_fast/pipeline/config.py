@@ -117,6 +117,9 @@ class DataConfig(_Section):
     """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
     drop_long_prompts: bool = False
     """Drop prompts that do not fit the context instead of failing."""
+    holdout_stage2: bool = False
+    """Keep stage 2's conflicting prompts out of stage 1's training rows (a deviation: the paper samples stage 2
+    on prompts stage 1 trained on, which a small model memorises, so no candidate beats its chosen response)."""
 
     def __post_init__(self):
         if not isinstance(self.objectives, (list, tuple)) or len(self.objectives) < 2:
@@ -131,6 +134,14 @@ class DataConfig(_Section):
         if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
             raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the "
                              "data's mix")
+        if self.holdout_stage2 and self.max_conflict_prompts is None:
+            raise ValueError("data.holdout_stage2 needs data.max_conflict_prompts: how many conflicting prompts to "
+                             "keep out of stage 1 for stage 2")
+
+    @property
+    def stage2_reserved(self) -> int | None:
+        """Conflicting prompts kept out of stage 1 for stage 2 (None: none, as in the paper)."""
+        return self.max_conflict_prompts if self.holdout_stage2 else None
 
 
 @dataclass
