@@ -55,6 +55,7 @@ PROMPTS = [
     "Suggest a cheap, healthy dinner for two.",
 ]
 W = [0.2, 0.4, 0.6, 0.8]
+_MODEL: list = []  # the loaded base model (its forward's signature names the cache keyword)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -64,6 +65,7 @@ def _policies(kind: str, dtype: torch.dtype):
     from sipo_fast.models import load_default
 
     base, tok = load_default()
+    _MODEL[:] = [base]
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: every variant's process must get the same policies
     g = torch.Generator().manual_seed(0)
     if kind == "models":
@@ -112,7 +114,10 @@ def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
     """(b): batched, one HF forward per policy per step with its own DynamicCache, log_softmax mixing."""
     from transformers import DynamicCache
 
+    from sipo_fast.kv.hf import cache_kwarg
+
     b = ids.shape[0]
+    key = cache_kwarg(_MODEL[0])  # `cache` or `past_key_values`, by transformers version
     caches = [DynamicCache() for _ in fwds]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     x, m = ids, mask
@@ -120,7 +125,7 @@ def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
     new = torch.full((b, max_new_tokens), eos, dtype=torch.long)
     lengths = torch.zeros(b, dtype=torch.long)
     for t in range(max_new_tokens):
-        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, cache=c, use_cache=True, logits_to_keep=1)
+        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: c})
                  .logits[:, -1].float().log_softmax(-1) for f, c in zip(fwds, caches)]
         mix = sum(w[:, i:i + 1] * lp for i, lp in enumerate(logps))
         tok = mix.argmax(-1)
@@ -138,13 +143,16 @@ def _authors_generate(fwds, ids, mask, w, max_new_tokens, eos):
     """(a): one row at a time, one forward per policy per token, a cache per policy."""
     from transformers import DynamicCache
 
+    from sipo_fast.kv.hf import cache_kwarg
+
+    key = cache_kwarg(_MODEL[0])
     outs, total = [], 0
     for r in range(ids.shape[0]):
         x = ids[r:r + 1, mask[r].bool()]  # the row without padding
         caches = [DynamicCache() for _ in fwds]
         toks = []
         for _ in range(max_new_tokens):
-            logps = [f(input_ids=x, cache=c, use_cache=True).logits[:, -1].float().log_softmax(-1)
+            logps = [f(input_ids=x, use_cache=True, **{key: c}).logits[:, -1].float().log_softmax(-1)
                      for f, c in zip(fwds, caches)]
             tok = int(sum(w[r, i] * lp for i, lp in enumerate(logps)).argmax(-1))
             toks.append(tok)

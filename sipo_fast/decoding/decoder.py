@@ -27,59 +27,8 @@ import torch
 
 from sipo_fast.decoding.output import MODOutput, MODTextOutput
 from sipo_fast.decoding.policies import LoraAdapters, SeparateModels
+from sipo_fast.decoding.vocab import local_tokenizer, output_vocab_size, check_vocabularies
 from sipo_fast.ops.mod import check_weights, mod_sample_checked
-
-
-# ------------------------------------------------------------------------------------ vocabulary checks
-def _output_vocab_size(model) -> int:
-    emb = model.get_output_embeddings()
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> tuple[int, str | None, str | None] | None:
-    """Lowest token id whose token differs between two token→id maps (None if they are identical)."""
-    if a == b:
-        return None
-    ia = {i: t for t, i in a.items()}
-    ib = {i: t for t, i in b.items()}
-    for i in range(max(len(ia), len(ib), max(ia, default=-1) + 1, max(ib, default=-1) + 1)):
-        if ia.get(i) != ib.get(i):
-            return i, ia.get(i), ib.get(i)
-    return None
-
-
-def check_vocabularies(tokenizers: Sequence, names: Sequence[str] | None = None) -> None:
-    """Raise ValueError unless every tokenizer has the same size and the same token→id mapping; the
-    message names the first differing token id and what each side maps it to."""
-    names = list(names) if names is not None else [f"policy {i}" for i in range(len(tokenizers))]
-    vocab0 = tokenizers[0].get_vocab()
-    for name, tok in zip(names[1:], tokenizers[1:]):
-        vocab = tok.get_vocab()
-        diff = _first_vocab_difference(vocab0, vocab)
-        if diff is not None:
-            i, t0, t1 = diff
-            raise ValueError(f"{name}'s vocabulary differs from {names[0]}'s ({len(vocab)} vs {len(vocab0)} tokens): "
-                             f"first difference at token id {i}: {t1!r} in {name} but {t0!r} in {names[0]}. "
-                             "MOD mixes logits token by token, so all policies must share one tokenizer")
-
-
-def _local_tokenizer(model):
-    """The tokenizer saved beside a model loaded from a local directory, or None."""
-    import os
-
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if not path or not os.path.isdir(path):
-        return None
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # a directory without a loadable tokenizer: nothing to compare
-        return None
 
 
 # ------------------------------------------------------------------------------------------- decoder
@@ -99,16 +48,21 @@ class MODDecoder:
         dedupe: share one forward and cache row among rows with the same prompt and prefix (exact).
         lora_impl: "bmm" (batched LoRA, default) or "peft" (PEFT's mixed-adapter batches).
         sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None: auto).
-        kv_cache: "paged" (the shared paged KV cache of :mod:`sipo_fast.kv`: each distinct prompt's KV stored
-            once per policy and shared by every row that continues it, forks without copies), "dynamic"
-            (transformers' DynamicCache, rows copied on fork) or "auto" (paged where supported: Llama,
-            Mistral, Qwen2 with the compiled extension).
+        kv_cache: "static" (the captured decode step: a lean forward over a preallocated cache, fixed padded
+            batch, replayed as a CUDA graph on GPU; Llama, Mistral, Qwen2), "paged" (the shared paged KV cache
+            of :mod:`sipo_fast.kv`: each distinct prompt's KV stored once per policy and shared by every row
+            that continues it, forks without copies), "dynamic" (transformers' DynamicCache, rows copied on
+            fork) or "auto" (static on CUDA, paged on CPU, where they apply: :mod:`sipo_fast.decoding.paths`).
         kv_block_size: tokens per KV block of the paged cache.
+        cuda_graph: on the static path on CUDA, record each step once and replay it (False: run it eagerly).
+        check_every: on the static path, look for all-finished rows every this many steps (default 16 when
+            replaying a CUDA graph, else every step).
     """
 
     def __init__(self, policies, tokenizer=None, *, compute_dtype: torch.dtype | None = None,
                  adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "bmm",
-                 sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16):
+                 sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16,
+                 cuda_graph: bool = True, check_every: int | None = None):
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
         self.tokenizer = tokenizers[0] if tokenizers else tokenizer
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
@@ -120,28 +74,37 @@ class MODDecoder:
         models = self._policy_models(policies, adapter_names)
         self._check_vocab(models, tokenizers)
         cast = lambda m: m if compute_dtype in (None, m.dtype) else copy.deepcopy(m).to(compute_dtype)  # noqa: E731
-        # [sipo_fast.kv] paged KV cache: the same three runner verbs over one shared block table.
-        from sipo_fast.kv.runner import PagedLoraAdapters, PagedSeparateModels, resolve_kv_cache
+        from sipo_fast.decoding.paths import resolve_kv_cache
+        from sipo_fast.kv.runner import PagedLoraAdapters, PagedSeparateModels
 
-        self.kv_cache = resolve_kv_cache(kv_cache, models[0])
-        if self.adapter_names is not None:
+        device = next(models[0].parameters()).device
+        self.kv_cache = resolve_kv_cache(kv_cache, models[0], device)
+        peft = self.adapter_names is not None
+        if peft:
             from sipo_fast.decoding.lora import check_adapters
 
             self.adapter_names = check_adapters(policies, adapter_names)
             self.models = [cast(policies).eval()]
-            if self.kv_cache == "paged":
-                self.runner = PagedLoraAdapters(self.models[0], self.adapter_names, lora_impl,
-                                                block_size=kv_block_size)
-            else:
-                self.runner = LoraAdapters(self.models[0], self.adapter_names, lora_impl)
         else:
             self.models = [cast(m).eval() for m in models]
+        if self.kv_cache == "static":
+            from sipo_fast.decoding.capture import CapturedDecoding
+            from sipo_fast.decoding.static import LeanPolicies
+
+            lean = (LeanPolicies(peft_model=self.models[0], adapter_names=self.adapter_names) if peft
+                    else LeanPolicies(models=self.models))
+            self.runner = CapturedDecoding(lean, capture=cuda_graph, check_every=check_every,
+                                           sample_backend=sample_backend)
+        elif peft:
+            self.runner = (PagedLoraAdapters(self.models[0], self.adapter_names, lora_impl, block_size=kv_block_size)
+                           if self.kv_cache == "paged" else LoraAdapters(self.models[0], self.adapter_names, lora_impl))
+        else:
             self.runner = (PagedSeparateModels(self.models, block_size=kv_block_size) if self.kv_cache == "paged"
                            else SeparateModels(self.models))
-        self.num_policies = self.runner.num_policies
+        self.num_policies = (self.runner.policies if self.kv_cache == "static" else self.runner).num_policies
         self.dtype = self.models[0].dtype
         self.device = next(self.models[0].parameters()).device
-        self.vocab_size = _output_vocab_size(self.models[0] if self.adapter_names is None
+        self.vocab_size = output_vocab_size(self.models[0] if self.adapter_names is None
                                              else self.models[0].get_base_model())
 
     # -- construction helpers
@@ -168,7 +131,7 @@ class MODDecoder:
         return list(policies)
 
     def _check_vocab(self, models, tokenizers) -> None:
-        sizes = [_output_vocab_size(m) for m in models]
+        sizes = [output_vocab_size(m) for m in models]
         if len(set(sizes)) > 1:
             raise ValueError(f"policies have different vocabulary sizes {sizes}; MOD needs one shared vocabulary")
         if tokenizers is not None and len(tokenizers) not in (1, len(models)):
@@ -176,7 +139,7 @@ class MODDecoder:
         toks = list(tokenizers or [])
         found = [(f"policy {i}", t) for i, t in enumerate(toks)]
         if not toks:
-            local = [(_local_tokenizer(m), i) for i, m in enumerate(models)] if self.adapter_names is None else []
+            local = [(local_tokenizer(m), i) for i, m in enumerate(models)] if self.adapter_names is None else []
             found = [(f"policy {i}", t) for t, i in local if t is not None]
             if self.tokenizer is not None:
                 found = [("the tokenizer", self.tokenizer)] + found
@@ -213,7 +176,7 @@ class MODDecoder:
                 raise ValueError("attention_mask goes with token ids; text prompts are padded here, pass none")
             input_ids, attention_mask = self._encode(list(input_ids), template)
         ids, mask = self._check_batch(input_ids, attention_mask)
-        ids, mask, weights = _expand_weight_sets(ids, mask, weights)  # [sipo_fast.kv] [B, S, N] weights
+        ids, mask, weights = _expand_weight_sets(ids, mask, weights)  # [B, S, N] weights
         w = check_weights(weights, self.num_policies, ids.shape[0]).to(self.device)
         _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         eos = self._eos_ids(eos_token_id)
@@ -338,7 +301,12 @@ class MODDecoder:
         else:
             row_state = torch.arange(b, device=dev)
             s_ids, s_mask = ids, mask
-        reserve = getattr(self.runner, "reserve", None)  # [sipo_fast.kv] the paged runner sizes its pools
+        if self.kv_cache == "static":
+            out, lp_sum, num_gen, finished = self.runner.run(s_ids, s_mask, row_state, w, max_new_tokens, sampling,
+                                                             sampling.get("generator"), eos, pad)
+            return MODOutput(sequences=torch.cat([ids, out], dim=1), logprobs=lp_sum, num_generated=num_gen,
+                             finished=finished, prompt_length=t)
+        reserve = getattr(self.runner, "reserve", None)  # the paged runner sizes its pools
         if reserve is not None:
             reserve(b, max_new_tokens)
         logits = self.runner.prefill(s_ids, s_mask, max_new_tokens)  # [N, U, V]

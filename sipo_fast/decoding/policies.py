@@ -23,11 +23,12 @@ Two runners:
 from __future__ import annotations
 
 import functools
-import inspect
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from sipo_fast.kv.hf import cache_kwarg
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -98,15 +99,8 @@ class _CacheRows:
         self.next_pos = self.next_pos.index_select(0, index)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(cls) -> str:
-    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
 def _forward(model, input_ids, mask, pos, cache, **kwargs) -> torch.Tensor:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs[_cache_kwarg(type(target))] = cache
+    kwargs[cache_kwarg(model)] = cache
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1]  # [rows, V]
 

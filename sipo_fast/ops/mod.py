@@ -276,9 +276,12 @@ def mod_sample(logits: torch.Tensor, weights, *, temperature: float = 1.0, top_k
 
 def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, generator: torch.Generator | None = None, do_sample: bool = True,
-                       uniform: torch.Tensor | None = None, backend: str | None = None):
+                       uniform: torch.Tensor | None = None, backend: str | None = None,
+                       seed_tensor: torch.Tensor | None = None):
     """:func:`mod_sample` for callers that validated once up front (the decoder, every step):
-    ``weights`` must already be a float32 [B, N] tensor on the logits' device and the arguments valid."""
+    ``weights`` must already be a float32 [B, N] tensor on the logits' device and the arguments valid.
+    ``seed_tensor`` ([1] int64 on the device, Triton backend only) makes a sampling call free of host work,
+    for the captured decode step."""
     backend = _pick_backend(backend, logits)
     if backend == "ref":
         return mod_sample_ref(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -287,7 +290,7 @@ def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperatu
         from sipo_fast.kernels.mod_sample import mod_sample_triton
 
         return mod_sample_triton(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator, do_sample=do_sample, uniform=uniform)
+                                 generator=generator, do_sample=do_sample, uniform=uniform, seed_tensor=seed_tensor)
     return _mod_sample_torch(logits, weights, temperature, top_k, top_p, generator, do_sample, uniform)
 
 
