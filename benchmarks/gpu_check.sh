@@ -27,15 +27,16 @@ step() { local name=$1 limit=$2; shift 2; echo "== $name"; local t0=$SECONDS
   timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; local rc=$?
   echo "$name rc=$rc ${limit}s-limit took $((SECONDS - t0))s" | tee -a "$OUT/summary.txt"; tail -n 30 "$OUT/$name.log"; }
 
-step install 200 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
+step install 150 $PY -m pip install --no-deps --no-build-isolation --no-index -e .
 step env 60 $PY -m sipo_fast.env_report
-[[ $SKIP == *bench* ]] || step bench_mod_gpu 270 $PY benchmarks/bench_mod_decode_gpu.py \
+[[ $SKIP == *bench* ]] || step bench_mod_gpu 250 $PY benchmarks/bench_mod_decode_gpu.py \
   --shapes "${GPU_CHECK_SHAPES:-135m,1.7b,7b-lora}" --out "$OUT/mod_gpu.json" --no-record
 # Every GPU test: the Triton kernels compiled for real (MOD mix/sample, fused log-probs, paged attention, the
 # decode-step ops), the paged cache, the captured decoder (graph replay = eager = reference in float32), and a
 # rank's share of the decoding batches (the multi-process tests need trl/datasets, absent from the image).
-[[ $SKIP == *tests* ]] || step gpu_tests 240 $PY -m pytest -q -ra -m gpu tests/test_decode_ops.py \
+[[ $SKIP == *tests* ]] || step gpu_tests 180 $PY -m pytest -q -ra -m gpu tests/test_decode_ops.py \
   tests/test_captured_decoding.py tests/test_mod_ops.py tests/test_logprobs.py tests/test_paged_attention.py \
   tests/test_paged_cache.py tests/test_distributed.py
-[[ $SKIP == *ops* ]] || step bench_logprobs_op 90 $PY benchmarks/bench_logprobs.py --skip-scoring --repeat 3 --no-record
+[[ $SKIP == *ops* ]] || step bench_logprobs_op 90 $PY benchmarks/bench_logprobs.py --skip-scoring --repeat 3
+cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 cat "$OUT/summary.txt"
