@@ -9,6 +9,7 @@ Variants, each in its own process (so peak RSS is its own), timed round-robin:
   mod           sipo_fast.MODDecoder defaults: state sharing across W, batched LoRA, kv_cache="auto" (the
                 paged KV cache of sipo_fast.kv for Llama-family models when the extension is built).
   mod-dynamic   MODDecoder(kv_cache="dynamic"): transformers' DynamicCache with preallocated layers.
+  mod-static    MODDecoder(kv_cache="static"): the captured step's lean forward and fixed slots (eager on CPU).
   mod-nodedupe  MODDecoder(dedupe=False): without state sharing (ablation).
   mod-peftmix   LoRA only: MODDecoder(lora_impl="peft"), PEFT's own mixed-adapter batches (ablation).
 Every variant runs in float32 and in bfloat16; ratios against (b) use (b) in the same dtype.
@@ -186,7 +187,7 @@ def _prepare(variant: str, policies: str, dtype: str, num_prompts: int, max_new_
             return {"tokens": int(lengths.sum()), "rows": new.tolist()}
         return run_naive
     kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",
-              kv_cache="dynamic" if variant == "mod-dynamic" else "auto")
+              kv_cache={"mod-dynamic": "dynamic", "mod-static": "static"}.get(variant, "auto"))
     dec = MODDecoder(pol, tok, **kw)
     dec.generate(ids, mask, weights=w, max_new_tokens=2)
     stats = _count_states(dec)
@@ -249,6 +250,13 @@ class _Worker:
         return out
 
 
+class _FixedCount(list):
+    """States per step on the static path: nothing to count (all rows, every step); mean() reports 0."""
+
+    def append(self, x):
+        pass
+
+
 class _StateCounter:
     def __init__(self):
         self.counts = []
@@ -260,6 +268,9 @@ class _StateCounter:
 def _count_states(dec) -> _StateCounter:
     """Record how many distinct states each decoding step forwards (rows sharing a prefix count once)."""
     counter = _StateCounter()
+    if dec.kv_cache == "static":  # fixed slots: every row is forwarded every step
+        counter.counts = _FixedCount()
+        return counter
     step = dec.runner.step
 
     def counting_step(tokens):
@@ -292,7 +303,7 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
 
-    variants = ["authors", "naive", "mod", "mod-dynamic", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
+    variants = ["authors", "naive", "mod", "mod-dynamic", "mod-static", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
     if args.variants:
         variants = args.variants.split(",")
     common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,

@@ -185,3 +185,27 @@ def test_cuda_graph_sampling_is_seeded_and_bf16_runs(tokenizer):
     c = dec.generate(ids, mask, seed=2, **kw)
     assert torch.equal(a.sequences, b.sequences) and not torch.equal(a.sequences, c.sequences)
     assert torch.isfinite(a.logprobs).all() and (a.num_generated == 16).all()
+
+
+def test_auto_falls_back_when_the_captured_step_fails_on_first_use(tokenizer, monkeypatch):
+    """kv_cache="auto" never ends in a failure the next path would not have: a captured step that raises on its
+    first call (say a GPU library it was never run against) warns once and the call is served by the next
+    path; an explicit kv_cache="static" raises instead."""
+    models = _policies("llama", tokenizer)
+    ids, mask = _batch(tokenizer)
+    want = MODDecoder(models, tokenizer, kv_cache="dynamic").generate(ids, mask, weights=W4, max_new_tokens=6)
+    for requested in ("auto", "static"):
+        dec = MODDecoder(models, tokenizer, kv_cache="static")
+        dec._requested_kv = requested
+
+        def broken(*args, **kwargs):
+            raise RuntimeError("no kernel image is available for execution on the device")
+
+        monkeypatch.setattr(dec.runner, "run", broken)
+        if requested == "static":
+            with pytest.raises(RuntimeError, match="no kernel image"):
+                dec.generate(ids, mask, weights=W4, max_new_tokens=6)
+            continue
+        with pytest.warns(RuntimeWarning, match="captured decode step failed on its first call"):
+            got = dec.generate(ids, mask, weights=W4, max_new_tokens=6)
+        assert dec.kv_cache in ("paged", "dynamic") and torch.equal(got.sequences, want.sequences)

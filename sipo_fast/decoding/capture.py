@@ -58,6 +58,7 @@ class CapturedStep:
         self.device = policies.lean[0].device
         self.state = StepState(rows, policies.num_policies, width, num_eos, self.device)
         self.graph = None
+        self.workspace: dict = {}  # the CPU sampler's reused scratch buffers
 
     @property
     def sampled(self) -> bool:
@@ -77,6 +78,7 @@ class CapturedStep:
             kw["seed_tensor"] = s.seeds.index_select(0, s.step)  # this step's seed, read on the device
         else:
             kw["generator"] = generator
+            kw["workspace"] = self.workspace
         tok, lp = mod_sample_checked(logits, s.w, backend=self.backend, **kw)
         live = ~s.finished
         tok = torch.where(live, tok, s.pad)
@@ -142,8 +144,16 @@ class CapturedDecoding:
         if key not in self.steps:
             st = CapturedStep(self.policies, r, self.policies.width, sampling, num_eos, self.sample_backend)
             if self.capture:
-                st.capture(self._pool)
-                self.stats["captures"] += 1
+                try:
+                    st.capture(self._pool)
+                    self.stats["captures"] += 1
+                except Exception as exc:  # the step itself ran (warm-up); only recording it failed
+                    import warnings
+
+                    warnings.warn(f"CUDA graph capture of the decode step failed ({type(exc).__name__}: {exc}); "
+                                  "running the same step eagerly", RuntimeWarning, stacklevel=2)
+                    st.graph, self.capture = None, False
+                    torch.cuda.synchronize()
             self.steps = {k: v for k, v in self.steps.items() if k[0] == r}  # one cache size at a time
             self.steps[key] = st
         return self.steps[key]

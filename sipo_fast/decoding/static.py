@@ -40,8 +40,12 @@ class _Linear:
         self.weight, self.bias = base.weight, base.bias
         self.a, self.b = (lora.a, lora.b) if lora is not None else (None, None)
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is not None and self.bias is None and self.a is None:
+            return torch.mm(x, self.weight.t(), out=out)  # into a preallocated buffer (the logits)
         y = F.linear(x, self.weight, self.bias)  # (rows, out)
+        if out is not None:
+            return out.copy_(y)
         if self.a is not None:
             n = self.a.shape[0]
             x3 = x.reshape(n, -1, x.shape[-1]).to(self.a.dtype)  # (N, rows/N, in), policy-major
@@ -165,9 +169,9 @@ class LeanModel:
 
     # -- decode: one token per row, graph-capturable (no host reads, fixed shapes)
     def decode(self, tok: torch.Tensor, pos: torch.Tensor, cache: torch.Tensor, cur: torch.Tensor,
-               starts: torch.Tensor, length: torch.Tensor) -> torch.Tensor:
+               starts: torch.Tensor, length: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Feed ``tok [R]`` at positions ``pos [R]``; write its K/V at cache column ``cur [1]``; attend to
-        columns ``[starts[r], length)``. Returns logits ``[R, V]``."""
+        columns ``[starts[r], length)``. Returns logits ``[R, V]`` (written into ``out`` when given)."""
         cos, sin = self._cos, self._sin
         res = F.embedding(tok, self.embed)
         h = self._norm(res, self.layers[0]["ln1"])
@@ -179,7 +183,7 @@ class LeanModel:
                                  backend=self.backend)
             h, res = self._norm(layer["o"](a.reshape(rows, -1)), layer["ln2"], res)
             h, res = self._finish(self._mlp(layer, h), res, li)
-        return self.lm_head(h)
+        return self.lm_head(h, out)
 
 
 class LeanPolicies:
@@ -198,6 +202,7 @@ class LeanPolicies:
             self.lean = [LeanModel(m, None, backend) for m in models]
             self.num_policies, self.stacked = len(models), False
         self.caches: list[torch.Tensor] = []
+        self.logits: torch.Tensor | None = None  # [N, R, V]: every step's logits land here (no copy, no alloc)
         self.rows = self.width = 0
 
     @property
@@ -209,9 +214,12 @@ class LeanPolicies:
         (which invalidates captured graphs, whose addresses point into the old caches)."""
         if rows == self.rows and width <= self.width:
             return False
-        self.caches = []  # free before allocating
+        self.caches, self.logits = [], None  # free before allocating
         mult = self.num_policies if self.stacked else 1
-        self.caches = [torch.zeros(m.cache_shape(rows * mult, width), dtype=m.dtype, device=m.device) for m in self.lean]
+        # empty, not zeros: every column a step reads was written first (prefill fills [0, Tp) of every row)
+        self.caches = [torch.empty(m.cache_shape(rows * mult, width), dtype=m.dtype, device=m.device) for m in self.lean]
+        m = self.lean[0]
+        self.logits = torch.empty(self.num_policies, rows, m.lm_head.weight.shape[0], dtype=m.dtype, device=m.device)
         for m in self.lean:
             m.rope_tables(width)
         self.rows, self.width = rows, width
@@ -235,7 +243,9 @@ class LeanPolicies:
     def decode(self, tok, pos, cur, starts, length) -> torch.Tensor:
         """One step for all R rows: logits ``[N, R, V]``."""
         if self.stacked:
-            logits = self.lean[0].decode(self._expand(tok), self._expand(pos), self.caches[0], cur,
-                                         self._expand(starts), length)
-            return logits.view(self.num_policies, tok.shape[0], -1)
-        return torch.stack([m.decode(tok, pos, c, cur, starts, length) for m, c in zip(self.lean, self.caches)])
+            self.lean[0].decode(self._expand(tok), self._expand(pos), self.caches[0], cur, self._expand(starts), length,
+                                out=self.logits.view(-1, self.logits.shape[-1]))
+        else:
+            for i, (m, c) in enumerate(zip(self.lean, self.caches)):
+                m.decode(tok, pos, c, cur, starts, length, out=self.logits[i])
+        return self.logits
