@@ -15,9 +15,10 @@ policies' logits once and writes per-block partials: its best score and index, a
 picks the winning block (first on ties, matching torch.argmax), and gathers l_i[tok].
 
 Top-k/top-p need the whole row's distribution before any token can be ruled out, so they take one more
-pass: the mix kernel writes z (and the policies' partials), torch computes the per-row threshold t from
-z/τ (``mod_filter_threshold``: a top-k/sort on a [B, V] float32 tensor), and the select kernel reads z
-back instead of the N policies. Without filtering, the whole step is one pass over the logits.
+pass: the mix kernel writes z (and the policies' partials), the caller's ``threshold_fn`` computes the
+per-row threshold t from z/τ (``sipo_fast.ops.mod.mod_filter_threshold``: a top-k/sort on a [B, V] float32
+tensor; passed in, so this module imports nothing of the package), and the select kernel reads z back
+instead of the N policies. Without filtering, the whole step is one pass over the logits.
 """
 from __future__ import annotations
 
@@ -183,16 +184,15 @@ def mod_mix_triton(logits: torch.Tensor, weights: torch.Tensor, *, block_v: int 
 def mod_sample_triton(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None, do_sample: bool = True,
                       uniform: torch.Tensor | None = None, block_v: int = BLOCK_V,
-                      seed_tensor: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      seed_tensor: torch.Tensor | None = None, threshold_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One MOD step → ``(tokens [B] int64, logprobs [B, N] float32)``. ``weights`` is a validated [B, N] tensor.
 
     Without a noise tensor the kernel draws U with ``tl.rand(seed, row·V + v)``; the seed comes from
     ``generator`` (or torch's default generator), so a seeded run is reproducible. ``seed_tensor`` (a [1]
     int64 device tensor) supplies the seed from device memory instead: no host work, so the call can be
-    captured in a CUDA graph and replayed with a new seed written into that tensor.
+    captured in a CUDA graph and replayed with a new seed written into that tensor. ``threshold_fn(z / τ) ->
+    [B]`` gives the top-k/top-p threshold; it is called only when a filter is active and must be given then.
     """
-    from sipo_fast.ops.mod import mod_filter_threshold
-
     n, b, v = logits.shape
     dev = logits.device
     w = weights.to(device=dev, dtype=torch.float32).contiguous()
@@ -213,7 +213,9 @@ def mod_sample_triton(logits: torch.Tensor, weights: torch.Tensor, *, temperatur
             # pass 1: mix + policy partials; torch threshold on z/τ; pass 2 reads z back
             z = torch.empty((b, v), dtype=torch.float32, device=dev)
             _launch_partial(logits, w, z, None, None, parts, write_z=True, block_v=block_v)
-            thr = mod_filter_threshold(z * inv_temp, top_k, top_p).contiguous()
+            if threshold_fn is None:
+                raise ValueError("top_k/top_p filtering needs threshold_fn (sipo_fast.ops.mod passes it)")
+            thr = threshold_fn(z * inv_temp).contiguous()
             _launch_partial(logits, w, z, thr, u, parts, inv_temp=inv_temp, seed=seed, z_in=True, select=2,
                             block_v=block_v, seed_tensor=seed_tensor)
         else:

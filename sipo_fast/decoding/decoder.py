@@ -99,7 +99,7 @@ class MODDecoder:
     # -- construction helpers
     def _build_runner(self, path: str):
         """The runner of one decode path (see :mod:`sipo_fast.decoding.paths`) over ``self.models``."""
-        from sipo_fast.kv.runner import PagedLoraAdapters, PagedSeparateModels
+        from sipo_fast.decoding.paged import PagedLoraAdapters, PagedSeparateModels
 
         o, peft = self._runner_options, self.adapter_names is not None
         if path == "static":

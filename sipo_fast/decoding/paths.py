@@ -27,7 +27,7 @@ def problem(path: str, model) -> str | None:
         return unsupported_reason(model)
     if path == "paged":
         from sipo_fast import _ext
-        from sipo_fast.kv.runner import PAGED_MODEL_TYPES
+        from sipo_fast.decoding.paged import PAGED_MODEL_TYPES
 
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if model_type not in PAGED_MODEL_TYPES:

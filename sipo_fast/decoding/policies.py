@@ -1,7 +1,10 @@
-"""The one place that runs the policies' forward passes and owns their KV caches.
+"""The state-sharing runners over transformers' own forward, and the :class:`Runner` protocol they share.
 
-A runner holds U decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV
-cache of every policy. It has three verbs, and nothing else in the decoder touches a cache:
+The decoder's runners live in :mod:`sipo_fast.decoding`: these (``kv_cache="dynamic"``), the paged ones
+(:mod:`sipo_fast.decoding.paged`, ``"paged"``) and the captured step (:mod:`sipo_fast.decoding.capture`,
+``"static"``, which owns fixed slots and runs a whole generation instead). A state-sharing runner holds U
+decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV cache of every policy.
+It has three verbs, and nothing else in the decoder touches a cache:
 
     prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]   per policy
     step(tokens [U])                                 -> logits [N, U, V]   append one token per state
@@ -24,11 +27,30 @@ from __future__ import annotations
 
 import functools
 
+from typing import Protocol
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sipo_fast.kv.hf import cache_kwarg
+
+
+class Runner(Protocol):
+    """What :class:`~sipo_fast.decoding.MODDecoder` asks of a state-sharing runner (dynamic and paged caches).
+    A runner may also define ``reserve(max_rows, max_new_tokens)``, called before ``prefill`` to size its pools."""
+
+    num_policies: int
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int = 0) -> torch.Tensor:
+        """Prompts ``[U, T]`` (left-padded) -> next-token logits ``[N, U, V]``."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per state ``[U]`` -> logits ``[N, U, V]``."""
+
+    def select(self, index: torch.Tensor) -> None:
+        """New state j continues old state ``index[j]`` (keep, fork, reorder, drop)."""
 
 
 class PreallocatedLayer(DynamicLayer):

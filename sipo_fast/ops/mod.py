@@ -307,7 +307,8 @@ def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperatu
         from sipo_fast.kernels.mod_sample import mod_sample_triton
 
         return mod_sample_triton(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator, do_sample=do_sample, uniform=uniform, seed_tensor=seed_tensor)
+                                 generator=generator, do_sample=do_sample, uniform=uniform, seed_tensor=seed_tensor,
+                                 threshold_fn=lambda scaled: mod_filter_threshold(scaled, top_k, top_p))
     return _mod_sample_torch(logits, weights, temperature, top_k, top_p, generator, do_sample, uniform, workspace)
 
 
