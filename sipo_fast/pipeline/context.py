@@ -45,6 +45,15 @@ def context_length(model_config) -> int | None:
     return None
 
 
+def _first_byte(path: Path) -> bytes | None:
+    """The first non-blank byte of a file (None if it has none), read in small chunks."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
+    return None
+
+
 class Context:
     """Shared state of one pipeline invocation (cached tokenizer, data split); stages receive it."""
 
@@ -175,13 +184,12 @@ class Context:
                                   or str(cfg.source).startswith((".", "/", "~"))):
             raise ValueError(f"data.source={cfg.source!r}: no such file or directory")
         if path.is_file():
-            check_utf8(path)
-            lines = None
-            if path.suffix in (".jsonl", ".json") and path.read_bytes().lstrip()[:1] == b"{":  # JSON lines
-                scanned = read_jsonl_rows(path)
-                if not scanned:
-                    raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference "
-                                     "dataset with rows (prompt, response_0, response_1 and the preference columns)")
+            first = _first_byte(path)
+            if first is None:
+                raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset "
+                                 "with rows (prompt, response_0, response_1 and the preference columns)")
+            if path.suffix in (".jsonl", ".json") and first == b"{":  # JSON lines
+                scanned = read_jsonl_rows(path)  # UTF-8 and JSON, line by line
                 lines = [n for n, _ in scanned]
                 where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
                 if any(k.startswith("pref_") for k in scanned[0][1]):
@@ -192,6 +200,8 @@ class Context:
                     check_rows([r for _, r in scanned], where, [f"pref_{o}" for o in cfg.objectives
                                                                   if f"pref_{o}" in scanned[0][1]])
                     return Dataset.from_list([r for _, r in scanned]), where
+            else:
+                check_utf8(path)
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
         ds = load_preferences(cfg.source, split="train", **extra)

@@ -75,10 +75,12 @@ def check_inputs(ctx, stages=None) -> Findings:
     out = Findings()
     out.guard("config", lambda: type(ctx.config).from_dict(ctx.config.to_dict()))
     out.guard("world", lambda: out.facts.append(_world(ctx)))
-    tok = out.guard("model", lambda: _model(ctx, out))
+    _offline_if_unreachable(ctx, out)
+    label = f"model.name={ctx.config.model.name!r}"
+    tok = out.guard(label, lambda: _model(ctx, out))
     if tok is not None:
         out.guard("data", lambda: _data(ctx, out))
-    modules = out.guard("model", lambda: _linear_layers(ctx))
+    modules = out.guard(label, lambda: _linear_layers(ctx)) if tok is not None else None
     if modules is not None:
         out.guard("align.target_modules", lambda: _lora(ctx, modules, out))
     if ctx.config.eval.enabled and (stages is None or "eval" in stages):
@@ -86,11 +88,59 @@ def check_inputs(ctx, stages=None) -> Findings:
     return out
 
 
+def _hub_names(config) -> list[str]:
+    """Model and dataset names that only the Hugging Face hub (or its local cache) can resolve."""
+    names = []
+    if config.model.name != "default" and not config.model.name.startswith("tiny") \
+            and not Path(config.model.name).exists():
+        names.append(config.model.name)
+    if config.data.source != "demo" and not Path(str(config.data.source)).exists():
+        names.append(str(config.data.source))
+    return names
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can this machine open a connection to the hub's endpoint? (False in offline mode.)"""
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def go_offline() -> None:
+    """Offline mode for huggingface_hub, transformers and datasets in this process: loads use the local cache
+    and fail at once when it lacks a file, instead of retrying an unreachable hub for about a minute each."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    constants.HF_HUB_OFFLINE = True  # read by huggingface_hub.is_offline_mode, which transformers calls
+    try:
+        import datasets.config as dconf
+
+        dconf.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+
+
+def _offline_if_unreachable(ctx, out: Findings) -> None:
+    names = _hub_names(ctx.config)
+    if names and not hub_reachable():
+        go_offline()
+        out.facts.append(f"the Hugging Face hub is unreachable: {names} are resolved from the local cache only")
+
+
 def _model(ctx, out: Findings):
     name = ctx.config.model.name
     tok = ctx.tokenizer
     if ctx.config.model.template == "chat" and not getattr(tok, "chat_template", None):
-        raise ValueError(f"model.template='chat' but the tokenizer of {name!r} has no chat template; set "
+        raise ValueError(f"model.template='chat' but its tokenizer has no chat template; set "
                          "model.template to 'none' or a format string with {prompt}")
     ctx_len = _context_length(ctx)
     out.facts.append(f"model {name}: tokenizer with {len(tok)} tokens, context {ctx_len or 'unknown'}, "

@@ -341,6 +341,11 @@ class RunDir:
         return final
 
 
-# Parts live in their own module; re-exported here, where they were first defined (imported last: parts.py
-# builds on the writers above).
-from .parts import Parts, crash_point  # noqa: E402,F401
+def __getattr__(name: str):
+    """``Parts`` and ``crash_point`` live in :mod:`.parts` (which builds on the writers above); they are still
+    importable from here, where they were first defined."""
+    if name in ("Parts", "crash_point"):
+        from . import parts
+
+        return getattr(parts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
