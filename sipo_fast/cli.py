@@ -230,8 +230,8 @@ def _error_lines(exc: BaseException) -> list[str]:
     if problems:
         return [" ".join(str(p).split()) for p in problems]
     text = " ".join(str(exc).split())
-    if isinstance(exc, OSError) and exc.filename and str(exc.filename) not in text:
-        text = f"{exc.filename}: {text}"
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] No space left on device: 'x'" -> "x: No space ..."
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
     if isinstance(exc, (ValueError, OSError)):
         return [text or type(exc).__name__]
     return [f"{type(exc).__name__}: {text} (a bug? run with --debug for the traceback)"]

@@ -214,7 +214,7 @@ def error_lines(err: str) -> list[str]:
 @pytest.mark.parametrize("args,match", [
     (["run", "--preset", "smoke", "--config", "{tmp}/nope.yaml"], "--config {tmp}/nope.yaml: no such file"),
     (["run", "--config", "{tmp}"], "--config {tmp}: is a directory"),
-    (["run", "--config", "{tmp}/bad.yaml"], "--config {tmp}/bad.yaml:2:1: YAML syntax error"),
+    (["run", "--config", "{tmp}/bad.yaml"], "--config {tmp}/bad.yaml:3:1: YAML syntax error"),
     (["config", "--config", "{tmp}/bad.yaml"], "YAML syntax error"),
     (["run", "--preset", "smoke", "align.use_lora=nope"], "align.use_lora must be true or false"),
     (["run", "--preset", "smoke", "sample.max_new_tokens=2.5"], "sample.max_new_tokens must be a whole number"),
@@ -274,8 +274,9 @@ def test_preflight_problems_are_one_error_line_each(tmp_path, capsys):
     assert main(["run", *SMOKE, "--output-dir", str(tmp_path / "run"), f"data.source={data}",
                  "align.target_modules=[q_proj, nope]"]) == 2
     lines = error_lines(capsys.readouterr().err)
-    assert lines[-2] == f"sipo-fast run: error: data: {data}:2: not UTF-8 (byte 0xff at column 13); save the file as UTF-8"
-    assert lines[-1].startswith("sipo-fast run: error: align.target_modules: ['nope'] match no linear layer")
+    assert lines[-3] == f"sipo-fast run: error: data: {data}:2: not UTF-8 (byte 0xff at column 13); save the file as UTF-8"
+    assert lines[-2].startswith("sipo-fast run: error: align.target_modules: ['nope'] match no linear layer")
+    assert lines[-1].startswith("sipo-fast run: error: eval.scorers: not set, and data.source=")
     assert not (tmp_path / "run").exists()
 
 

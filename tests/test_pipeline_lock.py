@@ -93,3 +93,42 @@ def test_pipeline_holds_the_lock_for_the_whole_run(tmp_path):
     assert seen["holder"]["pid"] == os.getpid() and seen["second_ran"] == []
     assert holder(tmp_path / "run") is None  # released at the end
     assert runs == ["align", "sample", "refine", "filter"]
+
+
+def test_two_runs_started_together_on_a_new_directory_one_wins(tmp_path):
+    """Both pass preflight at the same moment on a directory that does not exist yet; exactly one runs, the
+    other is refused when it tries to open the directory, and the winner's manifest is complete."""
+    import threading
+
+    from sipo_fast.pipeline.preflight import Findings
+    from test_pipeline_runner import Ctx, make
+
+    gate = threading.Barrier(2)
+
+    class Together(Ctx):
+        def preflight(self, stages=None):
+            gate.wait(timeout=30)  # both are past the "directory exists?" check, neither has created it
+            return Findings()
+
+    results, runs = {}, []
+
+    def go(i):
+        pipe, _ = make(tmp_path, runs=runs)
+        pipe._ctx = Together(pipe.config)
+        try:
+            results[i] = sorted(pipe.run())
+        except ValueError as exc:  # RunLockedError at the lock, or the preflight seeing the lock held
+            results[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    errors = [r for r in results.values() if isinstance(r, ValueError)]
+    done = [r for r in results.values() if not isinstance(r, ValueError)]
+    assert len(errors) == 1 and done == [["align", "filter", "refine", "sample"]], results
+    assert "in use by another sipo-fast run: pid" in str(errors[0])
+    assert sorted(runs) == ["align", "filter", "refine", "sample"]  # every stage ran once, by the winner
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(manifest["stages"]) == ["align", "filter", "refine", "sample"]

@@ -253,8 +253,9 @@ def existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes: int) -> Findings:
-    """The run directory: a directory (or creatable), sipo_fast's, free, compatible, writable, with room."""
+def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes: int, held: bool = False) -> Findings:
+    """The run directory: a directory (or creatable), sipo_fast's, free (unless this caller ``held`` its lock
+    already), compatible, writable, with room."""
     from .lock import describe, holder
     from .rundir import ManifestError
 
@@ -265,15 +266,16 @@ def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes:
         out.problems.append(f"{label}: {base} is a file, not a directory")
         return out
     if root.is_dir():
+        info = None if held else holder(root)  # first: a run creating the directory now is not a foreign one
+        if info is not None:
+            out.problems.append(f"{label}: in use by another sipo-fast run: {describe(info)}")
+            return out
         extra = run_dir.foreign_files()
         if extra:
             out.problems.append(f"{label}: not a sipo_fast run directory (no manifest.json; found {extra[:5]}); "
                                 + ("--force only replaces run directories, " if force else "")
                                 + "choose an empty or new directory")
             return out
-        info = holder(root)
-        if info is not None and (info.get("pid"), info.get("host")) != (os.getpid(), socket.gethostname()):  # not us
-            out.problems.append(f"{label}: in use by another sipo-fast run: {describe(info)}")
         try:
             data = run_dir.manifest()
             old = data.get("identity")

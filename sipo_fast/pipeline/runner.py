@@ -135,7 +135,7 @@ class SIPOPipeline:
         Raises :class:`PreflightError` with one line per problem."""
         found = self.context().preflight(stages)
         out = check_output(self.run_dir, force=self.force, identity=identity(self.config),
-                           estimate_bytes=found.estimate_bytes)
+                           estimate_bytes=found.estimate_bytes, held=bool(self._locks))
         if self.force and stages is not None:
             need = sorted({u for s in stages for u in self.stages[s].upstream if u not in stages})
             if need:
