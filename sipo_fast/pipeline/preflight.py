@@ -138,6 +138,8 @@ def _offline_if_unreachable(ctx, out: Findings) -> None:
 
 def _model(ctx, out: Findings):
     name = ctx.config.model.name
+    if (name.startswith(("/", ".", "~")) or name.count("/") > 1) and not Path(name).expanduser().exists():
+        raise ValueError("no such directory (a local model path; hub names look like org/name)")
     tok = ctx.tokenizer
     if ctx.config.model.template == "chat" and not getattr(tok, "chat_template", None):
         raise ValueError(f"model.template='chat' but its tokenizer has no chat template; set "
