@@ -225,10 +225,28 @@ def error_lines(err: str) -> list[str]:
     (["status", "--output-dir", "{tmp}/file"], "is a file, not a run directory"),
     (["status", "--output-dir", "{tmp}"], "is not a sipo_fast run directory"),
     (["repair", "--output-dir", "{tmp}"], "is not a sipo_fast run directory"),
+    # the probe's late failures (issue 14, class 4), now caught before any stage
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "align.target_modules=q_proj"],
+     "align.target_modules must be a list"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/null.jsonl", "eval.enabled=false"],
+     "data: {tmp}/null.jsonl:1: pref_harmless is null"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/empty.jsonl", "eval.enabled=false"],
+     "data: {tmp}/empty.jsonl:2: response_1 is empty"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/null.jsonl"],
+     "eval.scorers: not set, and data.source="),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "model.name={tmp}/no-model"],
+     "model.name='{tmp}/no-model': no such directory"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/missing.jsonl", "eval.enabled=false"],
+     "data.source='{tmp}/missing.jsonl': no such file or directory"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "eval.scorers=[beaver_reward:{tmp}/x, relevance]"],
+     "eval.scorers: beaver_reward:{tmp}/x: no such directory"),
 ])
 def test_every_failure_is_one_error_line_and_exit_2(args, match, tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("align:\n[\n")
     (tmp_path / "file").write_text("x")
+    row = {"prompt": "Q?", "response_0": "A.", "response_1": "B.", "pref_helpful": 1, "pref_harmless": 0}
+    (tmp_path / "null.jsonl").write_text(json.dumps({**row, "pref_harmless": None}) + "\n")
+    (tmp_path / "empty.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "response_1": ""}) + "\n")
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     assert main(args) == 2
     lines = error_lines(capsys.readouterr().err)
