@@ -134,8 +134,9 @@ class SIPOPipeline:
         """Resolve every input and the output directory (:mod:`.preflight`) without writing; returns the facts.
         Raises :class:`PreflightError` with one line per problem."""
         found = self.context().preflight(stages)
-        out = check_output(self.run_dir, force=self.force, identity=identity(self.config),
-                           estimate_bytes=found.estimate_bytes, held=bool(self._locks))
+        # The output directory is rank 0's (it alone locks and writes it): its findings hold for every rank.
+        out = current().on_main(lambda: check_output(self.run_dir, force=self.force, identity=identity(self.config),
+                                                     estimate_bytes=found.estimate_bytes, held=bool(self._locks)))
         if self.force and stages is not None:
             need = sorted({u for s in stages for u in self.stages[s].upstream if u not in stages})
             if need:
