@@ -155,7 +155,8 @@ def _status(args) -> int:
 
     out = _output_dir(args)
     if not out.exists():
-        raise ValueError(f"{out}: no such directory (no run there yet; start one with `sipo-fast run --output-dir {out}`)")
+        raise ValueError(f"{out}: no such directory (no run there yet; start one with "
+                         f"`sipo-fast run --output-dir {out}`)")
     if not out.is_dir():
         raise ValueError(f"{out} is a file, not a run directory")
     if not RunDir(out).is_run_dir():

@@ -57,7 +57,8 @@ def test_bad_cells_are_named_by_file_and_line(tmp_path):
     assert f"data: {path}:3: pref_helpful=2: a preference must be 0 or 1 (the index of the preferred response)" in got
     assert f"data: {path}:5: pref_harmless is null" in got
     assert f"data: {path}:6: response_1 is empty" in got
-    assert f"data: {path}:8: pref_helpful='yes': a preference must be 0 or 1 (the index of the preferred response)" in got
+    assert f"data: {path}:8: pref_helpful='yes': a preference must be 0 or 1 (the index of the preferred " \
+           "response)" in got
 
 
 def test_non_utf8_and_broken_json_lines_are_named(tmp_path):

@@ -375,7 +375,8 @@ class PipelineConfig:
             try:
                 value = yaml.safe_load(raw) if raw.strip() else None
             except yaml.YAMLError as exc:
-                raise ValueError(f"override {item!r}: the value is not valid YAML ({str(exc).splitlines()[0]})") from None
+                first = str(exc).splitlines()[0]
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({first})") from None
             parts = key.strip().split(".")
             if parts == ["seed"]:
                 data["seed"] = value

@@ -6,7 +6,6 @@ anything else a Hugging Face name or local path, loaded with ``trust_remote_code
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re

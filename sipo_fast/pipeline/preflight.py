@@ -142,7 +142,7 @@ def _model(ctx, out: Findings):
         raise ValueError("no such directory (a local model path; hub names look like org/name)")
     tok = ctx.tokenizer
     if ctx.config.model.template == "chat" and not getattr(tok, "chat_template", None):
-        raise ValueError(f"model.template='chat' but its tokenizer has no chat template; set "
+        raise ValueError("model.template='chat' but its tokenizer has no chat template; set "
                          "model.template to 'none' or a format string with {prompt}")
     ctx_len = _context_length(ctx)
     out.facts.append(f"model {name}: tokenizer with {len(tok)} tokens, context {ctx_len or 'unknown'}, "

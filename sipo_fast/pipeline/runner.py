@@ -279,7 +279,8 @@ class SIPOPipeline:
     def _adopt(self, stage: Stage, fingerprint: str, inputs: dict, values: dict) -> bool:
         """A stage directory committed just before a crash, but not yet in the manifest, is kept if its
         stage.json was written for this fingerprint and every file still has its recorded size and sha256."""
-        if self.run_dir.entry(stage.name) is not None or not (self.run_dir.stage_dir(stage.name) / "stage.json").exists():
+        meta = self.run_dir.stage_dir(stage.name) / "stage.json"
+        if self.run_dir.entry(stage.name) is not None or not meta.exists():
             return False
         record, why = read_record(self.run_dir, stage.name)
         if record is None or record["fingerprint"] != fingerprint:
