@@ -292,10 +292,12 @@ def test_preflight_problems_are_one_error_line_each(tmp_path, capsys):
     assert main(["run", *SMOKE, "--output-dir", str(tmp_path / "run"), f"data.source={data}",
                  "align.target_modules=[q_proj, nope]"]) == 2
     lines = error_lines(capsys.readouterr().err)
-    assert lines[-3] == (f"sipo-fast run: error: data: {data}:2: not UTF-8 (byte 0xff at column 13); save the file "
+    errors = [line for line in lines if line.startswith("sipo-fast run: error: ")]
+    assert errors == lines[-len(errors):]  # the error lines end the output
+    assert errors[0] == (f"sipo-fast run: error: data: {data}:2: not UTF-8 (byte 0xff at column 13); save the file "
                          "as UTF-8")
-    assert lines[-2].startswith("sipo-fast run: error: align.target_modules: ['nope'] match no linear layer")
-    assert lines[-1].startswith("sipo-fast run: error: eval.scorers: not set, and data.source=")
+    assert errors[1].startswith("sipo-fast run: error: align.target_modules: ['nope'] match no linear layer")
+    assert errors[2].startswith("sipo-fast run: error: eval.scorers: not set, and data.source=")
     assert not (tmp_path / "run").exists()
 
 

@@ -37,6 +37,7 @@ def test_smoke_preflight_passes_and_writes_nothing(tmp_path):
     assert "data demo: 12 train / 4 eval pairs" in text
     assert "LoRA r=8 on ['q_proj', 'k_proj', 'v_proj', 'o_proj']" in text
     assert "scorers ['relevance', 'harmlessness']" in text and "1 process(es)" in text
+    assert "evaluation: 3 held-out prompts of demo" in text
     assert f"output {tmp_path / 'run'}: writable" in text
     assert not (tmp_path / "run").exists()
 
@@ -96,9 +97,9 @@ def test_every_problem_at_once_one_line_each(tmp_path, monkeypatch):
 def test_missing_scorers_for_local_data_fail_before_any_stage(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows())
     got = problems(preset("smoke").override([f"data.source={path}"]), tmp_path / "run")
-    assert got == [f"eval.scorers: not set, and data.source='{path}' has no default ground-truth scorers: set "
+    assert got[0] == (f"eval.scorers: not set, and data.source='{path}' has no default ground-truth scorers: set "
                    "eval.scorers='[name:path, ...]' (one per objective, e.g. beaver_reward:/models/reward) or "
-                   "eval.enabled=false"]
+                   "eval.enabled=false")
     assert "--scorers" not in got[0]  # `run` has no such option
 
 
@@ -151,3 +152,13 @@ def test_chat_template_is_required_for_the_chat_format(tmp_path, monkeypatch):
     with pytest.raises(PreflightError, match="has no chat template"):
         pipe.preflight()
     assert isinstance(pipe.context(), Context)
+
+
+def test_evaluation_prompts_are_resolved_before_training(tmp_path):
+    """The evaluation stage reads the data source's test split; a local normalised file has none in the PKU
+    schema it loads, which used to fail after every training stage. Now the preflight says so."""
+    path = write_jsonl(tmp_path / "d.jsonl", rows())
+    cfg = preset("smoke").override([f"data.source={path}", "eval.scorers=[relevance, harmlessness]"])
+    got = problems(cfg, tmp_path / "run")
+    assert len(got) == 1 and got[0].startswith(f"eval prompts: {path}: not in the PKU-SafeRLHF schema"), got
+    SIPOPipeline(cfg.override(["eval.enabled=false"]), tmp_path / "run", progress=False).preflight()  # the rest is fine

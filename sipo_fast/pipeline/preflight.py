@@ -85,6 +85,8 @@ def check_inputs(ctx, stages=None) -> Findings:
         out.guard("align.target_modules", lambda: _lora(ctx, modules, out))
     if ctx.config.eval.enabled and (stages is None or "eval" in stages):
         out.guard("eval.scorers", lambda: _scorers(ctx.config, out))
+        if tok is not None:
+            out.guard("eval prompts", lambda: _eval_prompts(ctx.config, out))
     return out
 
 
@@ -226,6 +228,15 @@ def _scorers(config, out: Findings) -> None:
     if bad:
         raise ValueError("; ".join(bad))
     out.facts.append(f"scorers {list(specs)}")
+
+
+def _eval_prompts(config, out: Findings) -> None:
+    """The held-out prompts the evaluation stage will score (the same call it makes), so that a data source
+    without a usable test split fails now rather than after every training stage."""
+    from sipo_fast.eval.baselines import heldout_prompts
+
+    prompts = heldout_prompts(config.data.source, config.eval.num_prompts)
+    out.facts.append(f"evaluation: {len(prompts)} held-out prompts of {config.data.source}")
 
 
 def _world(ctx) -> str:
