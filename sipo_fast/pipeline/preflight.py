@@ -80,6 +80,8 @@ def check_inputs(ctx, stages=None) -> Findings:
     tok = out.guard(label, lambda: _model(ctx, out))
     if tok is not None:
         out.guard("data", lambda: _data(ctx, out))
+    else:  # no tokenizer for the length checks; still load the data, so that its own problems are listed too
+        out.guard("data", ctx._load_preferences)
     modules = out.guard(label, lambda: _linear_layers(ctx)) if tok is not None else None
     if modules is not None:
         out.guard("align.target_modules", lambda: _lora(ctx, modules, out))
