@@ -116,7 +116,8 @@ def test_unresolvable_dataset_and_model_offline_fail_in_seconds(tmp_path, monkey
 
     if preflight.hub_reachable():
         pytest.skip("the hub is reachable from this machine; this test is about an offline one")
-    cfg = preset("smoke").override(["data.source=no-such-org/no-such-dataset", "model.name=no-such-org/no-model"])
+    cfg = preset("smoke").override(["data.source=no-such-org/no-such-dataset", "model.name=no-such-org/no-model",
+                                    "eval.enabled=false"])
     t0 = time.monotonic()
     got = problems(cfg, tmp_path / "run")
     assert time.monotonic() - t0 < 30
