@@ -143,6 +143,7 @@ def _forget(run: Path, stages: list[str]) -> None:
 @pytest.mark.parametrize("stage,first_part,later_part", [
     ("align", "policies/helpful/adapter_model.safetensors", "policies/harmless"),
     ("sample", "parts/w0.jsonl", "parts/w1.jsonl"),
+    ("refine", "parts/w0.jsonl", "parts/w1.jsonl"),
 ])
 def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog, stage, first_part, later_part):
     """Kill a stage right after its first part is saved (os._exit, as a SIGKILL would), then resume: the finished
