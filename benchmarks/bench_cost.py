@@ -194,8 +194,8 @@ def gpu_projection() -> str:
     if "NVIDIA" not in text and "cuda" not in text.lower():
         return ("7B BeaverTails projection: not made. benchmarks/RESULTS.md holds no GPU decode measurement yet "
                 "(run benchmarks/gpu_check.sh on a GPU first).")
-    return ("7B BeaverTails projection: a GPU measurement exists in benchmarks/RESULTS.md, but this script does not "
-            "parse it yet; project by hand from its tok/s.")
+    return ("7B BeaverTails projection: not made. benchmarks/RESULTS.md has GPU sections, but this script does not "
+            "read GPU decode rates yet (a known gap); project by hand from a measured tok/s there.")
 
 
 # ------------------------------------------------------------------------------------------------ main
