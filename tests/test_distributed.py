@@ -164,7 +164,7 @@ def _ephemeral_low() -> int:
 
 
 @contextlib.contextmanager
-def _launch_port():
+def _launch_port(rng=None):
     """A port for the launcher's rendezvous store, reserved until the launch has ended.
 
     The old way (bind port 0, close, pass the number on) picked from the kernel's ephemeral range, so between
@@ -173,8 +173,9 @@ def _launch_port():
     that range (the kernel never assigns it by itself), away from the launchers' defaults (29400, 29500),
     and a lock file held for the whole launch keeps every other test process on this machine off it. A port
     already bound by an unrelated program is skipped; one taken later fails the launch at its bind, loudly.
+    ``rng`` (tests): where the candidate ports come from (``randrange``).
     """
-    rng, high = random.Random(), _ephemeral_low()
+    rng, high = rng or random.Random(), _ephemeral_low()
     _PORT_LOCKS.mkdir(exist_ok=True)
     for _ in range(200):
         port = rng.randrange(10000, high)
@@ -254,21 +255,31 @@ def _cli(args: list[str], *, processes: int, logs: Path, launcher: str = "torchr
     return _launch(["-m", "sipo_fast.cli", *args], processes=processes, log_dir=log_dir, launcher=launcher, **kwargs)
 
 
+class _Ports:
+    """A stand-in for ``random.Random`` that proposes the given ports in order."""
+
+    def __init__(self, *ports: int):
+        self.ports = iter(ports)
+
+    def randrange(self, low: int, high: int) -> int:
+        return next(self.ports)
+
+
 def test_launch_ports_lie_outside_the_kernels_range_and_are_reserved_while_held():
-    """The kernel picks bind(0) ports from [low, high] of ip_local_port_range; a launch port lies below it,
-    off the launchers' defaults, and two launches in flight never hold the same one (the second waits its
-    turn on the lock file and picks another)."""
+    """The kernel picks bind(0) ports from ip_local_port_range, so a launch port lies below it and off the
+    launchers' defaults; while one launch holds a port, a second one proposed the same port (and then a
+    launcher default, and a port some program has bound) moves on to the next free one."""
     low = _ephemeral_low()
-    with _launch_port() as a:
-        held = []
-        for _ in range(20):  # while `a` is held, no reservation may return it
-            with _launch_port() as b:
-                held.append(b)
-        assert a not in held
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", a))  # free: nothing but the lock holds it before the launcher binds it
-    for port in [a, *held]:
+    with _launch_port() as spare, _launch_port() as busy:
+        pass  # two free ports below the range, released again
+    for port in (spare, busy):
         assert 10000 <= port < low and not 29000 <= port < 30000, port
+    with socket.socket() as other, _launch_port() as held:
+        other.bind(("127.0.0.1", busy))  # an unrelated program holds `busy`
+        with _launch_port(rng=_Ports(held, 29500, busy, spare)) as second:
+            assert second == spare
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", held))  # reserved by lock only: free for the launcher to bind
 
 
 @pytest.mark.distributed
