@@ -6,7 +6,6 @@ anything else a Hugging Face name or local path, loaded with ``trust_remote_code
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import PipelineConfig
+from .datacheck import check_rows, check_utf8, read_jsonl_rows
 from .rundir import RunDir
 
 log = logging.getLogger("sipo_fast.pipeline")
@@ -41,6 +41,15 @@ def context_length(model_config) -> int | None:
         value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def _first_byte(path: Path) -> bytes | None:
+    """The first non-blank byte of a file (None if it has none), read in small chunks."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
     return None
 
 
@@ -134,7 +143,7 @@ class Context:
         from sipo_fast.data import objectives as available_objectives
 
         cfg = self.config.data
-        ds = self._load_preferences()
+        ds, where = self._load_preferences()
         have = available_objectives(ds)
         missing = [o for o in cfg.objectives if o not in have]
         if missing:
@@ -148,6 +157,7 @@ class Context:
         rows = [dict(zip(cols, vals)) for vals in zip(*(ds[c] for c in cols))]
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
+        check_rows(rows, where, [f"pref_{o}" for o in cfg.objectives])
         random.Random(cfg.split_seed).shuffle(rows)
         if cfg.conflict_ratio is not None:
             rows = self._mix(rows, cfg.conflict_ratio)
@@ -160,30 +170,43 @@ class Context:
         return {"train": rows[n_eval:], "eval": rows[:n_eval]}
 
     def _load_preferences(self):
-        """The data source as a normalised dataset: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
+        """(dataset, where) for the data source: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
         local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
-        which is how data with more than two objectives comes in."""
+        which is how data with more than two objectives comes in. ``where(i)`` names row i in messages
+        (``file:line`` for local JSON lines). Local text files are checked for UTF-8 and JSON first."""
         from sipo_fast.data import load_preferences
 
         cfg = self.config.data
         path = Path(str(cfg.source))
+        where = lambda i: f"data.source={cfg.source!r} row {i}"  # noqa: E731
+        if not path.exists() and (path.suffix in (".jsonl", ".json", ".csv", ".parquet")
+                                  or str(cfg.source).startswith((".", "/", "~"))):
+            raise ValueError(f"data.source={cfg.source!r}: no such file or directory")
         if path.is_file():
-            with open(path, errors="replace") as fh:
-                first = next((line for line in fh if line.strip()), None)
+            first = _first_byte(path)
             if first is None:
                 raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset "
                                  "with rows (prompt, response_0, response_1 and the preference columns)")
-            try:
-                normalised = any(k.startswith("pref_") for k in json.loads(first))
-            except (json.JSONDecodeError, TypeError):
-                normalised = False
-            if normalised:
-                from datasets import load_dataset
+            if path.suffix in (".jsonl", ".json") and first == b"{":  # JSON lines
+                scanned = read_jsonl_rows(path)  # UTF-8 and JSON, line by line
+                lines = [n for n, _ in scanned]
+                where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
+                if any(k.startswith("pref_") for k in scanned[0][1]):
+                    from datasets import Dataset
 
-                return load_dataset("json", data_files=str(path), split="train")
+                    # Values checked before Arrow sees them: a null or a string among ints fails there without
+                    # naming the line.
+                    check_rows([r for _, r in scanned], where, [f"pref_{o}" for o in cfg.objectives
+                                                                  if f"pref_{o}" in scanned[0][1]])
+                    return Dataset.from_list([r for _, r in scanned]), where
+            else:
+                check_utf8(path)
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
-        return load_preferences(cfg.source, split="train", **extra)
+        ds = load_preferences(cfg.source, split="train", **extra)
+        if "helpsteer" in str(cfg.source).lower():  # pairs are made from rows: no line to name
+            where = lambda i: f"data.source={cfg.source!r} pair {i}"  # noqa: E731
+        return ds, where
 
     def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
         """The largest subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle)."""
@@ -238,6 +261,12 @@ class Context:
         return rows
 
     # -- fail fast ----------------------------------------------------------------------------------------
+    def preflight(self, stages=None):
+        """Every input a run needs, resolved without writing (:mod:`.preflight`): a ``Findings``."""
+        from .preflight import check_inputs
+
+        return check_inputs(self, stages)
+
     def validate(self) -> None:
         """Every check that can fail before any training: names, data, conflicts, tokenizers, lengths."""
         cfg = self.config
