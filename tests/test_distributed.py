@@ -149,6 +149,33 @@ def test_one_process_helpers_are_the_plain_calls(lora_decoder):
         [o.text for o in lora_decoder.generate_text(PROMPTS, **kw)]
 
 
+def test_a_launched_process_tears_its_process_group_down_at_exit(tmp_path, monkeypatch):
+    """Issue 17: left to interpreter teardown, the gloo process group could abort a rank that had finished
+    (SIGABRT). ``current()`` under a launcher registers :func:`_destroy_process_group` to run at exit; it
+    destroys a live group (one rank, gloo, file store) and does nothing once none is left."""
+    import accelerate
+
+    from sipo_fast.pipeline import distributed
+
+    class State:  # accelerate's PartialState as seen by rank 1 of 2 on CPU (no process group needed here)
+        def __init__(self, cpu):
+            self.process_index, self.num_processes, self.local_process_index, self.device = 1, 2, 1, None
+
+    registered = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)  # _from_env sets it; restored (unset) afterwards
+    monkeypatch.setattr(accelerate, "PartialState", State)
+    monkeypatch.setattr(distributed.atexit, "register", registered.append)
+    assert distributed._from_env() == Dist(rank=1, world=2, local_rank=1)
+    assert registered == [distributed._destroy_process_group]
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    assert torch.distributed.is_initialized()
+    distributed._destroy_process_group()
+    assert not torch.distributed.is_initialized()
+    distributed._destroy_process_group()  # nothing left: a no-op
+
+
 # ------------------------------------------------------------------------------------------ two processes
 
 
