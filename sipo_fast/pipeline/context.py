@@ -128,13 +128,30 @@ class Context:
     def split(self) -> dict[str, list[dict]]:
         """{"train": rows, "eval": rows} of normalised preferences restricted to the configured objectives.
 
-        Seeded shuffle (data.split_seed), then data.max_rows, then the eval share is held out. Rows carry
-        prompt, response_0, response_1 and pref_<objective> for each objective.
+        Seeded shuffle (data.split_seed), the conflict mix (data.conflict_ratio), then data.max_rows, then the
+        eval share is held out (or, with data.eval_split, the eval rows are that split's). Rows carry prompt,
+        response_0, response_1 and pref_<objective> for each objective.
         """
+        cfg = self.config.data
+        rows = self._rows(self._load_preferences())
+        random.Random(cfg.split_seed).shuffle(rows)
+        if cfg.conflict_ratio is not None:
+            rows = self._mix(rows, cfg.conflict_ratio)
+        if cfg.max_rows is not None:
+            rows = rows[: cfg.max_rows]
+        rows = self._fit_context(rows)
+        if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
+            return {"train": rows, "eval": self._fit_context(self._rows(self._load_preferences(cfg.eval_split)))}
+        n_eval = int(round(len(rows) * cfg.eval_fraction))
+        if cfg.eval_fraction > 0 and n_eval == 0:
+            n_eval = 1
+        return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+
+    def _rows(self, ds) -> list[dict]:
+        """Normalised rows restricted to the configured objectives, after checking the columns exist."""
         from sipo_fast.data import objectives as available_objectives
 
         cfg = self.config.data
-        ds = self._load_preferences()
         have = available_objectives(ds)
         missing = [o for o in cfg.objectives if o not in have]
         if missing:
@@ -148,18 +165,9 @@ class Context:
         rows = [dict(zip(cols, vals)) for vals in zip(*(ds[c] for c in cols))]
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
-        random.Random(cfg.split_seed).shuffle(rows)
-        if cfg.conflict_ratio is not None:
-            rows = self._mix(rows, cfg.conflict_ratio)
-        if cfg.max_rows is not None:
-            rows = rows[: cfg.max_rows]
-        rows = self._fit_context(rows)
-        n_eval = int(round(len(rows) * cfg.eval_fraction))
-        if cfg.eval_fraction > 0 and n_eval == 0:
-            n_eval = 1
-        return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+        return rows
 
-    def _load_preferences(self):
+    def _load_preferences(self, split: str = "train"):
         """The data source as a normalised dataset: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
         local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
         which is how data with more than two objectives comes in."""
@@ -167,6 +175,9 @@ class Context:
 
         cfg = self.config.data
         path = Path(str(cfg.source))
+        if path.is_file() and split != "train":
+            raise ValueError(f"data.eval_split={split!r} needs a dataset with splits, but data.source={cfg.source!r} "
+                             "is a single file; use data.eval_fraction instead")
         if path.is_file():
             with open(path, errors="replace") as fh:
                 first = next((line for line in fh if line.strip()), None)
@@ -183,15 +194,22 @@ class Context:
                 return load_dataset("json", data_files=str(path), split="train")
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
-        return load_preferences(cfg.source, split="train", **extra)
+        return load_preferences(cfg.source, split=split, **extra)
 
     def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
-        """The largest subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle)."""
+        """A subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle): the largest one
+        (data.conflict_mix="largest"), or the authors' (src/data/raw_data/helpsteer.py, "min"): T = min(#conflicting,
+        #agreeing) rows in all, int(T·ratio) conflicting and the rest agreeing."""
         conf = self.conflicting(rows)
         ids = {id(r) for r in conf}
         agree = [r for r in rows if id(r) not in ids]
-        total = min(len(conf) / ratio, len(agree) / (1 - ratio))
-        n_conf, n_agree = int(round(total * ratio)), int(round(total * (1 - ratio)))
+        if self.config.data.conflict_mix == "min":
+            total = min(len(conf), len(agree))
+            n_conf = int(total * ratio)
+            n_agree = total - n_conf
+        else:
+            total = min(len(conf) / ratio, len(agree) / (1 - ratio))
+            n_conf, n_agree = int(round(total * ratio)), int(round(total * (1 - ratio)))
         if n_conf == 0 or n_agree == 0:
             raise ValueError(f"data.conflict_ratio={ratio}: the data has {len(conf)} conflicting and {len(agree)} "
                              "agreeing pairs, too few for that mix; set data.conflict_ratio=null")
@@ -258,8 +276,18 @@ class Context:
                              "disagree (or more rows: raise data.max_rows)")
         if cfg.align.policies is not None:
             self._check_given_policies()
+        self._check_splits()
         log.info("data: %d train / %d eval pairs, %d conflicting training prompts (%.0f%%)", len(split["train"]),
                  len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]))
+
+    def _check_splits(self) -> None:
+        """The evaluation's prompt split (and data.eval_split, already loaded above) exist, where that can be known
+        here (sipo_fast.data.prompts.check_split: skipped with a note while the hub is unreachable)."""
+        from sipo_fast.data.prompts import check_split
+
+        e = self.config.eval
+        if e.enabled:
+            check_split(e.prompt_source or self.config.data.source, e.prompt_split, "eval.prompt_split")
 
     def _check_given_policies(self) -> None:
         """Adopted stage-1 policies must exist, be all LoRA or all full models, and share π_ref's tokenizer."""
