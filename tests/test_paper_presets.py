@@ -37,7 +37,8 @@ def test_beavertails_preset_end_to_end(tmp_path, scorer_dir):
     paper = preset("beavertails")
     cfg = paper.override(SMALL + [
         f"data.source={FIXTURES / 'pku_saferlhf_10k'}", f"eval.prompt_source={FIXTURES / 'pku_saferlhf_30k'}",
-        f"eval.scorers=[beaver_reward:{scorer_dir}, beaver_cost:{scorer_dir}]", "eval.baselines=[mod, dpo_lw]"])
+        f"eval.scorers=[beaver_reward:{scorer_dir}, beaver_cost:{scorer_dir}]", "eval.baselines=[mod, dpo_lw]",
+        "eval.weights=[0, 0.4, 1]"])
     for key in ("data.max_conflict_prompts", "eval.prompt_split", "eval.prompt_select", "finetune.select_best",
                 "align.lr_scheduler", "align.eval_steps", "refine.enabled", "model.template"):
         assert cfg.get(key) == paper.get(key), key  # the paper's settings under test are the preset's own
@@ -51,18 +52,19 @@ def test_beavertails_preset_end_to_end(tmp_path, scorer_dir):
     metrics = json.loads((tmp_path / "run" / "align" / "policies" / "helpful" / "train_metrics.json").read_text())
     assert any("eval_loss" in m for m in metrics)
     # Evaluation: the last 500 rows of the 30K fixture's test split (all 8 of them), in order; SIPO, MOD, DPO LW.
-    assert out["eval"]["methods"] == ["sipo", "mod", "dpo_lw"] and out["eval"]["weights"] == 6
+    assert out["eval"]["methods"] == ["sipo", "mod", "dpo_lw"] and out["eval"]["weights"] == 3
     sweep = json.loads((tmp_path / "run" / "eval" / "sweeps" / "dpo_lw.json").read_text())
     want = [r["prompt"] for r in read_jsonl(FIXTURES / "pku_saferlhf_30k" / "test.jsonl")][-500:]
     assert sweep["prompts"] == want
-    assert len(list((tmp_path / "run" / "eval" / "dpo_lw").glob("*/w*/adapter_config.json"))) == 4
+    assert [p.parent.name for p in (tmp_path / "run" / "eval" / "dpo_lw").glob("*/w*/adapter_config.json")] == \
+        ["w0.4_0.6"]  # one DPO LW model for the interior weight; the endpoints are the stage-1 policies
     assert "dpo_lw" in (tmp_path / "run" / "eval" / "report.md").read_text()
 
 
 def test_helpsteer_preset_end_to_end(tmp_path, scorer_dir):
     paper = preset("helpsteer")
     cfg = paper.override(SMALL + [
-        f"data.source={FIXTURES / 'helpsteer_hub'}", "eval.enabled=true",
+        f"data.source={FIXTURES / 'helpsteer_hub'}", "eval.enabled=true", "eval.weights=[0, 0.6, 1]",
         f"eval.scorers=[beaver_reward:{scorer_dir}, beaver_cost:{scorer_dir}]"])
     for key in ("data.conflict_ratio", "data.conflict_mix", "data.eval_split", "refine.template",
                 "refine.review_objective", "finetune.select_best", "eval.prompt_split", "align.weight_decay"):
