@@ -184,8 +184,11 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
     check_split("demo", "test", "eval.prompt_split")
     import datasets
 
+    from sipo_fast.data import prompts
+
     def unreachable(name, *a, **k):
         raise ConnectionError("no route to huggingface.co")
+    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)  # the host answers, the listing fails
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
     with caplog.at_level(logging.WARNING, logger="sipo_fast.data"):
         check_split("PKU-Alignment/PKU-SafeRLHF-30K", "test", "eval.prompt_split")  # no error, a note
@@ -193,8 +196,11 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
     monkeypatch.setattr(datasets, "get_dataset_split_names", lambda name, *a, **k: ["train"])
     with pytest.raises(ValueError, match="has no split 'test'"):
         check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: not even asked
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
+    monkeypatch.setattr(prompts, "_hub_reachable", lambda: False)  # no route to the host: not even asked
+    check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
+    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: not even asked
     check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
 
 
@@ -228,6 +234,9 @@ def test_stage1_held_out_pairs_from_the_validation_split(tmp_path):
     assert len(ctx.split["train"]) == 36 and len(ctx.split["eval"]) == 9
     assert all(r["prompt"].startswith("Describe") for r in ctx.split["eval"])
     assert not any(r["prompt"].startswith("Describe") for r in ctx.split["train"])
+    bad = _ctx(tmp_path, source=str(FIXTURES / "helpsteer_hub"), eval_fraction=0.0, eval_split="test")
+    with pytest.raises(ValueError, match=r"data.eval_split: .* has no split 'test'; its splits are"):
+        bad.split
     with pytest.raises(ValueError, match="select_best needs held-out data"):
         PipelineConfig.from_dict({"data": {"eval_fraction": 0.0}})
     PipelineConfig.from_dict({"data": {"eval_fraction": 0.0, "eval_split": "validation"},

@@ -70,7 +70,7 @@ def available_splits(source: str | os.PathLike) -> list[str] | None:
     path = Path(source)
     if path.is_file():
         return None
-    if not path.exists() and _offline():
+    if not path.exists() and (_offline() or not _hub_reachable()):
         return None
     from datasets import get_dataset_split_names
 
@@ -98,6 +98,21 @@ def check_split(source: str | os.PathLike, split: str, what: str) -> None:
     if split not in names:
         raise ValueError(f"{what}: {source} has no split {split!r}; its splits are {names}. Set the split to one "
                          "of them, or point the source at a dataset that has it")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host: without it the hub client would retry with back-off for ~30 s."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        return True
+    except OSError:
+        return False
 
 
 def _offline() -> bool:

@@ -141,6 +141,9 @@ class Context:
             rows = rows[: cfg.max_rows]
         rows = self._fit_context(rows)
         if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
+            from sipo_fast.data.prompts import check_split
+
+            check_split(cfg.source, cfg.eval_split, "data.eval_split")
             return {"train": rows, "eval": self._fit_context(self._rows(self._load_preferences(cfg.eval_split)))}
         n_eval = int(round(len(rows) * cfg.eval_fraction))
         if cfg.eval_fraction > 0 and n_eval == 0:
@@ -281,8 +284,8 @@ class Context:
                  len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]))
 
     def _check_splits(self) -> None:
-        """The evaluation's prompt split (and data.eval_split, already loaded above) exist, where that can be known
-        here (sipo_fast.data.prompts.check_split: skipped with a note while the hub is unreachable)."""
+        """The evaluation's prompt split exists, where that can be known here (sipo_fast.data.prompts.check_split:
+        skipped with a note while the hub is unreachable); data.eval_split was checked when the split loaded."""
         from sipo_fast.data.prompts import check_split
 
         e = self.config.eval
