@@ -176,7 +176,7 @@ class AlignConfig(_Section):
     max_length: int = 512
     """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
     select_best: bool = True
-    """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0)."""
+    """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0 or data.eval_split)."""
     eval_steps: float | None = None
     """Evaluate (and checkpoint) every this many steps, or this share of the steps if below 1 (None: per epoch)."""
     lr_scheduler: str = "linear"

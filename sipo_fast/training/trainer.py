@@ -206,8 +206,8 @@ class FusedDPOTrainer(DPOTrainer):
             self._log_mean(mode, "nll/chosen", -chosen_logps.detach() / chosen_len.clamp(min=1))
         elif loss_type == "dpo_lw":
             if SIGNS_COLUMN not in inputs:
-                raise ValueError(f"loss_type='dpo_lw' needs the dataset column {SIGNS_COLUMN!r} (per row, +1/-1 for each "
-                                 "objective: does it prefer the chosen response?)")
+                raise ValueError(f"loss_type='dpo_lw' needs the dataset column {SIGNS_COLUMN!r} (per row, +1/-1 for "
+                                 "each objective: does it prefer the chosen response?)")
             loss = dpo_lw_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, inputs[SIGNS_COLUMN],
                                weights=args.dpo_lw_weights, beta=self.beta)
         else:
