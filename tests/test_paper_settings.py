@@ -227,6 +227,28 @@ def test_authors_conflict_mix_by_hand(tmp_path):
         assert len(train) == n_all and len(ctx.conflicting(train)) == n_conf, mix
 
 
+def test_authors_pku_split_and_conflict_cap(tmp_path):
+    """data.split_method="datasets": the authors' PKUSafeRLHF.py split, reproduced here from the raw fixture with
+    datasets' own train_test_split(test_size=0.1, seed=0); stage 2 then takes the first conflicting training
+    prompts in that order (their "train_conflict" split, .select(range(eval_size))), capped here at 3."""
+    from datasets import load_dataset
+
+    raw = load_dataset("json", data_files=str(FIXTURES / "pku_saferlhf_10k" / "train.jsonl"), split="train")
+    ref = raw.train_test_split(test_size=0.1, seed=0)
+    ref_conflict = [r["prompt"] for r in ref["train"] if r["better_response_id"] != r["safer_response_id"]]
+    ctx = _ctx(tmp_path, source=str(FIXTURES / "pku_saferlhf_10k"), objectives=["helpful", "harmless"],
+               split_method="datasets", max_conflict_prompts=3)
+    assert [r["prompt"] for r in ctx.split["train"]] == ref["train"]["prompt"]
+    assert [r["prompt"] for r in ctx.split["eval"]] == ref["test"]["prompt"]
+    assert [r["prompt"] for r in ctx.conflicting(ctx.split["train"])][:3] == ref_conflict[:3]
+    shuffled = _ctx(tmp_path, source=str(FIXTURES / "pku_saferlhf_10k"), objectives=["helpful", "harmless"])
+    assert [r["prompt"] for r in shuffled.split["eval"]] != ref["test"]["prompt"]  # the default split differs
+    assert preset("beavertails").data.split_method == "datasets"
+    with pytest.raises(ValueError, match="split_method"):
+        PipelineConfig.from_dict({"data": {"split_method": "datasets", "eval_fraction": 0.0},
+                                  "align": {"select_best": False}})
+
+
 def test_stage1_held_out_pairs_from_the_validation_split(tmp_path):
     """data.eval_split: every training row stays in training, the eval rows are the validation split's pairs
     (3 prompts x 3 pairs, prompts "Describe ...")."""

@@ -129,6 +129,9 @@ class DataConfig(_Section):
     """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
     drop_long_prompts: bool = False
     """Drop prompts that do not fit the context instead of failing."""
+    split_method: str = "shuffle"
+    """How eval_fraction is held out: "shuffle" (seeded shuffle, first share held out after the mix and max_rows)
+    or "datasets" (the authors' ``Dataset.train_test_split(test_size=eval_fraction, seed=split_seed)``, first)."""
     eval_split: str | None = None
     """Take stage 1's held-out pairs from this split of data.source (HelpSteer's "validation") instead of holding
     out data.eval_fraction of the training rows; None = hold out."""
@@ -149,6 +152,10 @@ class DataConfig(_Section):
         if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
             raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the "
                              "data's mix")
+        if self.split_method not in ("shuffle", "datasets"):
+            raise ValueError(f"data.split_method={self.split_method!r}: choose 'shuffle' or 'datasets'")
+        if self.split_method == "datasets" and self.eval_fraction == 0 and self.eval_split is None:
+            raise ValueError("data.split_method='datasets' holds out data.eval_fraction of the rows: set it > 0")
         if self.conflict_mix not in ("largest", "min"):
             raise ValueError(f"data.conflict_mix={self.conflict_mix!r}: choose 'largest' or 'min'")
         if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):

@@ -128,23 +128,33 @@ class Context:
     def split(self) -> dict[str, list[dict]]:
         """{"train": rows, "eval": rows} of normalised preferences restricted to the configured objectives.
 
-        Seeded shuffle (data.split_seed), the conflict mix (data.conflict_ratio), then data.max_rows, then the
-        eval share is held out (or, with data.eval_split, the eval rows are that split's). Rows carry prompt,
-        response_0, response_1 and pref_<objective> for each objective.
+        Held-out rows first: data.eval_split's rows, or (data.split_method="datasets") the authors' split,
+        ``Dataset.train_test_split(test_size=eval_fraction, seed=split_seed)``, or else a seeded shuffle
+        (data.split_seed) whose first eval_fraction share is held out after the steps below. Then, on the training
+        rows, the conflict mix (data.conflict_ratio) and data.max_rows. Rows carry prompt, response_0, response_1
+        and pref_<objective> for each objective.
         """
         cfg = self.config.data
-        rows = self._rows(self._load_preferences())
-        random.Random(cfg.split_seed).shuffle(rows)
+        ds = self._load_preferences()
+        held = None
+        if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
+            from sipo_fast.data.prompts import check_split
+
+            check_split(cfg.source, cfg.eval_split, "data.eval_split")
+            rows, held = self._rows(ds), self._rows(self._load_preferences(cfg.eval_split))
+        elif cfg.split_method == "datasets":  # the authors' PKU split (src/data/preprocess/PKUSafeRLHF.py)
+            parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.split_seed)
+            rows, held = self._rows(parts["train"]), self._rows(parts["test"])
+        else:
+            rows = self._rows(ds)
+            random.Random(cfg.split_seed).shuffle(rows)
         if cfg.conflict_ratio is not None:
             rows = self._mix(rows, cfg.conflict_ratio)
         if cfg.max_rows is not None:
             rows = rows[: cfg.max_rows]
         rows = self._fit_context(rows)
-        if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
-            from sipo_fast.data.prompts import check_split
-
-            check_split(cfg.source, cfg.eval_split, "data.eval_split")
-            return {"train": rows, "eval": self._fit_context(self._rows(self._load_preferences(cfg.eval_split)))}
+        if held is not None:
+            return {"train": rows, "eval": self._fit_context(held)}
         n_eval = int(round(len(rows) * cfg.eval_fraction))
         if cfg.eval_fraction > 0 and n_eval == 0:
             n_eval = 1

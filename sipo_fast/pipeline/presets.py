@@ -54,6 +54,8 @@ PRESETS: dict[str, dict] = {
         "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
                   "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
         "data": {"source": "PKU-Alignment/PKU-SafeRLHF-10K", "objectives": ["helpful", "harmless"],
+                 # train_test_split(test_size=0.1, seed=0): src/data/preprocess/PKUSafeRLHF.py
+                 "split_method": "datasets",
                  # --eval_size 2500 --split train_conflict: scripts/examples/beavertails.sh (mod.py, select_sample.py)
                  "max_conflict_prompts": 2500},
         "align": {"batch_size": 1, "grad_accum": 2, **_AUTHORS_TRAINING},

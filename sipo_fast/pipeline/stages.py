@@ -55,7 +55,8 @@ class AlignStage(Stage):
 
     name = "align"
     config_keys = ("seed", "model", "data.source", "data.objectives", "data.max_rows", "data.eval_fraction",
-                   "data.split_seed", "data.conflict_ratio", "data.drop_long_prompts", "align")
+                   "data.split_seed", "data.split_method", "data.eval_split", "data.conflict_ratio",
+                   "data.conflict_mix", "data.drop_long_prompts", "align")
 
     def run(self, ctx, parts, inputs):
         cfg, a = ctx.config, ctx.config.align
@@ -336,8 +337,7 @@ class FinetuneStage(Stage):
                 scratch = parts.work.parent / f"scratch-finetune-{obj}"
                 start, ref = self._start(ctx, src)
                 f = cfg.finetune
-                # select_best: the SIPO loss on the objective's held-out pairs of stage 1 picks the checkpoint,
-                # as the authors' Iterative_DPO.py does with the original dataset's validation split.
+                # select_best: the loss on the objective's stage-1 held-out pairs picks the checkpoint (Iterative_DPO.py)
                 held = preference_pairs(read_jsonl(inputs["align"] / "eval.jsonl"), obj) if f.select_best else None
                 model, history = train(
                     ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
