@@ -51,6 +51,7 @@ PRESETS: dict[str, dict] = {
     "beavertails": {
         # Alpaca-7B with the beaver prompt format; refinement skipped on BeaverTails (SIPO.md §3). Effective batch
         # 2 (1 x 2 accumulation) as in the authors' scripts. docs/paper_settings.md maps every setting to its source.
+        "seed": 42,  # TrainingArguments(seed=42): scripts/baselines/dpo.py, scripts/SIPO/Iterative_DPO.py
         "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
                   "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
         "data": {"source": "PKU-Alignment/PKU-SafeRLHF-10K", "objectives": ["helpful", "harmless"],
@@ -74,6 +75,7 @@ PRESETS: dict[str, dict] = {
         # policy (the authors' scripts). Their policy is a HelpSteer-SFT Llama-2-7B with the Alpaca tokenizer;
         # put your SFT model in model.name. Evaluation needs a multi-attribute reward model (DPA in the paper),
         # which sipo_fast does not ship: give eval.scorers and set eval.enabled=true to evaluate.
+        "seed": 42,  # TrainingArguments(seed=42): scripts/baselines/dpo.py, scripts/SIPO/Iterative_DPO.py
         "model": {"name": "PKU-Alignment/alpaca-7b-reproduced",
                   "template": "BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:"},
         "data": {"source": "nvidia/HelpSteer", "objectives": ["correctness", "verbosity"],
