@@ -64,57 +64,57 @@ _DEFAULT_STOPS = ("\nQuestion:", "\nRevised response:", "\nReview:", "\nSuggesti
 # The authors' HelpSteer set (scripts/SIPO/review.py TEMPLATE, scripts/SIPO/rewrite.py PROMPT): their text, split
 # into its parts; the bodies below are their strings between "USER: " and the final " ASSISTANT:".
 _MED_QUESTION = (
-    'What is the history of shipping and trade in the Mediterranean region, and how has it changed'
-    ' over time?'
+    "What is the history of shipping and trade in the Mediterranean region, and how has it changed"
+    " over time?"
 )
 _MED_RESPONSE = (
-    'The Mediterranean region has a long and rich history of shipping and trade, dating back to'
-    ' ancient times. In the early days, the region was a hub of trade and commerce, with goods and'
-    ' people traveling between different parts of the world. Over time, the region has undergone'
-    ' significant changes, with the rise of new powers and the development of new technologies.'
-    ' Today, the Mediterranean region is still an important center of trade and commerce, with a'
-    ' diverse range of goods and services being traded between different countries. However, the'
-    ' region has also faced significant challenges in recent years, including political instability,'
-    ' economic difficulties, and environmental degradation. These challenges have led to a decline in'
-    ' shipping and trade in the region, but there are also efforts underway to revitalize the'
+    "The Mediterranean region has a long and rich history of shipping and trade, dating back to"
+    " ancient times. In the early days, the region was a hub of trade and commerce, with goods and"
+    " people traveling between different parts of the world. Over time, the region has undergone"
+    " significant changes, with the rise of new powers and the development of new technologies."
+    " Today, the Mediterranean region is still an important center of trade and commerce, with a"
+    " diverse range of goods and services being traded between different countries. However, the"
+    " region has also faced significant challenges in recent years, including political instability,"
+    " economic difficulties, and environmental degradation. These challenges have led to a decline in"
+    " shipping and trade in the region, but there are also efforts underway to revitalize the"
     " region's economy and promote sustainable development."
 )
 _MED_REVIEW = (
-    'Add Specific Examples - Include simple examples of civilizations like the Greeks, Romans, or'
-    ' Phoenicians to show their role in Mediterranean trade.\nExplain Key Changes Clearly - Break down'
-    ' major changes in shipping technology and trade methods into clear, easy-to-understand'
-    ' points.\nClarify Modern Challenges - Use straightforward language to describe current issues'
-    ' such as political instability and environmental concerns affecting trade.'
+    "Add Specific Examples - Include simple examples of civilizations like the Greeks, Romans, or"
+    " Phoenicians to show their role in Mediterranean trade.\nExplain Key Changes Clearly - Break down"
+    " major changes in shipping technology and trade methods into clear, easy-to-understand"
+    " points.\nClarify Modern Challenges - Use straightforward language to describe current issues"
+    " such as political instability and environmental concerns affecting trade."
 )
 _DILL_QUESTION = (
-    'What is the most common use for dill in home cooking?'
+    "What is the most common use for dill in home cooking?"
 )
 _DILL_RESPONSE = (
-    'Dill is a versatile herb that can be used in a variety of dishes to add flavor and aroma. It is'
-    ' commonly used in Indian, Middle Eastern, and Scandinavian cuisines, and is often used to flavor'
-    ' soups, stews, and curries. Dill is also used to make pickles, sauces, and marinades, and is a'
-    ' popular ingredient in many vegetarian and vegan dishes. In addition to its culinary uses, dill'
-    ' is also known for its medicinal properties, and is often used to treat digestive issues,'
-    ' respiratory problems, and skin conditions.'
+    "Dill is a versatile herb that can be used in a variety of dishes to add flavor and aroma. It is"
+    " commonly used in Indian, Middle Eastern, and Scandinavian cuisines, and is often used to flavor"
+    " soups, stews, and curries. Dill is also used to make pickles, sauces, and marinades, and is a"
+    " popular ingredient in many vegetarian and vegan dishes. In addition to its culinary uses, dill"
+    " is also known for its medicinal properties, and is often used to treat digestive issues,"
+    " respiratory problems, and skin conditions."
 )
 _DILL_REVIEW = (
-    'The response can be more correct and verbose by\nIncluding specific recipes that use dill as a'
-    ' main ingredient or flavor enhancer.\nExplaining the history and cultural significance of dill in'
-    ' different cuisines.\nDescribing the medicinal properties of dill and its use in traditional'
-    ' medicine.'
+    "The response can be more correct and verbose by\nIncluding specific recipes that use dill as a"
+    " main ingredient or flavor enhancer.\nExplaining the history and cultural significance of dill in"
+    " different cuisines.\nDescribing the medicinal properties of dill and its use in traditional"
+    " medicine."
 )
 _DILL_REWRITE = (
-    'Dill is a versatile herb widely used in home cooking for its fresh, slightly tangy flavor and'
-    ' aromatic qualities. One of its most common uses is in making pickles, where its distinct taste'
-    ' enhances the brine. It is also frequently used in soups, stews, and sauces, such as the classic'
-    ' Greek tzatziki, Scandinavian gravlax sauce, and Russian dill-infused borscht. In Middle Eastern'
-    ' and Indian cuisines, dill is often added to rice dishes, curries, and yogurt-based dips.\nBeyond'
-    ' its culinary applications, dill has a long history of use in traditional medicine. Ancient'
-    ' Egyptians and Greeks valued it for its digestive benefits, and it has been used to alleviate'
-    ' bloating, indigestion, and colic. Dill also contains compounds with antimicrobial and'
-    ' anti-inflammatory properties, making it a natural remedy for respiratory and skin'
+    "Dill is a versatile herb widely used in home cooking for its fresh, slightly tangy flavor and"
+    " aromatic qualities. One of its most common uses is in making pickles, where its distinct taste"
+    " enhances the brine. It is also frequently used in soups, stews, and sauces, such as the classic"
+    " Greek tzatziki, Scandinavian gravlax sauce, and Russian dill-infused borscht. In Middle Eastern"
+    " and Indian cuisines, dill is often added to rice dishes, curries, and yogurt-based dips.\nBeyond"
+    " its culinary applications, dill has a long history of use in traditional medicine. Ancient"
+    " Egyptians and Greeks valued it for its digestive benefits, and it has been used to alleviate"
+    " bloating, indigestion, and colic. Dill also contains compounds with antimicrobial and"
+    " anti-inflammatory properties, making it a natural remedy for respiratory and skin"
     " conditions.\nOverall, dill's unique flavor and health benefits make it a staple in kitchens"
-    ' worldwide, enhancing both traditional and contemporary dishes. '
+    " worldwide, enhancing both traditional and contemporary dishes. "
 )
 _SIPO_REVIEW_ASK = "Generate three suggestions on how to make the response more correct and verbose."
 _SIPO_REVIEW_PREFIX = "The response can be more correct and verbose by\n"
