@@ -57,18 +57,6 @@ def _positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = 
         raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
 
 
-SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
-
-
-def _check_optimiser(section: str, scheduler: str, warmup_ratio: float, weight_decay: float) -> None:
-    """The optimiser recipe fields shared by align and finetune (transformers' names and meanings)."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"{section}.lr_scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"{section}.warmup_ratio={warmup_ratio} must be in [0, 1) (a share of the steps)")
-    _positive(f"{section}.weight_decay", weight_decay, allow_zero=True)
-
-
 class _Section:
     """Shared dict conversion for the section dataclasses (strict about unknown keys)."""
 
@@ -160,6 +148,18 @@ class DataConfig(_Section):
             raise ValueError(f"data.conflict_mix={self.conflict_mix!r}: choose 'largest' or 'min'")
         if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):
             raise ValueError(f"data.eval_split={self.eval_split!r}: give a split name such as 'validation', or null")
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def _check_optimiser(section: str, scheduler: str, warmup_ratio: float, weight_decay: float) -> None:
+    """The optimiser recipe fields shared by align and finetune (transformers' names and meanings)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"{section}.lr_scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"{section}.warmup_ratio={warmup_ratio} must be in [0, 1) (a share of the steps)")
+    _positive(f"{section}.weight_decay", weight_decay, allow_zero=True)
 
 
 @dataclass
