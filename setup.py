@@ -2,10 +2,9 @@
 
 Environment switches (read at build time):
   SIPO_FAST_SKIP_EXT=1    build no extension at all (pure Python install; ops that need it say so).
-  SIPO_FAST_FORCE_CUDA=1  compile csrc/cuda/*.cu even when torch is a CPU build or no GPU is visible
-                          (needs nvcc); useful for cross-building wheels.
-  SIPO_FAST_NO_CUDA=1     never compile CUDA sources, even where a CUDA toolkit and CUDA torch exist.
-Always build with ``pip install --no-build-isolation`` so the extension links the torch you run with.
+  MAX_JOBS=N              parallel compile jobs (ninja is used when installed; a serial build is ~3x slower).
+The extension is C++ only (the GPU code is Triton, compiled at run time), so one build serves CPU and CUDA
+torch alike. Always build with ``pip install --no-build-isolation`` so it links the torch you run with.
 """
 import glob
 import os
@@ -22,28 +21,17 @@ def _flag(name: str) -> bool:
 def _extensions():
     if _flag("SIPO_FAST_SKIP_EXT"):
         return [], {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension
 
-    cpp_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
-    use_cuda = bool(cuda_sources) and not _flag("SIPO_FAST_NO_CUDA") and (
-        _flag("SIPO_FAST_FORCE_CUDA") or (torch.version.cuda is not None and CUDA_HOME is not None)
-    )
     cxx = ["-O3", "-std=c++17", "-fopenmp"]
-    macros = [("SIPO_FAST_WITH_CUDA", "1")] if use_cuda else []
-    kwargs = dict(
+    ext = CppExtension(
         name="sipo_fast._C",
-        sources=cpp_sources + (cuda_sources if use_cuda else []),
+        sources=sorted(glob.glob(os.path.join("csrc", "*.cpp"))),
         include_dirs=[os.path.join(ROOT, "csrc")],
-        define_macros=macros,
+        extra_compile_args={"cxx": cxx},
         extra_link_args=["-fopenmp"],
     )
-    if use_cuda:
-        ext = CUDAExtension(extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math"]}, **kwargs)
-    else:
-        ext = CppExtension(extra_compile_args={"cxx": cxx}, **kwargs)
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=False)}
+    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}  # falls back to serial without ninja
 
 
 ext_modules, cmdclass = _extensions()

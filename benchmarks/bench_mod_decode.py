@@ -9,6 +9,7 @@ Variants, each in its own process (so peak RSS is its own), timed round-robin:
   mod           sipo_fast.MODDecoder defaults: state sharing across W, batched LoRA, kv_cache="auto" (the
                 paged KV cache of sipo_fast.kv for Llama-family models when the extension is built).
   mod-dynamic   MODDecoder(kv_cache="dynamic"): transformers' DynamicCache with preallocated layers.
+  mod-static    MODDecoder(kv_cache="static"): the captured step's lean forward and fixed slots (eager on CPU).
   mod-nodedupe  MODDecoder(dedupe=False): without state sharing (ablation).
   mod-peftmix   LoRA only: MODDecoder(lora_impl="peft"), PEFT's own mixed-adapter batches (ablation).
 Every variant runs in float32 and in bfloat16; ratios against (b) use (b) in the same dtype.
@@ -55,6 +56,7 @@ PROMPTS = [
     "Suggest a cheap, healthy dinner for two.",
 ]
 W = [0.2, 0.4, 0.6, 0.8]
+_MODEL: list = []  # the loaded base model (its forward's signature names the cache keyword)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -64,6 +66,7 @@ def _policies(kind: str, dtype: torch.dtype):
     from sipo_fast.models import load_default
 
     base, tok = load_default()
+    _MODEL[:] = [base]
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: every variant's process must get the same policies
     g = torch.Generator().manual_seed(0)
     if kind == "models":
@@ -112,7 +115,10 @@ def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
     """(b): batched, one HF forward per policy per step with its own DynamicCache, log_softmax mixing."""
     from transformers import DynamicCache
 
+    from sipo_fast.kv.hf import cache_kwarg
+
     b = ids.shape[0]
+    key = cache_kwarg(_MODEL[0])  # `cache` or `past_key_values`, by transformers version
     caches = [DynamicCache() for _ in fwds]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     x, m = ids, mask
@@ -120,7 +126,7 @@ def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
     new = torch.full((b, max_new_tokens), eos, dtype=torch.long)
     lengths = torch.zeros(b, dtype=torch.long)
     for t in range(max_new_tokens):
-        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, cache=c, use_cache=True, logits_to_keep=1)
+        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: c})
                  .logits[:, -1].float().log_softmax(-1) for f, c in zip(fwds, caches)]
         mix = sum(w[:, i:i + 1] * lp for i, lp in enumerate(logps))
         tok = mix.argmax(-1)
@@ -138,13 +144,16 @@ def _authors_generate(fwds, ids, mask, w, max_new_tokens, eos):
     """(a): one row at a time, one forward per policy per token, a cache per policy."""
     from transformers import DynamicCache
 
+    from sipo_fast.kv.hf import cache_kwarg
+
+    key = cache_kwarg(_MODEL[0])
     outs, total = [], 0
     for r in range(ids.shape[0]):
         x = ids[r:r + 1, mask[r].bool()]  # the row without padding
         caches = [DynamicCache() for _ in fwds]
         toks = []
         for _ in range(max_new_tokens):
-            logps = [f(input_ids=x, cache=c, use_cache=True).logits[:, -1].float().log_softmax(-1)
+            logps = [f(input_ids=x, use_cache=True, **{key: c}).logits[:, -1].float().log_softmax(-1)
                      for f, c in zip(fwds, caches)]
             tok = int(sum(w[r, i] * lp for i, lp in enumerate(logps)).argmax(-1))
             toks.append(tok)
@@ -178,7 +187,7 @@ def _prepare(variant: str, policies: str, dtype: str, num_prompts: int, max_new_
             return {"tokens": int(lengths.sum()), "rows": new.tolist()}
         return run_naive
     kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",
-              kv_cache="dynamic" if variant == "mod-dynamic" else "auto")
+              kv_cache={"mod-dynamic": "dynamic", "mod-static": "static"}.get(variant, "auto"))
     dec = MODDecoder(pol, tok, **kw)
     dec.generate(ids, mask, weights=w, max_new_tokens=2)
     stats = _count_states(dec)
@@ -241,6 +250,13 @@ class _Worker:
         return out
 
 
+class _FixedCount(list):
+    """States per step on the static path: nothing to count (all rows, every step); mean() reports 0."""
+
+    def append(self, x):
+        pass
+
+
 class _StateCounter:
     def __init__(self):
         self.counts = []
@@ -252,6 +268,9 @@ class _StateCounter:
 def _count_states(dec) -> _StateCounter:
     """Record how many distinct states each decoding step forwards (rows sharing a prefix count once)."""
     counter = _StateCounter()
+    if dec.kv_cache == "static":  # fixed slots: every row is forwarded every step
+        counter.counts = _FixedCount()
+        return counter
     step = dec.runner.step
 
     def counting_step(tokens):
@@ -284,7 +303,7 @@ def main() -> None:
     ap.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     args = ap.parse_args()
 
-    variants = ["authors", "naive", "mod", "mod-dynamic", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
+    variants = ["authors", "naive", "mod", "mod-dynamic", "mod-static", "mod-nodedupe"] + (["mod-peftmix"] if args.policies == "lora" else [])
     if args.variants:
         variants = args.variants.split(",")
     common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,

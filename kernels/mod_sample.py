@@ -15,9 +15,10 @@ policies' logits once and writes per-block partials: its best score and index, a
 picks the winning block (first on ties, matching torch.argmax), and gathers l_i[tok].
 
 Top-k/top-p need the whole row's distribution before any token can be ruled out, so they take one more
-pass: the mix kernel writes z (and the policies' partials), torch computes the per-row threshold t from
-z/τ (``mod_filter_threshold``: a top-k/sort on a [B, V] float32 tensor), and the select kernel reads z
-back instead of the N policies. Without filtering, the whole step is one pass over the logits.
+pass: the mix kernel writes z (and the policies' partials), the caller's ``threshold_fn`` computes the
+per-row threshold t from z/τ (``sipo_fast.ops.mod.mod_filter_threshold``: a top-k/sort on a [B, V] float32
+tensor; passed in, so this module imports nothing of the package), and the select kernel reads z back
+instead of the N policies. Without filtering, the whole step is one pass over the logits.
 """
 from __future__ import annotations
 
@@ -38,9 +39,10 @@ def _mod_partial_kernel(
     pmax_ptr, psum_ptr,  # [N+1, B, NBLK] float32 per-block max / Σexp (row N: the mix z itself)
     pbest_ptr, pidx_ptr,  # [B, NBLK] float32 / int32 per-block best score and its vocabulary index
     B, V, NBLK, inv_temp, seed,
+    seed_ptr,  # [1] int64: the seed, read from device memory (SEED_PTR), so a captured graph draws anew
     N: tl.constexpr, BLOCK_V: tl.constexpr, Z_IN: tl.constexpr, WRITE_Z: tl.constexpr, Z_LSE: tl.constexpr,
     SELECT: tl.constexpr,  # 0: none, 1: argmax z, 2: Gumbel-max over z/τ
-    HAS_THR: tl.constexpr, HAS_U: tl.constexpr,
+    HAS_THR: tl.constexpr, HAS_U: tl.constexpr, SEED_PTR: tl.constexpr,
 ):
     row = tl.program_id(0)
     blk = tl.program_id(1)
@@ -79,6 +81,8 @@ def _mod_partial_kernel(
             scaled = z * inv_temp
             if HAS_U:
                 u = tl.load(u_ptr + row * stride_ub + offs * stride_uv, mask=inb, other=0.5).to(tl.float32)
+            elif SEED_PTR:
+                u = tl.rand(tl.load(seed_ptr), row * V + offs)
             else:
                 u = tl.rand(seed, row * V + offs)
             score = scaled - tl.log(-tl.log(u))
@@ -148,7 +152,7 @@ def _partials(n: int, b: int, nblk: int, device) -> tuple[torch.Tensor, ...]:
 
 
 def _launch_partial(logits, w, z, thr, u, parts, *, inv_temp=1.0, seed=0, z_in=False, write_z=False,
-                    z_lse=False, select=0, block_v=BLOCK_V):
+                    z_lse=False, select=0, block_v=BLOCK_V, seed_tensor=None):
     n, b, v = logits.shape
     nblk = triton.cdiv(v, block_v)
     pmax, psum, pbest, pidx = parts
@@ -158,9 +162,9 @@ def _launch_partial(logits, w, z, thr, u, parts, *, inv_temp=1.0, seed=0, z_in=F
         w, z if z is not None else dummy, thr if thr is not None else dummy,
         u if u is not None else dummy, u.stride(0) if u is not None else 0, u.stride(1) if u is not None else 0,
         pmax, psum, pbest, pidx,
-        b, v, nblk, float(inv_temp), int(seed),
+        b, v, nblk, float(inv_temp), int(seed), seed_tensor if seed_tensor is not None else dummy,
         N=n, BLOCK_V=block_v, Z_IN=z_in, WRITE_Z=write_z, Z_LSE=z_lse, SELECT=select,
-        HAS_THR=thr is not None, HAS_U=u is not None,
+        HAS_THR=thr is not None, HAS_U=u is not None, SEED_PTR=seed_tensor is not None,
     )
 
 
@@ -179,14 +183,16 @@ def mod_mix_triton(logits: torch.Tensor, weights: torch.Tensor, *, block_v: int 
 
 def mod_sample_triton(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                       top_p: float = 1.0, generator: torch.Generator | None = None, do_sample: bool = True,
-                      uniform: torch.Tensor | None = None, block_v: int = BLOCK_V) -> tuple[torch.Tensor, torch.Tensor]:
+                      uniform: torch.Tensor | None = None, block_v: int = BLOCK_V,
+                      seed_tensor: torch.Tensor | None = None, threshold_fn=None) -> tuple[torch.Tensor, torch.Tensor]:
     """One MOD step → ``(tokens [B] int64, logprobs [B, N] float32)``. ``weights`` is a validated [B, N] tensor.
 
     Without a noise tensor the kernel draws U with ``tl.rand(seed, row·V + v)``; the seed comes from
-    ``generator`` (or torch's default generator), so a seeded run is reproducible.
+    ``generator`` (or torch's default generator), so a seeded run is reproducible. ``seed_tensor`` (a [1]
+    int64 device tensor) supplies the seed from device memory instead: no host work, so the call can be
+    captured in a CUDA graph and replayed with a new seed written into that tensor. ``threshold_fn(z / τ) ->
+    [B]`` gives the top-k/top-p threshold; it is called only when a filter is active and must be given then.
     """
-    from sipo_fast.ops.mod import mod_filter_threshold
-
     n, b, v = logits.shape
     dev = logits.device
     w = weights.to(device=dev, dtype=torch.float32).contiguous()
@@ -195,7 +201,7 @@ def mod_sample_triton(logits: torch.Tensor, weights: torch.Tensor, *, temperatur
     greedy = (not do_sample) or temperature == 0
     u = uniform.to(dev) if (uniform is not None and not greedy) else None
     seed = 0
-    if not greedy and u is None:
+    if not greedy and u is None and seed_tensor is None:
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=generator.device if generator else "cpu"))
     inv_temp = 1.0 if greedy else 1.0 / temperature
     if greedy:
@@ -207,11 +213,14 @@ def mod_sample_triton(logits: torch.Tensor, weights: torch.Tensor, *, temperatur
             # pass 1: mix + policy partials; torch threshold on z/τ; pass 2 reads z back
             z = torch.empty((b, v), dtype=torch.float32, device=dev)
             _launch_partial(logits, w, z, None, None, parts, write_z=True, block_v=block_v)
-            thr = mod_filter_threshold(z * inv_temp, top_k, top_p).contiguous()
+            if threshold_fn is None:
+                raise ValueError("top_k/top_p filtering needs threshold_fn (sipo_fast.ops.mod passes it)")
+            thr = threshold_fn(z * inv_temp).contiguous()
             _launch_partial(logits, w, z, thr, u, parts, inv_temp=inv_temp, seed=seed, z_in=True, select=2,
-                            block_v=block_v)
+                            block_v=block_v, seed_tensor=seed_tensor)
         else:
-            _launch_partial(logits, w, None, None, u, parts, inv_temp=inv_temp, seed=seed, select=2, block_v=block_v)
+            _launch_partial(logits, w, None, None, u, parts, inv_temp=inv_temp, seed=seed, select=2, block_v=block_v,
+                            seed_tensor=seed_tensor)
     tokens = torch.empty((b,), dtype=torch.int64, device=dev)
     lp = torch.empty((b, n), dtype=torch.float32, device=dev)
     pmax, psum, pbest, pidx = parts

@@ -66,7 +66,8 @@ W4 = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4], [1.0, 0.0]])
 # kv_cache="auto" is the paged cache (sipo_fast.kv) for llama/qwen2/mistral when the extension is built, and
 # transformers' DynamicCache with preallocated layers (sipo_fast.decoding.policies) otherwise; test both.
 @pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "dynamic"), ("qwen2", "auto"), ("mistral", "auto"),
-                                     ("gpt2", "auto")])
+                                     ("gpt2", "auto"), ("llama", "static"), ("qwen2", "static"),
+                                     ("mistral", "static")])
 def test_greedy_equals_step_by_step_reference(arch, kv, tokenizer):
     models = _policies(arch, tokenizer)
     ids, mask = _batch(tokenizer)
@@ -91,12 +92,13 @@ def test_sweep_over_weights_of_one_prompt_shares_states(tokenizer):
     assert not torch.equal(a.generated[0], a.generated[3])  # the weights did change the outputs
 
 
-def test_eos_stops_row_and_pads(tokenizer):
+@pytest.mark.parametrize("kv", ["dynamic", "static"])
+def test_eos_stops_row_and_pads(kv, tokenizer):
     """Take the 3rd token row 0 generates as the EOS id: row 0 must stop there, be padded after it, and
     its log-probs must be the sum over its first 3 tokens (prefix property of greedy decoding)."""
     models = _policies("llama", tokenizer)
     ids, mask = _batch(tokenizer)
-    dec = MODDecoder(models, tokenizer, kv_cache="dynamic")  # rows leaving the batch = cache rows dropped
+    dec = MODDecoder(models, tokenizer, kv_cache=kv)  # dynamic: rows leave the batch; static: keep their slot
     free = dec.generate(ids, mask, weights=W4, max_new_tokens=8, eos_token_id=[])
     eos = int(free.generated[0, 2])
     if (free.generated[0, :2] == eos).any():
@@ -124,7 +126,7 @@ def test_all_rows_finish_early_shortens_output(tokenizer):
     assert out.finished.all() and (out.num_generated == 1).all()
 
 
-@pytest.mark.parametrize("impl,kv", [("bmm", "dynamic"), ("peft", "dynamic"), ("bmm", "auto")])
+@pytest.mark.parametrize("impl,kv", [("bmm", "dynamic"), ("peft", "dynamic"), ("bmm", "auto"), ("bmm", "static")])
 def test_lora_adapters_equal_merged_separate_models(impl, kv, tokenizer):
     from peft import LoraConfig, get_peft_model
 

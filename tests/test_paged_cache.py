@@ -10,6 +10,7 @@ import torch
 from transformers import DynamicCache
 
 from sipo_fast.kv import (OutOfBlocksError, PagedKVPool, SharedPagedKV, forward_paged, paged_attention_enabled)
+from sipo_fast.kv.hf import cache_kwarg
 from sipo_fast.models import tiny
 
 PAD = 2
@@ -27,14 +28,14 @@ def hf_stream(model, rows, steps):
         mask[i, width - len(r):] = 1
     ids, mask = ids.to(model.device), mask.to(model.device)
     pos = (mask.cumsum(1) - 1).clamp_min(0)
-    cache = DynamicCache(config=model.config)
+    cache = {cache_kwarg(model): DynamicCache(config=model.config)}  # `cache` (transformers >= 5.2x) or older name
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **cache)
         logits = [out.logits[:, -1]]
         for tokens in steps:
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             pos = pos[:, -1:] + 1
-            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+            out = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=pos, use_cache=True, **cache)
             logits.append(out.logits[:, -1])
     return logits
 
@@ -356,3 +357,44 @@ def test_decoder_kv_cache_argument_errors(two_policies, tokenizer, prompt_batch)
     ids, mask = prompt_batch
     with pytest.raises(ValueError, match=r"\[B, S, N\]"):
         MODDecoder(two_policies, tokenizer).generate(ids, mask, weights=W4[None].expand(2, 4, 2), max_new_tokens=2)
+
+
+def test_both_cache_keyword_names_reach_the_cache(tokenizer):
+    """transformers renamed the forward's ``past_key_values`` to ``cache`` within 5.x (5.17 on the GPU image takes
+    the old name); a cache passed under the other name is silently ignored. A model whose forward accepts only
+    ``past_key_values`` must decode through the paged cache, the dynamic runner and the MOD decoder exactly
+    like the stock one."""
+    from transformers import LlamaForCausalLM
+
+    from sipo_fast import MODDecoder
+
+    class OldKeywordLlama(LlamaForCausalLM):
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0, **kwargs):
+            assert "cache" not in kwargs, "the old-style forward must get its cache as past_key_values"
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                   use_cache=use_cache, logits_to_keep=logits_to_keep,
+                                   **{stock_kw: past_key_values}, **kwargs)
+
+    new, _ = tiny("llama", tokenizer=tokenizer)
+    stock_kw = cache_kwarg(new)  # what the installed transformers' forward takes
+    old = OldKeywordLlama(new.config).eval()
+    old.load_state_dict(new.state_dict())
+    assert cache_kwarg(old) == "past_key_values"
+    prompts = random_prompts([5, 9, 2], seed=3)
+    steps = [torch.randint(3, 40000, (3,), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    expected = hf_stream(new, prompts, steps)
+    for model in (new, old):
+        assert all(torch.equal(a, b) for a, b in zip(hf_stream(model, prompts, steps), expected))
+        kv = SharedPagedKV.for_models([model], num_blocks=32, block_size=4)
+        seq_ids, ids, mask = kv.add_prompts(prompts, pad_token_id=PAD)
+        with paged_attention_enabled(model):
+            got = [paged_step([model], kv, seq_ids, ids, mask)[0]]
+            got += [paged_step([model], kv, seq_ids, t[:, None], torch.ones(3, 1, dtype=torch.bool))[0] for t in steps]
+        for e, g in zip(expected, got):
+            torch.testing.assert_close(g, e, atol=ATOL, rtol=1e-4)
+    ids = torch.tensor([[PAD, 5, 6, 7], [8, 9, 10, 11]])
+    mask = (ids != PAD).long()
+    outs = [MODDecoder([m, m], tokenizer, kv_cache=kv).generate(ids, mask, weights=[0.5, 0.5], max_new_tokens=6)
+            for m in (new, old) for kv in ("paged", "dynamic")]
+    assert all(torch.equal(o.sequences, outs[0].sequences) for o in outs)

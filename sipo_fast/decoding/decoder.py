@@ -25,61 +25,11 @@ from typing import Sequence
 
 import torch
 
+from sipo_fast.decoding.inputs import batch_seed, check_sampling, expand_weight_sets
 from sipo_fast.decoding.output import MODOutput, MODTextOutput
 from sipo_fast.decoding.policies import LoraAdapters, SeparateModels
+from sipo_fast.decoding.vocab import local_tokenizer, output_vocab_size, check_vocabularies
 from sipo_fast.ops.mod import check_weights, mod_sample_checked
-
-
-# ------------------------------------------------------------------------------------ vocabulary checks
-def _output_vocab_size(model) -> int:
-    emb = model.get_output_embeddings()
-    if emb is not None and getattr(emb, "weight", None) is not None:
-        return int(emb.weight.shape[0])
-    return int(model.config.vocab_size)
-
-
-def _first_vocab_difference(a: dict[str, int], b: dict[str, int]) -> tuple[int, str | None, str | None] | None:
-    """Lowest token id whose token differs between two token→id maps (None if they are identical)."""
-    if a == b:
-        return None
-    ia = {i: t for t, i in a.items()}
-    ib = {i: t for t, i in b.items()}
-    for i in range(max(len(ia), len(ib), max(ia, default=-1) + 1, max(ib, default=-1) + 1)):
-        if ia.get(i) != ib.get(i):
-            return i, ia.get(i), ib.get(i)
-    return None
-
-
-def check_vocabularies(tokenizers: Sequence, names: Sequence[str] | None = None) -> None:
-    """Raise ValueError unless every tokenizer has the same size and the same token→id mapping; the
-    message names the first differing token id and what each side maps it to."""
-    names = list(names) if names is not None else [f"policy {i}" for i in range(len(tokenizers))]
-    vocab0 = tokenizers[0].get_vocab()
-    for name, tok in zip(names[1:], tokenizers[1:]):
-        vocab = tok.get_vocab()
-        diff = _first_vocab_difference(vocab0, vocab)
-        if diff is not None:
-            i, t0, t1 = diff
-            raise ValueError(f"{name}'s vocabulary differs from {names[0]}'s ({len(vocab)} vs {len(vocab0)} tokens): "
-                             f"first difference at token id {i}: {t1!r} in {name} but {t0!r} in {names[0]}. "
-                             "MOD mixes logits token by token, so all policies must share one tokenizer")
-
-
-def _local_tokenizer(model):
-    """The tokenizer saved beside a model loaded from a local directory, or None."""
-    import os
-
-    path = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
-    if not path or not os.path.isdir(path):
-        return None
-    if not any(os.path.exists(os.path.join(path, f)) for f in ("tokenizer.json", "tokenizer_config.json")):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except Exception:  # a directory without a loadable tokenizer: nothing to compare
-        return None
 
 
 # ------------------------------------------------------------------------------------------- decoder
@@ -99,16 +49,21 @@ class MODDecoder:
         dedupe: share one forward and cache row among rows with the same prompt and prefix (exact).
         lora_impl: "bmm" (batched LoRA, default) or "peft" (PEFT's mixed-adapter batches).
         sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None: auto).
-        kv_cache: "paged" (the shared paged KV cache of :mod:`sipo_fast.kv`: each distinct prompt's KV stored
-            once per policy and shared by every row that continues it, forks without copies), "dynamic"
-            (transformers' DynamicCache, rows copied on fork) or "auto" (paged where supported: Llama,
-            Mistral, Qwen2 with the compiled extension).
+        kv_cache: "static" (the captured decode step: a lean forward over a preallocated cache, fixed padded
+            batch, replayed as a CUDA graph on GPU; Llama, Mistral, Qwen2), "paged" (the shared paged KV cache
+            of :mod:`sipo_fast.kv`: each distinct prompt's KV stored once per policy and shared by every row
+            that continues it, forks without copies), "dynamic" (transformers' DynamicCache, rows copied on
+            fork) or "auto" (static on CUDA, paged on CPU, where they apply: :mod:`sipo_fast.decoding.paths`).
         kv_block_size: tokens per KV block of the paged cache.
+        cuda_graph: on the static path on CUDA, record each step once and replay it (False: run it eagerly).
+        check_every: on the static path, look for all-finished rows every this many steps (default 16 when
+            replaying a CUDA graph, else every step).
     """
 
     def __init__(self, policies, tokenizer=None, *, compute_dtype: torch.dtype | None = None,
                  adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "bmm",
-                 sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16):
+                 sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16,
+                 cuda_graph: bool = True, check_every: int | None = None):
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
         self.tokenizer = tokenizers[0] if tokenizers else tokenizer
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
@@ -120,31 +75,62 @@ class MODDecoder:
         models = self._policy_models(policies, adapter_names)
         self._check_vocab(models, tokenizers)
         cast = lambda m: m if compute_dtype in (None, m.dtype) else copy.deepcopy(m).to(compute_dtype)  # noqa: E731
-        # [sipo_fast.kv] paged KV cache: the same three runner verbs over one shared block table.
-        from sipo_fast.kv.runner import PagedLoraAdapters, PagedSeparateModels, resolve_kv_cache
+        from sipo_fast.decoding.paths import resolve_kv_cache
 
-        self.kv_cache = resolve_kv_cache(kv_cache, models[0])
+        device = next(models[0].parameters()).device
+        self._requested_kv = kv_cache
+        self.kv_cache = resolve_kv_cache(kv_cache, models[0], device)
         if self.adapter_names is not None:
             from sipo_fast.decoding.lora import check_adapters
 
             self.adapter_names = check_adapters(policies, adapter_names)
             self.models = [cast(policies).eval()]
-            if self.kv_cache == "paged":
-                self.runner = PagedLoraAdapters(self.models[0], self.adapter_names, lora_impl,
-                                                block_size=kv_block_size)
-            else:
-                self.runner = LoraAdapters(self.models[0], self.adapter_names, lora_impl)
         else:
             self.models = [cast(m).eval() for m in models]
-            self.runner = (PagedSeparateModels(self.models, block_size=kv_block_size) if self.kv_cache == "paged"
-                           else SeparateModels(self.models))
-        self.num_policies = self.runner.num_policies
+        self._runner_options = dict(lora_impl=lora_impl, block_size=kv_block_size, cuda_graph=cuda_graph,
+                                    check_every=check_every)
+        self.runner = self._build_runner(self.kv_cache)
+        self.num_policies = (self.runner.policies if self.kv_cache == "static" else self.runner).num_policies
         self.dtype = self.models[0].dtype
         self.device = next(self.models[0].parameters()).device
-        self.vocab_size = _output_vocab_size(self.models[0] if self.adapter_names is None
+        self.vocab_size = output_vocab_size(self.models[0] if self.adapter_names is None
                                              else self.models[0].get_base_model())
 
     # -- construction helpers
+    def _build_runner(self, path: str):
+        """The runner of one decode path (see :mod:`sipo_fast.decoding.paths`) over ``self.models``."""
+        from sipo_fast.decoding.paged import PagedLoraAdapters, PagedSeparateModels
+
+        o, peft = self._runner_options, self.adapter_names is not None
+        if path == "static":
+            from sipo_fast.decoding.capture import CapturedDecoding
+            from sipo_fast.decoding.static import LeanPolicies
+
+            lean = (LeanPolicies(peft_model=self.models[0], adapter_names=self.adapter_names) if peft
+                    else LeanPolicies(models=self.models))
+            return CapturedDecoding(lean, capture=o["cuda_graph"], check_every=o["check_every"],
+                                    sample_backend=self.sample_backend)
+        if peft:
+            return (PagedLoraAdapters(self.models[0], self.adapter_names, o["lora_impl"], block_size=o["block_size"])
+                    if path == "paged" else LoraAdapters(self.models[0], self.adapter_names, o["lora_impl"]))
+        return PagedSeparateModels(self.models, block_size=o["block_size"]) if path == "paged" else SeparateModels(self.models)
+
+    def _static_failed(self, exc: Exception) -> bool:
+        """With kv_cache="auto", a captured step that fails on its first call (an untested GPU, driver or
+        library) gives way to the next path, once, with a warning; True if it did."""
+        if self._requested_kv != "auto" or getattr(self, "_static_ran", False):
+            return False
+        import warnings
+
+        from sipo_fast.decoding.paths import AUTO_ORDER, problem
+
+        base = self.models[0].get_base_model() if self.adapter_names is not None else self.models[0]
+        nxt = next((p for p in AUTO_ORDER["cpu"] if problem(p, base) is None), "dynamic")
+        warnings.warn(f"MODDecoder(kv_cache='auto'): the captured decode step failed on its first call "
+                      f"({type(exc).__name__}: {exc}); using the {nxt!r} path instead", RuntimeWarning, stacklevel=4)
+        self.kv_cache, self.runner = nxt, self._build_runner(nxt)
+        return True
+
     def _policy_models(self, policies, adapter_names):
         try:
             from peft import PeftModel
@@ -168,7 +154,7 @@ class MODDecoder:
         return list(policies)
 
     def _check_vocab(self, models, tokenizers) -> None:
-        sizes = [_output_vocab_size(m) for m in models]
+        sizes = [output_vocab_size(m) for m in models]
         if len(set(sizes)) > 1:
             raise ValueError(f"policies have different vocabulary sizes {sizes}; MOD needs one shared vocabulary")
         if tokenizers is not None and len(tokenizers) not in (1, len(models)):
@@ -176,7 +162,7 @@ class MODDecoder:
         toks = list(tokenizers or [])
         found = [(f"policy {i}", t) for i, t in enumerate(toks)]
         if not toks:
-            local = [(_local_tokenizer(m), i) for i, m in enumerate(models)] if self.adapter_names is None else []
+            local = [(local_tokenizer(m), i) for i, m in enumerate(models)] if self.adapter_names is None else []
             found = [(f"policy {i}", t) for t, i in local if t is not None]
             if self.tokenizer is not None:
                 found = [("the tokenizer", self.tokenizer)] + found
@@ -213,9 +199,9 @@ class MODDecoder:
                 raise ValueError("attention_mask goes with token ids; text prompts are padded here, pass none")
             input_ids, attention_mask = self._encode(list(input_ids), template)
         ids, mask = self._check_batch(input_ids, attention_mask)
-        ids, mask, weights = _expand_weight_sets(ids, mask, weights)  # [sipo_fast.kv] [B, S, N] weights
+        ids, mask, weights = expand_weight_sets(ids, mask, weights)  # [B, S, N] weights
         w = check_weights(weights, self.num_policies, ids.shape[0]).to(self.device)
-        _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
+        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
         eos = self._eos_ids(eos_token_id)
         pad = self._pad_id(pad_token_id, eos)
         gen = torch.Generator().manual_seed(seed) if (seed is not None and do_sample) else None
@@ -249,7 +235,7 @@ class MODDecoder:
         if not prompts:
             return []
         w = check_weights(weights, self.num_policies, len(prompts))  # [P, N]
-        _check_sampling(max_new_tokens, sampling_kwargs.get("do_sample", False), sampling_kwargs.get("temperature", 1.0),
+        check_sampling(max_new_tokens, sampling_kwargs.get("do_sample", False), sampling_kwargs.get("temperature", 1.0),
                         sampling_kwargs.get("top_k", 0), sampling_kwargs.get("top_p", 1.0), sampling_kwargs.get("seed"))
         encoded = encode_prompts(self.tokenizer, list(prompts), template)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
@@ -338,7 +324,18 @@ class MODDecoder:
         else:
             row_state = torch.arange(b, device=dev)
             s_ids, s_mask = ids, mask
-        reserve = getattr(self.runner, "reserve", None)  # [sipo_fast.kv] the paged runner sizes its pools
+        if self.kv_cache == "static":
+            try:
+                out, lp_sum, num_gen, finished = self.runner.run(s_ids, s_mask, row_state, w, max_new_tokens,
+                                                                 sampling, sampling.get("generator"), eos, pad)
+            except Exception as exc:
+                if not self._static_failed(exc):
+                    raise
+                return self._decode(ids, mask, w, max_new_tokens, sampling, eos, pad)
+            self._static_ran = True
+            return MODOutput(sequences=torch.cat([ids, out], dim=1), logprobs=lp_sum, num_generated=num_gen,
+                             finished=finished, prompt_length=t)
+        reserve = getattr(self.runner, "reserve", None)  # the paged runner sizes its pools
         if reserve is not None:
             reserve(b, max_new_tokens)
         logits = self.runner.prefill(s_ids, s_mask, max_new_tokens)  # [N, U, V]
@@ -375,44 +372,3 @@ class MODDecoder:
         length = int(num_gen.max())
         return MODOutput(sequences=torch.cat([ids, out[:, :length]], dim=1), logprobs=lp_sum, num_generated=num_gen,
                          finished=finished, prompt_length=t)
-
-
-def batch_seed(seed: int | None, k: int) -> int | None:
-    """The seed of batch ``k`` of a :meth:`MODDecoder.generate_text` call seeded with ``seed``: ``seed`` itself for
-    the first batch (a one-batch call samples exactly like ``generate(seed=seed)``), an independent stream
-    derived from (seed, k) for the others. Not ``seed + k``: callers seed consecutive calls with seed, seed + 1,
-    ... (one per weight), and batch 1 of one call would then replay batch 0 of the next."""
-    if seed is None or k == 0:
-        return seed
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(k)]).generate_state(1, dtype=np.uint64)[0]
-               >> 1)
-
-
-def _expand_weight_sets(ids: torch.Tensor, mask: torch.Tensor, weights):
-    """[B, S, N] weights -> B·S rows (row b·S + s is prompt b at weight vector s) and [B·S, N] weights; the
-    rows of one prompt are identical, so the decoder's dedupe gives them one shared prefill. Other shapes
-    pass through unchanged."""
-    w = torch.as_tensor(weights)
-    if w.dim() != 3:
-        return ids, mask, weights
-    if w.shape[0] != ids.shape[0] or w.shape[1] == 0:
-        raise ValueError(f"weights [B, S, N] must have B={ids.shape[0]} (one set per prompt) and S >= 1, got "
-                         f"{tuple(w.shape)}")
-    s = w.shape[1]
-    return ids.repeat_interleave(s, 0), mask.repeat_interleave(s, 0), w.reshape(-1, w.shape[2])
-
-
-def _check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -> None:
-    if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if do_sample and (not isinstance(temperature, (int, float)) or not temperature > 0):
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (for greedy decoding use "
-                         "do_sample=False)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
-    if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
-        raise ValueError(f"seed must be an int or None, got {seed!r}")

@@ -82,6 +82,12 @@ class _StackedLora:
         return output
 
 
+def stacked_lora(layer, names: list[str]) -> _StackedLora:
+    """The N adapters of one LoRA layer as ``.a [N, in, r]`` and pre-scaled ``.b [N, r, out]`` (for the
+    captured decode step, which applies them itself)."""
+    return _StackedLora(layer, names)
+
+
 class MultiLoraContext:
     """Apply N LoRA adapters to policy-major row blocks of one forward pass.
 

@@ -1,7 +1,10 @@
-"""The one place that runs the policies' forward passes and owns their KV caches.
+"""The state-sharing runners over transformers' own forward, and the :class:`Runner` protocol they share.
 
-A runner holds U decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV
-cache of every policy. It has three verbs, and nothing else in the decoder touches a cache:
+The decoder's runners live in :mod:`sipo_fast.decoding`: these (``kv_cache="dynamic"``), the paged ones
+(:mod:`sipo_fast.decoding.paged`, ``"paged"``) and the captured step (:mod:`sipo_fast.decoding.capture`,
+``"static"``, which owns fixed slots and runs a whole generation instead). A state-sharing runner holds U
+decoding *states* (a prompt plus the tokens generated so far) and, for each, the KV cache of every policy.
+It has three verbs, and nothing else in the decoder touches a cache:
 
     prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]   per policy
     step(tokens [U])                                 -> logits [N, U, V]   append one token per state
@@ -23,11 +26,31 @@ Two runners:
 from __future__ import annotations
 
 import functools
-import inspect
+
+from typing import Protocol
 
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+
+from sipo_fast.kv.hf import cache_kwarg
+
+
+class Runner(Protocol):
+    """What :class:`~sipo_fast.decoding.MODDecoder` asks of a state-sharing runner (dynamic and paged caches).
+    A runner may also define ``reserve(max_rows, max_new_tokens)``, called before ``prefill`` to size its pools."""
+
+    num_policies: int
+
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int = 0) -> torch.Tensor:
+        """Prompts ``[U, T]`` (left-padded) -> next-token logits ``[N, U, V]``."""
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Append one token per state ``[U]`` -> logits ``[N, U, V]``."""
+
+    def select(self, index: torch.Tensor) -> None:
+        """New state j continues old state ``index[j]`` (keep, fork, reorder, drop)."""
 
 
 class PreallocatedLayer(DynamicLayer):
@@ -98,15 +121,8 @@ class _CacheRows:
         self.next_pos = self.next_pos.index_select(0, index)
 
 
-@functools.lru_cache(maxsize=None)
-def _cache_kwarg(cls) -> str:
-    """transformers 5 renamed ``past_key_values`` to ``cache``; use whichever this model's forward takes."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
 def _forward(model, input_ids, mask, pos, cache, **kwargs) -> torch.Tensor:
-    target = model.get_base_model() if hasattr(model, "get_base_model") else model
-    kwargs[_cache_kwarg(type(target))] = cache
+    kwargs[cache_kwarg(model)] = cache
     out = model(input_ids=input_ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1, **kwargs)
     return out.logits[:, -1]  # [rows, V]
 

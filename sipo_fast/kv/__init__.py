@@ -8,7 +8,7 @@
 - :class:`PagedCache` + :func:`paged_attention_enabled` + :func:`forward_paged`: the transformers integration
   (a ``Cache`` whose layers write K/V into pages and an attention function, ``"sipo_paged"``, that reads them in
   place), so stock HF Llama, Mistral and Qwen2 models run on it unchanged.
-- :mod:`sipo_fast.kv.runner`: the MOD decoder's runners on it (``MODDecoder(..., kv_cache="paged")``, the
+- the MOD decoder's runners on it live in :mod:`sipo_fast.decoding.paged` (``MODDecoder(..., kv_cache="paged")``, the
   default where supported): each distinct prompt prefilled once per policy, forked for every (weight, sample)
   row, all rows decoded together.
 """

@@ -2,8 +2,10 @@
 
 Two hooks of transformers 5 do it, with no change to the model code:
   * :class:`PagedCache`, a ``transformers.Cache`` whose layers write each forward's new K/V into the policy's
-    pages (``Cache.update``) and hand the attention function what it needs to read them, through the
-    attention kwargs dict that the attention modules pass to ``cache.update(..., kwargs=kwargs)``.
+    pages (``Cache.update``). The same cache object also travels to the attention function as the model
+    keyword ``sipo_paged_cache`` (transformers passes unknown forward kwargs down to the attention
+    interface), where ``module.layer_idx`` picks the layer's pages. (An earlier design handed the pages over
+    through ``cache.update(..., kwargs=...)``, which transformers 5.17 does not pass.)
   * the attention function ``"sipo_paged"``, registered in ``ALL_ATTENTION_FUNCTIONS``. Decode (one token
     per row) calls :func:`sipo_fast.ops.paged_attention`, which reads the pages in place (C++ on CPU,
     flash-attn/Triton on GPU). Prefill (several tokens per row) gathers the rows' pages and runs SDPA with a
@@ -21,6 +23,8 @@ Use::
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +35,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from sipo_fast.kv.pool import PagedKVPool, SharedPagedKV, StepInputs
 
 ATTN_IMPLEMENTATION = "sipo_paged"
-_KWARG = "sipo_paged"  # key of the paged inputs in the attention kwargs dict
+_KWARG = "sipo_paged_cache"  # model keyword that carries the PagedCache down to the attention function
 
 
 @dataclass
@@ -60,7 +64,7 @@ class PagedLayer(CacheLayerMixin):
         return None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write the real new tokens' K/V ``[B, Hkv, q, D]`` into the pages and pass the pages to attention.
+        """Write the real new tokens' K/V ``[B, Hkv, q, D]`` into the pages.
         Returns the inputs unchanged: the ``sipo_paged`` attention function reads the pages, not these."""
         step = self.kv.step
         if step is None:
@@ -74,14 +78,12 @@ class PagedLayer(CacheLayerMixin):
         # (B, Hkv, q, D) -> (B, q, Hkv, D) -> (T, Hkv, D): the real tokens in row-major order, like step.slots.
         self.pool.write(self.layer_idx, step.slots, key_states.transpose(1, 2)[mask],
                         value_states.transpose(1, 2)[mask])
-        attn_kwargs = kwargs.get("kwargs")
-        if attn_kwargs is None:
-            raise ValueError("this model's attention module does not pass its kwargs to cache.update(...), so the "
-                             "paged attention function cannot find the pages; supported: Llama, Mistral, Qwen2 "
-                             "(transformers >= 5)")
-        attn_kwargs[_KWARG] = PagedAttentionInputs(self.pool.keys(self.layer_idx), self.pool.values(self.layer_idx),
-                                                   step, self.kv.block_size)
         return key_states, value_states
+
+    def attention_inputs(self) -> PagedAttentionInputs:
+        """What the attention function needs to read this layer's pages for the current step."""
+        return PagedAttentionInputs(self.pool.keys(self.layer_idx), self.pool.values(self.layer_idx), self.kv.step,
+                                    self.kv.block_size)
 
     def get_seq_length(self) -> int:
         step = self.kv.step
@@ -142,11 +144,12 @@ def sipo_paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
                                  scaling: float | None = None, sliding_window: int | None = None, **kwargs):
     """transformers attention function ``"sipo_paged"``: query ``[B, H, q, D]`` -> ``([B, q, H, D], None)``.
     Keys and values come from the pages (``key``/``value`` are this forward's new states, already stored)."""
-    paged = kwargs.get(_KWARG)
+    cache = kwargs.get(_KWARG)
+    paged = cache.layers[module.layer_idx].attention_inputs() if isinstance(cache, PagedCache) else None
     if paged is None:
-        raise ValueError("attn_implementation 'sipo_paged' needs a PagedCache passed as the model's cache "
-                         "(and SharedPagedKV.begin_forward called); use paged_attention_enabled(model) only "
-                         "around paged forwards")
+        raise ValueError("attn_implementation 'sipo_paged' needs a PagedCache passed to the model as "
+                         f"{_KWARG}= (forward_paged does it, after SharedPagedKV.begin_forward); use "
+                         "paged_attention_enabled(model) only around paged forwards")
     if dropout:
         raise ValueError("the paged attention path is for inference; put the model in eval() mode")
     if query.shape[2] == 1:
@@ -177,6 +180,19 @@ def paged_attention_enabled(*models):
             c._attn_implementation = impl
 
 
+@functools.lru_cache(maxsize=None)
+def _cache_kwarg_of(cls) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_kwarg(model) -> str:
+    """The keyword this model's forward takes its KV cache by: transformers renamed ``past_key_values`` to
+    ``cache`` during the 5.x series (5.17 takes ``past_key_values``, 5.24 ``cache``), and a cache passed under
+    the other name never reaches the attention layers. Read from the forward's signature (PEFT: its base)."""
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return _cache_kwarg_of(type(target))
+
+
 def forward_paged(model, kv: SharedPagedKV, policy: int | None, input_ids: torch.Tensor, *,
                   logits_to_keep: int = 0, **model_kwargs) -> torch.Tensor:
     """One forward of ``model`` (policy ``policy`` of ``kv``; None: every policy of a stacked cache, rows
@@ -189,6 +205,8 @@ def forward_paged(model, kv: SharedPagedKV, policy: int | None, input_ids: torch
     caches = kv.__dict__.setdefault("_hf_caches", {})  # one PagedCache per policy, reused every step
     if policy not in caches:
         caches[policy] = PagedCache(kv, policy)
-    out = model(input_ids=input_ids, position_ids=kv.step.position_ids, cache=caches[policy],
-                use_cache=True, logits_to_keep=logits_to_keep, **model_kwargs)
+    model_kwargs[cache_kwarg(model)] = caches[policy]
+    model_kwargs[_KWARG] = caches[policy]
+    out = model(input_ids=input_ids, position_ids=kv.step.position_ids, use_cache=True,
+                logits_to_keep=logits_to_keep, **model_kwargs)
     return out.logits

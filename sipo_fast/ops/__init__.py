@@ -9,8 +9,9 @@ from __future__ import annotations
 import importlib
 
 # Submodules searched, in order, for a public name: mod (MOD mix/sample), logprobs (fused token
-# log-probs), paged_attention (decode attention over the shared paged KV cache).
-_SUBMODULES = ("mod", "logprobs", "paged_attention")
+# log-probs), paged_attention (decode attention over the shared paged KV cache), decode (the fused
+# per-layer ops of the captured decode step).
+_SUBMODULES = ("mod", "logprobs", "paged_attention", "decode")
 
 
 def __getattr__(name: str):

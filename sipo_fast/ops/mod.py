@@ -184,12 +184,24 @@ def mod_sample_ref(logits: torch.Tensor, weights, *, temperature: float = 1.0, t
 
 
 # ------------------------------------------------------------------------------------ CPU fast path
-def _mix_torch(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+def _scratch(workspace: dict | None, name: str, shape, device) -> torch.Tensor:
+    """A float32 buffer, reused across calls through ``workspace`` (a dict the caller keeps). A decode step
+    needs several [B, V] buffers; fresh ones of tens of MB come from mmap and cost a page fault per 4 KiB on
+    first touch, which on CPU took longer than the arithmetic itself."""
+    if workspace is None:
+        return torch.empty(shape, dtype=torch.float32, device=device)
+    buf = workspace.get(name)
+    if buf is None or buf.shape != tuple(shape) or buf.device != device:
+        buf = workspace[name] = torch.empty(shape, dtype=torch.float32, device=device)
+    return buf
+
+
+def _mix_torch(logits: torch.Tensor, weights: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
     """Same arithmetic as :func:`_mix_sequential` (one rounding for w_i·l_i, one for the add, policies in
     order), so results match the reference bit for bit, without its temporaries: each term is written
     into one reused float32 buffer (``out=`` also does the bf16 → f32 conversion in the same pass)."""
-    z = torch.empty(logits.shape[1:], dtype=torch.float32, device=logits.device)
-    term = torch.empty_like(z) if logits.shape[0] > 1 else None
+    z = _scratch(workspace, "z", logits.shape[1:], logits.device)
+    term = _scratch(workspace, "term", logits.shape[1:], logits.device) if logits.shape[0] > 1 else None
     for i in range(logits.shape[0]):
         w = weights[:, i : i + 1]  # [B, 1]
         dst = z if i == 0 else term
@@ -202,20 +214,24 @@ def _mix_torch(logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return z
 
 
-def _policy_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """l_i[tok] − logsumexp(l_i) without materialising the [N, B, V] log-softmax; reduced-precision
-    logits are upcast one policy at a time."""
+def _policy_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
+    """l_i[tok] − logsumexp(l_i) without materialising the [N, B, V] log-softmax: one policy at a time
+    through one float32 scratch buffer (reduced-precision logits are upcast into it).
+    logsumexp(x) = m + log Σ exp(x − m), m = max x (0 where m is ±inf, as torch.logsumexp does)."""
     rows = torch.arange(logits.shape[1], device=logits.device)
     picked = logits[:, rows, tokens].float()  # [N, B]
-    if logits.dtype == torch.float32:
-        lse = torch.logsumexp(logits, dim=-1)  # [N, B]
-    else:
-        lse = torch.stack([torch.logsumexp(logits[i].float(), dim=-1) for i in range(logits.shape[0])])
-    return (picked - lse).T.contiguous()
+    tmp = _scratch(workspace, "term", logits.shape[1:], logits.device)
+    lse = []
+    for i in range(logits.shape[0]):
+        m = logits[i].amax(-1, keepdim=True).float()  # [B, 1]
+        m = m.masked_fill(m.isinf(), 0.0)
+        torch.sub(logits[i], m, out=tmp)
+        lse.append(m[:, 0] + tmp.exp_().sum(-1).log())
+    return (picked - torch.stack(lse)).T.contiguous()
 
 
-def _mod_sample_torch(logits, w, temperature, top_k, top_p, generator, do_sample, uniform):
-    z = _mix_torch(logits, w)
+def _mod_sample_torch(logits, w, temperature, top_k, top_p, generator, do_sample, uniform, workspace=None):
+    z = _mix_torch(logits, w, workspace)
     if not do_sample or temperature == 0:
         tokens = torch.argmax(z, dim=-1)
     else:
@@ -226,7 +242,7 @@ def _mod_sample_torch(logits, w, temperature, top_k, top_p, generator, do_sample
         if thr is not None:
             score.masked_fill_(scaled < thr[:, None], float("-inf"))
         tokens = torch.argmax(score, dim=-1)
-    return tokens, _policy_logprobs_torch(logits, tokens)
+    return tokens, _policy_logprobs_torch(logits, tokens, workspace)
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -276,9 +292,13 @@ def mod_sample(logits: torch.Tensor, weights, *, temperature: float = 1.0, top_k
 
 def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, generator: torch.Generator | None = None, do_sample: bool = True,
-                       uniform: torch.Tensor | None = None, backend: str | None = None):
+                       uniform: torch.Tensor | None = None, backend: str | None = None,
+                       seed_tensor: torch.Tensor | None = None, workspace: dict | None = None):
     """:func:`mod_sample` for callers that validated once up front (the decoder, every step):
-    ``weights`` must already be a float32 [B, N] tensor on the logits' device and the arguments valid."""
+    ``weights`` must already be a float32 [B, N] tensor on the logits' device and the arguments valid.
+    ``seed_tensor`` ([1] int64 on the device, Triton backend only) makes a sampling call free of host work,
+    for the captured decode step. ``workspace`` (a dict kept by the caller) lets the CPU path reuse its
+    scratch buffers between calls."""
     backend = _pick_backend(backend, logits)
     if backend == "ref":
         return mod_sample_ref(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
@@ -287,8 +307,9 @@ def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperatu
         from sipo_fast.kernels.mod_sample import mod_sample_triton
 
         return mod_sample_triton(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
-                                 generator=generator, do_sample=do_sample, uniform=uniform)
-    return _mod_sample_torch(logits, weights, temperature, top_k, top_p, generator, do_sample, uniform)
+                                 generator=generator, do_sample=do_sample, uniform=uniform, seed_tensor=seed_tensor,
+                                 threshold_fn=lambda scaled: mod_filter_threshold(scaled, top_k, top_p))
+    return _mod_sample_torch(logits, weights, temperature, top_k, top_p, generator, do_sample, uniform, workspace)
 
 
 __all__ = ["mod_mix", "mod_mix_ref", "mod_sample", "mod_sample_ref", "mod_filter_threshold", "check_weights"]

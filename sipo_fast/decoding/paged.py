@@ -1,6 +1,6 @@
 """MOD decoder runners on the shared paged KV cache (``MODDecoder(..., kv_cache="paged")``).
 
-A runner is the decoder's only owner of KV state, with three verbs (see sipo_fast/decoding/policies.py):
+A runner is the decoder's only owner of KV state, with three verbs (:class:`sipo_fast.decoding.policies.Runner`):
 ``prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]``,
 ``step(tokens [U]) -> [N, U, V]`` and ``select(index [U'])`` (keep / fork / reorder / drop decoding states),
 plus ``reserve(max_rows, max_new_tokens)``, which the decoder calls before the prefill. On the paged cache:
@@ -153,27 +153,6 @@ class PagedLoraAdapters(_PagedRunner):
         return self._run(tokens[:, None])
 
 
-KV_CACHES = ("auto", "paged", "dynamic")
 # Model families whose attention modules pass their kwargs to cache.update (transformers 5), which is how the
 # paged attention function finds the pages; these are the ones tested against stock HF in test_paged_cache.
 PAGED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-
-
-def resolve_kv_cache(kv_cache: str, model) -> str:
-    """``"auto"`` -> ``"paged"`` where the paged cache applies (a supported model family and the compiled
-    extension), else ``"dynamic"`` (transformers' DynamicCache). ``"paged"`` that cannot apply raises."""
-    from sipo_fast import _ext
-
-    if kv_cache not in KV_CACHES:
-        raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    problem = None
-    if model_type not in PAGED_MODEL_TYPES:
-        problem = f"model type {model_type!r} is not one of {PAGED_MODEL_TYPES}"
-    elif not _ext.available():
-        problem = f"the compiled extension did not load ({_ext.error()})"
-    if kv_cache == "auto":
-        return "dynamic" if problem else "paged"
-    if kv_cache == "paged" and problem:
-        raise ValueError(f"kv_cache='paged' cannot be used: {problem}; use kv_cache='dynamic'")
-    return kv_cache
