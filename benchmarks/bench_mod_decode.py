@@ -14,7 +14,9 @@ Variants, each in its own process (so peak RSS is its own), timed round-robin:
   mod-peftmix   LoRA only: MODDecoder(lora_impl="peft"), PEFT's own mixed-adapter batches (ablation).
 Every variant runs in float32 and in bfloat16; ratios against (b) use (b) in the same dtype.
 
-Policies: ``--policies models``: two full copies of the model, the second with a random low-rank
+Policies: ``--policies tiny``: two random 2-layer Llamas (hidden 64, the 49152-token vocabulary), where the
+per-step host work and the vocabulary-sized work (LM head, mix, log-softmax) are all there is;
+``--policies models``: two full copies of the model, the second with a random low-rank
 perturbation of every attention/MLP projection (so the two really disagree and the W sweep diverges);
 ``--policies lora``: one model with two random LoRA adapters (r=64 on q/k/v/o, as SIPO's stage 1).
 
@@ -63,8 +65,13 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 # ----------------------------------------------------------------------------------------- workload
 def _policies(kind: str, dtype: torch.dtype):
     """(policies for MODDecoder, list of callables that run policy i on a batch, tokenizer)."""
-    from sipo_fast.models import load_default
+    from sipo_fast.models import load_default, load_tokenizer, tiny
 
+    if kind == "tiny":  # host overhead: 2 layers, hidden 64, the full 49152-token vocabulary
+        tok = load_tokenizer()
+        models = [tiny("llama", tokenizer=tok, seed=i, tie_word_embeddings=False)[0].to(dtype) for i in range(2)]
+        _MODEL[:] = models[:1]
+        return models, [lambda m=m, **kw: m(**kw) for m in models], tok
     base, tok = load_default()
     _MODEL[:] = [base]
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: every variant's process must get the same policies
@@ -292,7 +299,8 @@ def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         return worker(sys.argv[2])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--policies", choices=["models", "lora"], default="models")
+    ap.add_argument("--policies", choices=["models", "lora", "tiny"], default="models",
+                    help="tiny: two 2-layer, hidden-64 random Llamas with the full vocabulary (host overhead)")
     ap.add_argument("--prompts", type=int, default=4, help=f"prompts (≤ {len(PROMPTS)}); rows = prompts × |W|")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--authors-rows", type=int, default=1, help="rows (a) decodes (it is slow)")

@@ -3,7 +3,9 @@
     sipo-fast demo                                   # the whole pipeline + evaluation on the embedded model
     sipo-fast run --preset smoke --output-dir runs/smoke sample.max_new_tokens=16
     sipo-fast align|sample|refine|filter|finetune|evaluate --preset demo --output-dir runs/demo
+    sipo-fast run --preset demo --dry-run            # check every input and the output dir; write nothing
     sipo-fast status --output-dir runs/demo          # which stages are done, stale or waiting, and why
+    sipo-fast repair --output-dir runs/demo          # rebuild a broken manifest.json from the stages' stage.json
     sipo-fast config --preset demo > my.yaml         # the resolved config, to edit and pass with --config
     sipo-fast eval ...                               # stand-alone evaluation (sipo_fast.eval)
     sipo-fast env                                    # versions and build facts
@@ -12,13 +14,18 @@
 Under ``accelerate launch`` / ``torchrun`` every rank runs the command; rank 0 alone writes and prints, the
 other ranks log warnings only (see ``sipo_fast.pipeline.distributed``).
 
+Every failure ends in one line ``sipo-fast <command>: error: ...`` (one per problem for a failed preflight)
+and exit code 2; ``--debug`` (or ``SIPO_FAST_DEBUG=1``) shows the traceback instead.
+
 No torch import at module level: ``sipo-fast --help`` answers instantly.
 """
 from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from pathlib import Path
 
 STAGE_COMMANDS = {
@@ -33,6 +40,7 @@ _OVERRIDES_HELP = "config overrides section.key=value (value parsed as YAML), e.
 
 
 def _config_args(p: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     p.add_argument("--config", metavar="FILE.yaml", help="YAML config (mirrors PipelineConfig; see configs/)")
     p.add_argument("--preset", default=default_preset, help="named preset: smoke, demo, beavertails, helpsteer"
                    + (f" (default: {default_preset})" if default_preset else ""))
@@ -42,7 +50,10 @@ def _config_args(p: argparse.ArgumentParser, *, default_preset: str | None = Non
 def _run_args(p: argparse.ArgumentParser, *, default_preset: str | None = None) -> None:
     _config_args(p, default_preset=default_preset)
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset or config name>)")
-    p.add_argument("--force", action="store_true", help="discard an existing run directory and start over")
+    p.add_argument("--force", action="store_true", help="start over: move an existing run directory (never anything "
+                   "else) aside to DIR.old-<time>, deleted once the new run has finished a stage")
+    p.add_argument("--dry-run", action="store_true", help="check every input (data, model, LoRA targets, scorers, "
+                   "launcher, output dir, free disk) and write nothing")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--quiet", action="store_true", help="warnings only")
 
@@ -62,14 +73,22 @@ def build_parser() -> argparse.ArgumentParser:
                            "config and --output-dir).")
         _run_args(p)
         p.add_argument("--rerun", action="store_true", help="run the stage even if it is up to date")
-    p = sub.add_parser("status", help="show which stages are done, stale or waiting, and why")
+    p = sub.add_parser("status", help="show which stages are done, stale or waiting, and why",
+                       description="Compares the run directory with its own config.yaml, or with --config/--preset "
+                                   "if given (overrides apply to either). Exit 2 if DIR is not a run directory.")
     _config_args(p)
     p.add_argument("--output-dir", metavar="DIR", help="run directory (default: runs/<preset or config name>)")
+    p = sub.add_parser("repair", help="rebuild a run directory's manifest.json from its stages' stage.json",
+                       description="Every finished stage whose files still match the sizes and hashes in its "
+                                   "stage.json is recovered; the others re-run on the next `sipo-fast run`.")
+    p.add_argument("--output-dir", metavar="DIR", required=True, help="the run directory")
+    p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show the traceback of a failure")
     p = sub.add_parser("config", help="print the resolved config as YAML")
     _config_args(p)
     p = sub.add_parser("eval", help="stand-alone evaluation of saved policies (sipo_fast.eval)")
     _add_eval_arguments(p)
     sub.add_parser("env", help="print versions and build facts (torch, triton, CUDA, extension)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a failure")
     return parser
 
 
@@ -121,11 +140,63 @@ def _setup_logging(quiet: bool) -> None:
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
-def _pipeline(args):
+def _pipeline(args, config=None):
     from sipo_fast.pipeline import SIPOPipeline
 
-    return SIPOPipeline(_load_config(args), _output_dir(args), force=getattr(args, "force", False),
+    return SIPOPipeline(config or _load_config(args), _output_dir(args), force=getattr(args, "force", False),
                         progress=not getattr(args, "no_progress", False))
+
+
+def _status(args) -> int:
+    """``sipo-fast status``: the run's own config.yaml unless --config/--preset is given."""
+    from sipo_fast.pipeline import PipelineConfig
+    from sipo_fast.pipeline.lock import describe, holder
+    from sipo_fast.pipeline.rundir import RunDir
+
+    out = _output_dir(args)
+    if not out.exists():
+        raise ValueError(f"{out}: no such directory (no run there yet; start one with "
+                         f"`sipo-fast run --output-dir {out}`)")
+    if not out.is_dir():
+        raise ValueError(f"{out} is a file, not a run directory")
+    if not RunDir(out).is_run_dir():
+        raise ValueError(f"{out} is not a sipo_fast run directory (no manifest.json and no finished stage)")
+    if args.config or args.preset:
+        config = _load_config(args)
+    elif (out / "config.yaml").is_file():
+        config = PipelineConfig.from_yaml((out / "config.yaml").read_text())
+        config = config.override(args.overrides) if args.overrides else config
+    else:
+        raise ValueError(f"{out} has no config.yaml (no run there passed validation yet); give --config or --preset")
+    info = holder(out)
+    if info is not None:
+        print(f"running now: {describe(info)}")
+    rows = _pipeline(args, config).status()
+    for row in rows:
+        print(f"{row['stage']:<9} {row['state']:<9} {row['reason']}")
+    return 0
+
+
+def _repair(args) -> int:
+    from sipo_fast.pipeline.lock import RunLock
+    from sipo_fast.pipeline.repair import repair
+    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.stages import STAGES
+
+    run_dir = RunDir(args.output_dir)
+    if not run_dir.root.is_dir() or not run_dir.is_run_dir():
+        raise ValueError(f"{run_dir.root} is not a sipo_fast run directory (nothing to repair)")
+    with RunLock(run_dir.root):
+        notes = repair(run_dir, [s.name for s in STAGES])
+    print("\n".join(notes) if notes else f"{run_dir.manifest_path} is fine; nothing to repair")
+    return 0
+
+
+def _dry_run(pipe, stages) -> int:
+    facts = pipe.preflight(stages)
+    print("\n".join(f"ok: {f}" for f in facts))
+    print(f"dry run: every check passed; nothing was written to {pipe.run_dir.root}")
+    return 0
 
 
 def _print_summary(out_dir: Path, summary: dict) -> None:
@@ -154,39 +225,63 @@ def _parse(argv: list[str] | None):
     return args
 
 
+def _error_lines(exc: BaseException) -> list[str]:
+    """One line per problem: a failed preflight or data check lists several, anything else says one thing."""
+    problems = getattr(exc, "problems", None)
+    if problems:
+        return [" ".join(str(p).split()) for p in problems]
+    text = " ".join(str(exc).split())
+    if isinstance(exc, OSError) and exc.strerror:  # "[Errno 28] No space left on device: 'x'" -> "x: No space ..."
+        text = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+    if isinstance(exc, (ValueError, OSError)):
+        return [text or type(exc).__name__]
+    return [f"{type(exc).__name__}: {text} (a bug? run with --debug for the traceback)"]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SIPO_FAST_DEBUG", "") not in ("", "0")
+    try:
+        return _dispatch(args)
+    except KeyboardInterrupt:
+        print(f"sipo-fast {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - every failure ends in an error line; --debug shows the traceback
+        if debug:
+            traceback.print_exc()
+        for line in _error_lines(exc):
+            print(f"sipo-fast {args.command}: error: {line}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.command == "env":
         from sipo_fast.env_report import report
 
         print(report())
         return 0
-    try:
-        if args.command == "config":
-            print(_load_config(args).to_yaml(), end="")
-            return 0
-        if args.command == "status":
-            for row in _pipeline(args).status():
-                print(f"{row['stage']:<9} {row['state']:<9} {row['reason']}")
-            return 0
-        if args.command == "eval" and args._eval_run is not None:
-            return int(args._eval_run(args) or 0)
-        from sipo_fast.pipeline.distributed import current
-
-        main_rank = current().is_main
-        _setup_logging(args.quiet or not main_rank)
-        pipe = _pipeline(args)
-        if args.command in ("run", "demo"):
-            summary = pipe.run()
-        else:
-            stage = "eval" if args.command in ("evaluate", "eval") else args.command
-            summary = pipe.run([stage], rerun=getattr(args, "rerun", False))
-        if main_rank:
-            _print_summary(pipe.run_dir.root, summary)
+    if args.command == "config":
+        print(_load_config(args).to_yaml(), end="")
         return 0
-    except ValueError as exc:  # bad input: the message says what to do; no traceback
-        print(f"sipo-fast {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    if args.command == "status":
+        return _status(args)
+    if args.command == "repair":
+        return _repair(args)
+    if args.command == "eval" and args._eval_run is not None:
+        return int(args._eval_run(args) or 0)
+    from sipo_fast.pipeline.distributed import current
+
+    main_rank = current().is_main
+    _setup_logging(args.quiet or not main_rank)
+    pipe = _pipeline(args)
+    stages = None if args.command in ("run", "demo") else ["eval" if args.command in ("evaluate", "eval")
+                                                           else args.command]
+    if getattr(args, "dry_run", False):
+        return _dry_run(pipe, stages)
+    summary = pipe.run(stages, rerun=getattr(args, "rerun", False))
+    if main_rank:
+        _print_summary(pipe.run_dir.root, summary)
+    return 0
 
 
 if __name__ == "__main__":

@@ -143,6 +143,7 @@ def _forget(run: Path, stages: list[str]) -> None:
 @pytest.mark.parametrize("stage,first_part,later_part", [
     ("align", "policies/helpful/adapter_model.safetensors", "policies/harmless"),
     ("sample", "parts/w0.jsonl", "parts/w1.jsonl"),
+    ("refine", "parts/w0.jsonl", "parts/w1.jsonl"),
 ])
 def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog, stage, first_part, later_part):
     """Kill a stage right after its first part is saved (os._exit, as a SIGKILL would), then resume: the finished
@@ -202,3 +203,175 @@ def test_single_stage_command_reruns_one_stage(smoke_run, tmp_path, caplog):
     assert "filter: running (rerun requested)" in caplog.text
     assert "sample:" not in caplog.text  # no other stage touched
     assert manifest(run)["stages"]["filter"]["artifact"] == manifest(clean)["stages"]["filter"]["artifact"]
+
+
+# ------------------------------------------------------------------------------------------ issue 14: errors, status
+
+
+def error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("args,match", [
+    (["run", "--preset", "smoke", "--config", "{tmp}/nope.yaml"], "--config {tmp}/nope.yaml: no such file"),
+    (["run", "--config", "{tmp}"], "--config {tmp}: is a directory"),
+    (["run", "--config", "{tmp}/bad.yaml"], "--config {tmp}/bad.yaml:3:1: YAML syntax error"),
+    (["config", "--config", "{tmp}/bad.yaml"], "YAML syntax error"),
+    (["run", "--preset", "smoke", "align.use_lora=nope"], "align.use_lora must be true or false"),
+    (["run", "--preset", "smoke", "sample.max_new_tokens=2.5"], "sample.max_new_tokens must be a whole number"),
+    (["run", "--preset", "smoke", "align.max_steps=0"], "align.max_steps=0"),
+    (["run", "--preset", "smoke", "sample.weights=[0.3"], "not valid YAML"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/file"], "is a file, not a directory"),
+    (["status", "--output-dir", "{tmp}/missing"], "{tmp}/missing: no such directory"),
+    (["status", "--output-dir", "{tmp}/file"], "is a file, not a run directory"),
+    (["status", "--output-dir", "{tmp}"], "is not a sipo_fast run directory"),
+    (["repair", "--output-dir", "{tmp}"], "is not a sipo_fast run directory"),
+    # the probe's late failures (issue 14, class 4), now caught before any stage
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "align.target_modules=q_proj"],
+     "align.target_modules must be a list"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/null.jsonl", "eval.enabled=false"],
+     "data: {tmp}/null.jsonl:1: pref_harmless is null"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/empty.jsonl", "eval.enabled=false"],
+     "data: {tmp}/empty.jsonl:2: response_1 is empty"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/null.jsonl"],
+     "eval.scorers: not set, and data.source="),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "model.name={tmp}/no-model"],
+     "model.name='{tmp}/no-model': no such directory"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "data.source={tmp}/missing.jsonl", "eval.enabled=false"],
+     "data.source='{tmp}/missing.jsonl': no such file or directory"),
+    (["run", "--preset", "smoke", "--output-dir", "{tmp}/r", "eval.scorers=[beaver_reward:{tmp}/x, relevance]"],
+     "eval.scorers: beaver_reward:{tmp}/x: no such directory"),
+])
+def test_every_failure_is_one_error_line_and_exit_2(args, match, tmp_path, capsys):
+    (tmp_path / "bad.yaml").write_text("align:\n[\n")
+    (tmp_path / "file").write_text("x")
+    row = {"prompt": "Q?", "response_0": "A.", "response_1": "B.", "pref_helpful": 1, "pref_harmless": 0}
+    (tmp_path / "null.jsonl").write_text(json.dumps({**row, "pref_harmless": None}) + "\n")
+    (tmp_path / "empty.jsonl").write_text(json.dumps(row) + "\n" + json.dumps({**row, "response_1": ""}) + "\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert main(args) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines and lines[-1].startswith(f"sipo-fast {args[0]}: error: "), lines
+    errors = [line for line in lines if line.startswith(f"sipo-fast {args[0]}: error: ")]
+    assert errors == lines[-len(errors):]  # nothing after the error lines (a preflight may give several)
+    assert any(match.replace("{tmp}", str(tmp_path)) in line for line in errors), errors
+    assert not any("Traceback" in line for line in lines)
+
+
+def test_unexpected_errors_too_and_debug_shows_the_traceback(tmp_path, capsys, monkeypatch):
+    import sipo_fast.cli as cli_mod
+
+    def boom(args):
+        raise KeyError("surprise")
+
+    monkeypatch.setattr(cli_mod, "_status", boom)
+    assert main(["status", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert error_lines(err) == ["sipo-fast status: error: KeyError: 'surprise' (a bug? run with --debug for the "
+                                "traceback)"]
+    assert main(["status", "--debug", "--output-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and error_lines(err)[-1].startswith("sipo-fast status: error: KeyError")
+
+
+def test_full_disk_is_an_error_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from sipo_fast.pipeline import runner
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "run" / "config.yaml"))
+
+    monkeypatch.setattr(runner, "atomic_write_text", full)
+    assert main(["run", *SMOKE, "--output-dir", str(tmp_path / "run")]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    assert lines[-1] == f"sipo-fast run: error: {tmp_path / 'run' / 'config.yaml'}: No space left on device"
+
+
+def test_preflight_problems_are_one_error_line_each(tmp_path, capsys):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"prompt": "a", "response_0": "b", "response_1": "c", "pref_helpful": 1, '
+                     b'"pref_harmless": 0}\n{"prompt": "\xff"}\n')
+    assert main(["run", *SMOKE, "--output-dir", str(tmp_path / "run"), f"data.source={data}",
+                 "align.target_modules=[q_proj, nope]"]) == 2
+    lines = error_lines(capsys.readouterr().err)
+    errors = [line for line in lines if line.startswith("sipo-fast run: error: ")]
+    assert errors == lines[-len(errors):]  # the error lines end the output
+    assert errors[0] == (f"sipo-fast run: error: data: {data}:2: not UTF-8 (byte 0xff at column 13); save the file "
+                         "as UTF-8")
+    assert errors[1].startswith("sipo-fast run: error: align.target_modules: ['nope'] match no linear layer")
+    assert errors[2].startswith("sipo-fast run: error: eval.scorers: not set, and data.source=")
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_resolves_everything_and_writes_nothing(tmp_path, capsys):
+    assert main(["run", *SMOKE, "--dry-run", "--output-dir", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    assert "ok: data demo: 12 train / 4 eval pairs" in out and "ok: LoRA r=8" in out
+    assert f"dry run: every check passed; nothing was written to {tmp_path / 'run'}" in out
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_run_on_a_directory_in_use_is_refused_naming_the_holder(smoke_run, tmp_path, capsys):
+    import socket
+
+    from sipo_fast.pipeline.lock import RunLock
+
+    clean, _ = smoke_run
+    run = tmp_path / "busy"
+    shutil.copytree(clean, run)
+    before = manifest(run)
+    with RunLock(run):
+        assert main(["run", *SMOKE, "--output-dir", str(run)]) == 2
+        err = error_lines(capsys.readouterr().err)[-1]
+        assert f"in use by another sipo-fast run: pid {os.getpid()} on host {socket.gethostname()}" in err
+        assert main(["status", "--output-dir", str(run)]) == 0
+        assert f"running now: pid {os.getpid()}" in capsys.readouterr().out
+    assert manifest(run) == before
+
+
+def test_status_reads_the_runs_own_config_and_propagates_staleness(smoke_run, tmp_path, capsys):
+    clean, _ = smoke_run
+    assert main(["status", "--output-dir", str(clean)]) == 0  # no --preset: the run's own config.yaml
+    out = capsys.readouterr().out
+    assert out.count(" done ") == 6, out
+    # an override on top of the run's own config: refine changes, and everything downstream is stale
+    assert main(["status", "--output-dir", str(clean), "refine.rewrite_max_new_tokens=5"]) == 0
+    out = capsys.readouterr().out
+    assert "refine    stale     config changed: refine.rewrite_max_new_tokens: 8 -> 5" in out
+    for stage in ("filter", "finetune", "eval"):
+        assert f"{stage:<9} stale     upstream" in out, out
+    assert "align     done" in out and "sample    done" in out
+
+
+def test_repair_command_rebuilds_a_broken_manifest(smoke_run, tmp_path, capsys):
+    clean, _ = smoke_run
+    run = tmp_path / "broken"
+    shutil.copytree(clean, run)
+    before = manifest(run)["stages"]
+    (run / "manifest.json").write_text('{"format": 1, "stages": [')
+    assert main(["repair", "--output-dir", str(run)]) == 0
+    out = capsys.readouterr().out
+    for stage in before:
+        assert f"{stage}: recovered from {stage}/stage.json" in out
+    assert manifest(run)["stages"] == before
+    assert main(["status", "--output-dir", str(run)]) == 0
+    assert capsys.readouterr().out.count(" done ") == 6
+
+
+def test_force_on_foreign_directory_deletes_nothing(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("not a run")
+    assert main(["run", *SMOKE, "--force", "--output-dir", str(tmp_path)]) == 2
+    assert "--force only replaces run directories" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine.txt"]
+
+
+def test_force_with_bad_data_keeps_the_finished_run(smoke_run, tmp_path, capsys):
+    clean, _ = smoke_run
+    run = tmp_path / "finished"
+    shutil.copytree(clean, run)
+    before = manifest(run)
+    assert main(["run", *SMOKE, "--force", "--output-dir", str(run), f"data.source={tmp_path / 'nope.jsonl'}",
+                 "eval.enabled=false"]) == 2
+    assert "error: data:" in capsys.readouterr().err
+    assert manifest(run) == before and not list(tmp_path.glob("finished.old-*"))

@@ -204,8 +204,8 @@ def test_align_trains_data_parallel_on_two_processes(tmp_path):
         # 12 training pairs at 6 per device: one process takes 2 optimizer steps, two processes take 1.
         assert len(steps) == 1, steps
     # One process writes: no stray temporary or scratch directories left by the other rank.
-    assert sorted(p.name for p in out.iterdir() if p.name != ".work") == ["align", "config.yaml", "logs",
-                                                                          "manifest.json"]
+    assert sorted(p.name for p in out.iterdir() if p.name not in (".work", ".lock")) == ["align", "config.yaml",
+                                                                                        "logs", "manifest.json"]
     assert not any((out / ".work").iterdir())
 
 

@@ -70,9 +70,12 @@ def test_open_refuses_foreign_and_incompatible_directories(tmp_path):
     run = RunDir(tmp_path / "run")
     run.open(ID)
     run.open(ID)  # reopening with the same identity is fine
+    run.work_dir("align", "fp")  # work in progress: now the identity protects it
     with pytest.raises(ValueError, match="incompatible config.*model"):
         run.open({**ID, "model": "default"})
-    run.open({**ID, "model": "default"}, force=True)  # --force starts over
+    aside = run.move_aside()  # --force starts over: the old run is moved, not deleted
+    assert aside.name.startswith("run.old-") and (aside / ".work" / "align").is_dir()
+    run.open({**ID, "model": "default"})
     assert run.manifest()["identity"]["model"] == "default"
 
     data = run.manifest()

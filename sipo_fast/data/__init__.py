@@ -76,10 +76,16 @@ def load_pku_saferlhf(source: str | os.PathLike = "PKU-Alignment/PKU-SafeRLHF-10
     return ds.select_columns(PKU_COLUMNS)
 
 
+def _index(x):
+    """A response index as an int; anything else (null, 2, "yes") is kept as is, for the pipeline's data check
+    to report with its row (``sipo_fast.pipeline.datacheck``) instead of failing here without one."""
+    return int(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and x in (0, 1) else x
+
+
 def pku_to_preferences(ds):
     """PKU schema -> normalised: adds ``pref_helpful`` and ``pref_harmless``."""
     def add(batch):
-        return {f"{PREF_PREFIX}{obj}": [int(x) for x in batch[col]] for obj, col in PKU_OBJECTIVES.items()}
+        return {f"{PREF_PREFIX}{obj}": [_index(x) for x in batch[col]] for obj, col in PKU_OBJECTIVES.items()}
 
     return ds.map(add, batched=True, desc="preferences")
 

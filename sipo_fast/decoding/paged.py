@@ -81,6 +81,22 @@ class _PagedRunner:
         self.kv.free([s for u, s in enumerate(self.seqs) if u not in taken])
         self.seqs = new
 
+    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                max_new_tokens: int | None = None) -> torch.Tensor:
+        ids, mask = self._register_prompts(input_ids, attention_mask, max_new_tokens)
+        self._begin(mask)
+        return self._run(ids)
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._begin(torch.ones(len(self.seqs), 1, dtype=torch.bool, device=tokens.device))
+        return self._run(tokens[:, None])
+
+    def _begin(self, new_mask: torch.Tensor) -> None:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
+    def _run(self, ids: torch.Tensor) -> torch.Tensor:  # pragma: no cover - defined by subclasses
+        raise NotImplementedError
+
     def release(self) -> None:
         """Drop the pools (memory) until the next prefill."""
         self.kv, self.seqs = None, []
@@ -104,15 +120,8 @@ class PagedSeparateModels(_PagedRunner):
         self._track()
         return torch.stack(logits)  # (N, U, V)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new_tokens: int | None = None) -> torch.Tensor:
-        ids, mask = self._register_prompts(input_ids, attention_mask, max_new_tokens)
-        self.kv.begin_forward(self.seqs, mask)
-        return self._run(ids)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.kv.begin_forward(self.seqs, torch.ones(len(self.seqs), 1, dtype=torch.bool, device=tokens.device))
-        return self._run(tokens[:, None])
+    def _begin(self, new_mask: torch.Tensor) -> None:
+        self.kv.begin_forward(self.seqs, new_mask)
 
 
 class PagedLoraAdapters(_PagedRunner):
@@ -141,18 +150,10 @@ class PagedLoraAdapters(_PagedRunner):
         self._track()
         return logits.view(n, u, -1)  # (N, U, V)
 
-    def prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                max_new_tokens: int | None = None) -> torch.Tensor:
-        ids, mask = self._register_prompts(input_ids, attention_mask, max_new_tokens)
-        self.kv.begin_forward_stacked(self.seqs, mask)
-        return self._run(ids)
-
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        self.kv.begin_forward_stacked(self.seqs, torch.ones(len(self.seqs), 1, dtype=torch.bool,
-                                                            device=tokens.device))
-        return self._run(tokens[:, None])
+    def _begin(self, new_mask: torch.Tensor) -> None:
+        self.kv.begin_forward_stacked(self.seqs, new_mask)
 
 
-# Model families whose attention modules pass their kwargs to cache.update (transformers 5), which is how the
-# paged attention function finds the pages; these are the ones tested against stock HF in test_paged_cache.
+# Model families whose attention modules hand the model's extra kwargs (the PagedCache) to the attention function
+# and carry a layer_idx; these are the ones tested against stock HF in test_paged_cache.
 PAGED_MODEL_TYPES = ("llama", "mistral", "qwen2")

@@ -144,12 +144,23 @@ def run(args: argparse.Namespace) -> int:
               "directory (--run-dir), whose sweeps are split over the processes", file=sys.stderr)
         return 2
     if args.run_dir:
+        from sipo_fast.pipeline.lock import RunLock
+        from sipo_fast.pipeline.rundir import RunDir
+
         from .baselines import DEFAULT_METHODS, evaluate_run
 
-        run_ = evaluate_run(args.run_dir, methods=args.methods or DEFAULT_METHODS, weights=_weights(args.weights),
-                            num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, scorers=args.scorers, ref=args.ref, baseline=args.baseline,
-                            out_dir=args.out, progress=not args.no_progress)
+        # It writes into the run directory (comparison/, by default): one writer at a time, as for `run`.
+        lock = RunLock(args.run_dir) if dist.is_main and RunDir(args.run_dir).is_run_dir() else None
+        try:
+            if lock is not None:
+                lock.acquire()
+            run_ = evaluate_run(args.run_dir, methods=args.methods or DEFAULT_METHODS, weights=_weights(args.weights),
+                                num_prompts=args.num_prompts, max_new_tokens=args.max_new_tokens,
+                                batch_size=args.batch_size, scorers=args.scorers, ref=args.ref,
+                                baseline=args.baseline, out_dir=args.out, progress=not args.no_progress)
+        finally:
+            if lock is not None:
+                lock.release()
         paths = run_.paths
     else:
         paths = _own_policies(args)

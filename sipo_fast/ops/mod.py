@@ -214,20 +214,23 @@ def _mix_torch(logits: torch.Tensor, weights: torch.Tensor, workspace: dict | No
     return z
 
 
-def _policy_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor, workspace: dict | None = None) -> torch.Tensor:
-    """l_i[tok] − logsumexp(l_i) without materialising the [N, B, V] log-softmax: one policy at a time
-    through one float32 scratch buffer (reduced-precision logits are upcast into it).
-    logsumexp(x) = m + log Σ exp(x − m), m = max x (0 where m is ±inf, as torch.logsumexp does)."""
-    rows = torch.arange(logits.shape[1], device=logits.device)
-    picked = logits[:, rows, tokens].float()  # [N, B]
-    tmp = _scratch(workspace, "term", logits.shape[1:], logits.device)
-    lse = []
+def _policy_logprobs_torch(logits: torch.Tensor, tokens: torch.Tensor, workspace: dict | None = None,
+                           out_buf: torch.Tensor | None = None) -> torch.Tensor:
+    """log_softmax(l_i)[tok] per policy, one policy at a time into one float32 [B, V] buffer (``out_buf``, e.g.
+    the mix buffer once the tokens are chosen), so the [N, B, V] log-softmax never exists. The same op as the
+    reference (bit for bit in float32), and on CPU faster than logsumexp: its kernel fuses max, exp-sum and
+    the write. Reduced-precision logits are upcast into a second buffer first."""
+    b, v = logits.shape[1:]
+    dst = out_buf if out_buf is not None else _scratch(workspace, "lsm", (b, v), logits.device)
+    idx = tokens.view(-1, 1)
+    lps = []
     for i in range(logits.shape[0]):
-        m = logits[i].amax(-1, keepdim=True).float()  # [B, 1]
-        m = m.masked_fill(m.isinf(), 0.0)
-        torch.sub(logits[i], m, out=tmp)
-        lse.append(m[:, 0] + tmp.exp_().sum(-1).log())
-    return (picked - torch.stack(lse)).T.contiguous()
+        src = logits[i]
+        if src.dtype != torch.float32 or src.stride(-1) != 1:
+            src = _scratch(workspace, "term", (b, v), logits.device).copy_(src)
+        torch.ops.aten._log_softmax.out(src, -1, False, out=dst)
+        lps.append(dst.gather(-1, idx)[:, 0])
+    return torch.stack(lps, 1)  # [B, N]
 
 
 def _mod_sample_torch(logits, w, temperature, top_k, top_p, generator, do_sample, uniform, workspace=None):
@@ -242,7 +245,7 @@ def _mod_sample_torch(logits, w, temperature, top_k, top_p, generator, do_sample
         if thr is not None:
             score.masked_fill_(scaled < thr[:, None], float("-inf"))
         tokens = torch.argmax(score, dim=-1)
-    return tokens, _policy_logprobs_torch(logits, tokens, workspace)
+    return tokens, _policy_logprobs_torch(logits, tokens, workspace, out_buf=z)  # z is free once tokens are chosen
 
 
 # ----------------------------------------------------------------------------------------- public API

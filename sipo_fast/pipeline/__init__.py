@@ -10,6 +10,7 @@ what re-runs; :mod:`.rules` holds the pure filter/refine rules; :mod:`.stages` t
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
 
 from .config import (AlignConfig, DataConfig, EvalConfig, FilterConfig, FinetuneConfig, ModelConfig, PipelineConfig,
                      RefineConfig, SampleConfig, resolve_weights)
@@ -36,15 +37,37 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+def _read_yaml(path: str):
+    """A YAML file's content; every way it can fail becomes one ValueError naming the file (and the line)."""
+    import yaml
+
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"--config {path}: is a directory; give a YAML file (see configs/)")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        raise ValueError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise ValueError(f"--config {path}:{line}: not UTF-8 text (byte {p.read_bytes()[exc.start]:#04x})") from None
+    except OSError as exc:
+        raise ValueError(f"--config {path}: cannot read it ({exc.strerror})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+        what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"--config {path}{where}: YAML syntax error: {what}") from None
+
+
 def load_config(config_file: str | None = None, preset_name: str | None = None,
                 overrides: list[str] | None = None) -> PipelineConfig:
     """Defaults ← preset ← YAML file (its keys win over the preset's) ← ``section.key=value`` overrides."""
-    import yaml
-
     data = preset_dict(preset_name) if preset_name else {}
     if config_file:
-        with open(config_file) as fh:
-            loaded = yaml.safe_load(fh)
+        loaded = _read_yaml(config_file)
         if loaded is not None and not isinstance(loaded, dict):
             raise ValueError(f"{config_file} must hold a mapping of sections (model, data, align, ...)")
         data = _merge(data, loaded or {})

@@ -10,58 +10,37 @@ objectives a bare number w is shorthand for [w, 1 - w]; for N > 2 objectives giv
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import yaml
 
-SIMPLEX_TOL = 1e-6
+from .config_checks import SIMPLEX_TOL, check_max_steps, check_str_list, check_types, coerce  # noqa: F401
+from .config_checks import positive as _positive
+from .config_checks import resolve_weights  # noqa: F401 - re-exported
+
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
 
-def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[float]]:
-    """Turn ``weights`` (numbers for N=2, or vectors of length N) into a list of simplex vectors.
-
-    Raises ValueError for an empty list, a vector of the wrong length, a negative entry or a sum that is
-    not 1 (within 1e-6), naming the offending entry and ``where`` it came from.
-    """
-    if not isinstance(weights, (list, tuple)) or len(weights) == 0:
-        raise ValueError(f"{where}: give a non-empty list of weights, e.g. [0.2, 0.4, 0.6, 0.8] for two objectives")
-    out = []
-    for w in weights:
-        if isinstance(w, (int, float)) and not isinstance(w, bool):
-            if n_objectives != 2:
-                raise ValueError(f"{where}: the bare weight {w} is shorthand for [w, 1-w], which only works with two "
-                                 f"objectives; with {n_objectives} objectives give vectors of length {n_objectives}")
-            vec = [float(w), round(1.0 - float(w), 12)]  # round: 1 - 0.7 is 0.30000000000000004
-        elif isinstance(w, (list, tuple)):
-            vec = [float(x) for x in w]
-        else:
-            raise ValueError(f"{where}: weight {w!r} is neither a number nor a list of numbers")
-        if len(vec) != n_objectives:
-            raise ValueError(f"{where}: weight {list(w)} has {len(vec)} entries but there are {n_objectives} "
-                             "objectives")
-        if any(not math.isfinite(x) or x < -SIMPLEX_TOL for x in vec) or abs(sum(vec) - 1.0) > SIMPLEX_TOL:
-            raise ValueError(f"{where}: weight {w!r} -> {vec} is off the simplex; every entry must be >= 0 and the "
-                             f"entries must sum to 1")
-        out.append([max(0.0, x) for x in vec])
-    return out
-
-
-def _positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or (allow_zero and value == 0))
-    if not ok:
-        raise ValueError(f"{name} must be a {'non-negative' if allow_zero else 'positive'} number, got {value!r}")
-
-
 class _Section:
-    """Shared dict conversion for the section dataclasses (strict about unknown keys)."""
+    """Shared dict conversion for the section dataclasses (strict about unknown keys), and type checks: every
+    section's ``__post_init__`` is wrapped so that the fields are checked against their annotations first
+    (``config_checks.check_types``), whether the section comes from YAML, an override or Python."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self):
+            check_types(self, _SECTION_NAMES.get(type(self).__name__, type(self).__name__))
+            if own is not None:
+                own(self)
+        cls.__post_init__ = __post_init__
 
     @classmethod
     def from_dict(cls, data: dict | None, where: str):
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"section '{where}' must be a mapping of keys to values, got {data!r}")
         data = dict(data or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
@@ -132,7 +111,7 @@ class DataConfig(_Section):
             raise ValueError(f"data.objectives={self.objectives!r}: SIPO needs at least two objectives")
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"data.objectives={self.objectives!r} repeats a name; list each objective once")
-        self.objectives = [str(o) for o in self.objectives]
+        check_str_list("data.objectives", self.objectives)
         _positive("data.max_rows", self.max_rows, allow_none=True)
         _positive("data.max_conflict_prompts", self.max_conflict_prompts, allow_none=True)
         if not 0 <= self.eval_fraction < 1:
@@ -206,6 +185,9 @@ class AlignConfig(_Section):
         _positive("align.grad_accum", self.grad_accum)
         _positive("align.max_length", self.max_length)
         _positive("align.eval_steps", self.eval_steps, allow_none=True)
+        check_max_steps("align.max_steps", self.max_steps)
+        check_str_list("align.target_modules", self.target_modules)
+        check_str_list("align.policies", self.policies, allow_none=True)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"align.lora_dropout={self.lora_dropout} must be in [0, 1)")
         _check_optimiser("align", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
@@ -320,6 +302,7 @@ class FinetuneConfig(_Section):
         _positive("finetune.max_length", self.max_length)
         _positive("finetune.eval_steps", self.eval_steps, allow_none=True)
         _check_optimiser("finetune", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
+        check_max_steps("finetune.max_steps", self.max_steps)
 
 
 EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")
@@ -355,6 +338,8 @@ class EvalConfig(_Section):
         _positive("eval.num_prompts", self.num_prompts)
         _positive("eval.max_new_tokens", self.max_new_tokens)
         _positive("eval.batch_size", self.batch_size)
+        check_str_list("eval.baselines", self.baselines, allow_empty=True)
+        check_str_list("eval.scorers", self.scorers, allow_none=True)
         bad = [b for b in self.baselines if b not in EVAL_BASELINES]
         if bad:
             raise ValueError(f"eval.baselines: unknown {bad}; choose from {', '.join(EVAL_BASELINES)}")
@@ -371,6 +356,7 @@ _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,20
 
 _SECTIONS = {"model": ModelConfig, "data": DataConfig, "align": AlignConfig, "sample": SampleConfig,
              "refine": RefineConfig, "filter": FilterConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
+_SECTION_NAMES = {cls.__name__: name for name, cls in _SECTIONS.items()}
 
 
 @dataclass
@@ -388,6 +374,7 @@ class PipelineConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):
+        self.seed = coerce("seed", "int", self.seed)
         n = len(self.data.objectives)
         self.sample.weights = resolve_weights(self.sample.weights, n, "sample.weights")
         if self.filter.soup_weights is not None:
@@ -431,7 +418,7 @@ class PipelineConfig:
         if unknown:
             raise ValueError(f"unknown top-level key(s) {unknown}; valid keys: seed, {', '.join(_SECTIONS)}")
         sections = {name: sec.from_dict(data.get(name), name) for name, sec in _SECTIONS.items()}
-        return cls(seed=int(data.get("seed", 0)), **sections)
+        return cls(seed=data.get("seed", 0), **sections)
 
     def to_dict(self) -> dict:
         return {"seed": self.seed, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
@@ -454,7 +441,11 @@ class PipelineConfig:
             key, sep, raw = item.partition("=")
             if not sep or not key:
                 raise ValueError(f"override {item!r} must look like section.key=value, e.g. sample.max_new_tokens=32")
-            value = yaml.safe_load(raw) if raw.strip() else None
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError as exc:
+                first = str(exc).splitlines()[0]
+                raise ValueError(f"override {item!r}: the value is not valid YAML ({first})") from None
             parts = key.strip().split(".")
             if parts == ["seed"]:
                 data["seed"] = value

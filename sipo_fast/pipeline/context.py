@@ -6,7 +6,6 @@ anything else a Hugging Face name or local path, loaded with ``trust_remote_code
 """
 from __future__ import annotations
 
-import json
 import logging
 import random
 import re
@@ -16,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import PipelineConfig
+from .datacheck import check_rows, check_utf8, read_jsonl_rows
 from .rundir import RunDir
 
 log = logging.getLogger("sipo_fast.pipeline")
@@ -41,6 +41,15 @@ def context_length(model_config) -> int | None:
         value = getattr(model_config, attr, None)
         if isinstance(value, int) and value > 0:
             return value
+    return None
+
+
+def _first_byte(path: Path) -> bytes | None:
+    """The first non-blank byte of a file (None if it has none), read in small chunks."""
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 16), b""):
+            if chunk.strip():
+                return chunk.lstrip()[:1]
     return None
 
 
@@ -135,18 +144,18 @@ class Context:
         and pref_<objective> for each objective.
         """
         cfg = self.config.data
-        ds = self._load_preferences()
-        held = None
+        ds, where = self._load_preferences()
+        rows, held = self._rows(ds, where), None
         if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
             from sipo_fast.data.prompts import check_split
 
             check_split(cfg.source, cfg.eval_split, "data.eval_split")
-            rows, held = self._rows(ds), self._rows(self._load_preferences(cfg.eval_split))
+            held = self._rows(*self._load_preferences(cfg.eval_split))
         elif cfg.split_method == "datasets":  # the authors' PKU split (src/data/preprocess/PKUSafeRLHF.py)
-            parts = ds.train_test_split(test_size=cfg.eval_fraction, seed=cfg.split_seed)
-            rows, held = self._rows(parts["train"]), self._rows(parts["test"])
+            parts = ds.add_column("_row", list(range(len(ds)))).train_test_split(test_size=cfg.eval_fraction,
+                                                                                 seed=cfg.split_seed)
+            rows, held = [rows[i] for i in parts["train"]["_row"]], [rows[i] for i in parts["test"]["_row"]]
         else:
-            rows = self._rows(ds)
             random.Random(cfg.split_seed).shuffle(rows)
         if cfg.conflict_ratio is not None:
             rows = self._mix(rows, cfg.conflict_ratio)
@@ -160,8 +169,9 @@ class Context:
             n_eval = 1
         return {"train": rows[n_eval:], "eval": rows[:n_eval]}
 
-    def _rows(self, ds) -> list[dict]:
-        """Normalised rows restricted to the configured objectives, after checking the columns exist."""
+    def _rows(self, ds, where) -> list[dict]:
+        """Normalised rows restricted to the configured objectives, after checking the columns and values exist
+        (``where(i)`` names row i in messages)."""
         from sipo_fast.data import objectives as available_objectives
 
         cfg = self.config.data
@@ -178,12 +188,14 @@ class Context:
         rows = [dict(zip(cols, vals)) for vals in zip(*(ds[c] for c in cols))]
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
+        check_rows(rows, where, [f"pref_{o}" for o in cfg.objectives])
         return rows
 
     def _load_preferences(self, split: str = "train"):
-        """The data source as a normalised dataset: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
-        local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
-        which is how data with more than two objectives comes in."""
+        """(dataset, where) for ``split`` of the data source: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``),
+        or a local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
+        which is how data with more than two objectives comes in. ``where(i)`` names row i in messages
+        (``file:line`` for local JSON lines). Local text files are checked for UTF-8 and JSON first."""
         from sipo_fast.data import load_preferences
 
         cfg = self.config.data
@@ -191,23 +203,35 @@ class Context:
         if path.is_file() and split != "train":
             raise ValueError(f"data.eval_split={split!r} needs a dataset with splits, but data.source={cfg.source!r} "
                              "is a single file; use data.eval_fraction instead")
+        where = lambda i: f"data.source={cfg.source!r} row {i}"  # noqa: E731
+        if not path.exists() and (path.suffix in (".jsonl", ".json", ".csv", ".parquet")
+                                  or str(cfg.source).startswith((".", "/", "~"))):
+            raise ValueError(f"data.source={cfg.source!r}: no such file or directory")
         if path.is_file():
-            with open(path, errors="replace") as fh:
-                first = next((line for line in fh if line.strip()), None)
+            first = _first_byte(path)
             if first is None:
                 raise ValueError(f"data.source={cfg.source!r} is an empty file; point it at a preference dataset "
                                  "with rows (prompt, response_0, response_1 and the preference columns)")
-            try:
-                normalised = any(k.startswith("pref_") for k in json.loads(first))
-            except (json.JSONDecodeError, TypeError):
-                normalised = False
-            if normalised:
-                from datasets import load_dataset
+            if path.suffix in (".jsonl", ".json") and first == b"{":  # JSON lines
+                scanned = read_jsonl_rows(path)  # UTF-8 and JSON, line by line
+                lines = [n for n, _ in scanned]
+                where = lambda i: f"{path}:{lines[i]}"  # noqa: E731
+                if any(k.startswith("pref_") for k in scanned[0][1]):
+                    from datasets import Dataset
 
-                return load_dataset("json", data_files=str(path), split="train")
+                    # Values checked before Arrow sees them: a null or a string among ints fails there without
+                    # naming the line.
+                    check_rows([r for _, r in scanned], where, [f"pref_{o}" for o in cfg.objectives
+                                                                  if f"pref_{o}" in scanned[0][1]])
+                    return Dataset.from_list([r for _, r in scanned]), where
+            else:
+                check_utf8(path)
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
-        return load_preferences(cfg.source, split=split, **extra)
+        ds = load_preferences(cfg.source, split=split, **extra)
+        if "helpsteer" in str(cfg.source).lower():  # pairs are made from rows: no line to name
+            where = lambda i: f"data.source={cfg.source!r} pair {i}"  # noqa: E731
+        return ds, where
 
     def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
         """A subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle): the largest one
@@ -269,6 +293,12 @@ class Context:
         return rows
 
     # -- fail fast ----------------------------------------------------------------------------------------
+    def preflight(self, stages=None):
+        """Every input a run needs, resolved without writing (:mod:`.preflight`): a ``Findings``."""
+        from .preflight import check_inputs
+
+        return check_inputs(self, stages)
+
     def validate(self) -> None:
         """Every check that can fail before any training: names, data, conflicts, tokenizers, lengths."""
         cfg = self.config

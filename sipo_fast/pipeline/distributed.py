@@ -121,7 +121,11 @@ def current() -> Dist:
 
 
 def _from_env() -> Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    raw = os.environ.get("WORLD_SIZE", "1") or "1"
+    if not raw.strip().isdigit():
+        raise ValueError(f"WORLD_SIZE={raw!r} is not a process count; unset it, or start with accelerate launch / "
+                         "torchrun, which set it")
+    world = int(raw)
     if world <= 1:
         return Dist()
     from accelerate import PartialState

@@ -20,10 +20,12 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 MANIFEST = "manifest.json"
+STAGE_JSON = "stage.json"
 FORMAT = 1
 WORK = ".work"
 UNHASHED_DIRS = ("logs",)  # timings and trainer logs vary run to run; they are not part of an artifact's identity
@@ -38,23 +40,91 @@ def stable_hash(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def dir_hash(path: Path, include: Callable[[Path], bool] | None = None) -> str:
-    """Content hash of a directory: relative paths and bytes of every file, except under ``logs/``, the
-    rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache.
-    ``include(relative_path)``, if given, further restricts the files hashed. Files are read in chunks."""
-    h = hashlib.sha256()
+def hashed_files(path: Path, include: Callable[[Path], bool] | None = None) -> list[tuple[Path, Path]]:
+    """(relative path, path) of the files that make up an artifact, sorted: every file except under ``logs/``,
+    the rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache."""
+    out = []
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         rel = f.relative_to(path)
         if rel.parts[0] in UNHASHED_DIRS or rel.as_posix() in UNHASHED_FILES:
             continue
-        if include is not None and not include(rel):
-            continue
+        if include is None or include(rel):
+            out.append((rel, f))
+    return out
+
+
+def _feed(h, path: Path) -> None:
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+
+
+def dir_hash(path: Path, include: Callable[[Path], bool] | None = None) -> str:
+    """Content hash of a directory: relative paths and bytes of its :func:`hashed_files`.
+    ``include(relative_path)``, if given, further restricts the files hashed. Files are read in chunks."""
+    h = hashlib.sha256()
+    for rel, f in hashed_files(path, include):
         h.update(str(rel.as_posix()).encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        _feed(h, f)
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _recorded(rel: Path) -> bool:
+    # stage.json holds the records; .fingerprint stamps a work directory and is removed when it commits
+    return rel.as_posix() not in (STAGE_JSON, ".fingerprint")
+
+
+def file_records(path: Path) -> dict[str, dict]:
+    """{relative path: {"size", "sha256"}} of an artifact's hashed files, ``stage.json`` excepted (it holds
+    these records). Kept in ``stage.json`` so that an artifact can be checked file by file without the
+    manifest (adoption after a crash, ``sipo-fast repair``)."""
+    out = {}
+    for rel, f in hashed_files(path, _recorded):
+        h = hashlib.sha256()
+        _feed(h, f)
+        out[rel.as_posix()] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
+    return out
+
+
+def check_records(path: Path, records) -> str | None:
+    """Why the files under ``path`` do not match ``records`` (:func:`file_records`), or None if they do.
+    Sizes first (cheap: catches truncated files), then hashes."""
+    if not isinstance(records, dict):
+        return "its stage.json records no file sizes and hashes (written by an older version)"
+    have = {rel.as_posix(): f for rel, f in hashed_files(path, _recorded)}
+    missing, extra = sorted(set(records) - set(have)), sorted(set(have) - set(records))
+    if missing or extra:
+        return f"files missing {missing[:3]} / unexpected {extra[:3]}"
+    for rel, rec in records.items():
+        if not isinstance(rec, dict) or have[rel].stat().st_size != rec.get("size"):
+            return f"{rel} has {have[rel].stat().st_size} bytes, stage.json recorded {rec.get('size')}"
+    for rel, rec in records.items():
+        h = hashlib.sha256()
+        _feed(h, have[rel])
+        if h.hexdigest() != rec.get("sha256"):
+            return f"{rel} does not match its recorded sha256"
+    return None
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def follow_umask(path, *, directory: bool = False) -> None:
+    """``tempfile`` makes private files (0600) and directories (0700); a run directory shared between users
+    or nodes needs the permissions the umask gives ordinary files (0644 / 0755 with umask 022)."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,6 +133,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        follow_umask(tmp)
         with os.fdopen(fd, "w") as fh:
             fh.write(text)
             fh.flush()
@@ -87,11 +158,33 @@ def read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in fh if line.strip()]
 
 
+class ManifestError(ValueError):
+    """``manifest.json`` cannot be read or has the wrong shape. Nothing is lost: every finished stage keeps
+    its own ``stage.json``, from which ``sipo_fast.pipeline.repair`` rebuilds the manifest."""
+
+
+def manifest_problem(data) -> str | None:
+    """Why ``data`` is not a manifest of this format's shape, or None."""
+    if not isinstance(data, dict):
+        return f"it holds a {type(data).__name__}, not a JSON object"
+    if data.get("identity") is not None and not isinstance(data.get("identity"), dict):
+        return "its 'identity' is not an object"
+    stages = data.get("stages")
+    if not isinstance(stages, dict):
+        return "it has no 'stages' object"
+    for name, e in stages.items():
+        if not isinstance(e, dict) or not isinstance(e.get("fingerprint"), str) \
+                or not isinstance(e.get("artifact"), str) or not isinstance(e.get("summary"), dict):
+            return f"its entry for stage {name!r} lacks fingerprint, artifact or summary"
+    return None
+
+
 class RunDir:
     """One run directory and its manifest.
 
     ``identity`` holds the config values that make a run directory what it is (model, objectives, data
-    source); a directory made with a different identity is refused rather than silently mixed.
+    source); a directory made with a different identity is refused rather than silently mixed. Callers hold
+    the directory's lock (:mod:`.lock`) while they write.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -103,44 +196,92 @@ class RunDir:
         return self.root / MANIFEST
 
     def manifest(self) -> dict:
+        """The manifest; an empty one when there is none. Raises :class:`ManifestError` when it cannot be
+        read, has the wrong shape, or is missing beside finished stages."""
         if not self.manifest_path.exists():
+            if self.stage_records():
+                raise ManifestError(f"{self.manifest_path} is missing but {self.root} holds finished stages; "
+                                    f"rebuild it with `sipo-fast repair --output-dir {self.root}`")
             return {"format": FORMAT, "identity": None, "stages": {}}
         try:
-            data = json.loads(self.manifest_path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{self.manifest_path} is not valid JSON ({exc}); delete the run directory or pick "
-                             "another --output-dir") from exc
-        return data
+            data = json.loads(self.manifest_path.read_bytes().decode("utf-8"))
+        except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+            why = f"not valid JSON ({exc})"
+        else:
+            if isinstance(data, dict) and data.get("format") != FORMAT:
+                return data  # another format: open() says so
+            why = manifest_problem(data)
+            if why is None:
+                return data
+        raise ManifestError(f"{self.manifest_path} is unreadable: {why}. Every finished stage can be recovered from "
+                            f"its stage.json: run `sipo-fast repair --output-dir {self.root}` (or just run again: "
+                            "a run repairs it first)")
 
     def _save_manifest(self, data: dict) -> None:
         atomic_write_json(self.manifest_path, data)
 
-    def open(self, identity: dict, *, force: bool = False) -> None:
-        """Create or reopen the directory for a run with ``identity``.
+    def stage_records(self) -> list[str]:
+        """Names of the subdirectories holding a ``stage.json`` (finished stages, whatever the manifest says)."""
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{STAGE_JSON}") if p.is_file())
 
-        Raises ValueError if the directory holds files but no manifest (not a run directory), was written by
-        another manifest format, or was made for a different identity. ``force=True`` wipes it instead.
-        """
-        if force and self.root.exists():
-            shutil.rmtree(self.root)
+    def is_run_dir(self) -> bool:
+        """Has this directory been made by sipo_fast? (a manifest, a finished stage, or a stage in progress)"""
+        return self.manifest_path.exists() or bool(self.stage_records()) or (self.root / WORK).is_dir()
+
+    def foreign_files(self) -> list[str]:
+        """Names in an existing directory that is not a run directory (empty list: fine to use)."""
+        if not self.root.is_dir() or self.is_run_dir():
+            return []
+        return sorted(p.name for p in self.root.iterdir() if p.name != ".lock")
+
+    def open(self, identity: dict) -> None:
+        """Create or reopen the directory for a run with ``identity`` (after validation, under the lock).
+
+        Raises ValueError if the directory holds files but is not a run directory, was written by another
+        manifest format, or was made for a different identity and holds work (``--force`` moves it aside
+        first, see :meth:`move_aside`). A manifest whose identity is unknown (rebuilt) or that holds no work
+        yet takes ``identity``."""
+        extra = self.foreign_files()
+        if extra:
+            raise ValueError(f"{self.root} is not empty and has no {MANIFEST}, so it is not a sipo_fast run "
+                             f"directory (found {extra[:5]}); choose an empty or new --output-dir")
         self.root.mkdir(parents=True, exist_ok=True)
-        if not self.manifest_path.exists():
-            extra = [p.name for p in self.root.iterdir()]
-            if extra:
-                raise ValueError(f"{self.root} is not empty and has no {MANIFEST}, so it is not a sipo_fast run "
-                                 f"directory (found {sorted(extra)[:5]}); choose an empty or new --output-dir")
-            self._save_manifest({"format": FORMAT, "identity": identity, "stages": {}})
-            return
         data = self.manifest()
         if data.get("format") != FORMAT:
             raise ValueError(f"{self.root} was made by manifest format {data.get('format')}, this version writes "
                              f"{FORMAT}; use a new --output-dir, or pass --force to start this one over")
-        if data.get("identity") != identity:
-            diff = {k: (data.get("identity", {}).get(k), v) for k, v in identity.items()
-                    if (data.get("identity") or {}).get(k) != v}
+        old = data.get("identity")
+        if old == identity:
+            return
+        if old is not None and (data["stages"] or (self.root / WORK).is_dir()):
+            diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
             raise ValueError(f"{self.root} was made by an incompatible config (differs in {sorted(diff)}: "
                              f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }); use a new --output-dir, "
                              f"or pass --force to discard that run")
+        self._save_manifest({**data, "format": FORMAT, "identity": identity})
+
+    def move_aside(self) -> Path | None:
+        """``--force``: rename an existing run directory to ``<dir>.old-<time>`` (returned; the caller deletes it
+        once the new run has started cleanly). Refuses anything that is not a sipo_fast run directory."""
+        if not self.root.exists():
+            return None
+        if not self.root.is_dir():
+            raise ValueError(f"--force: {self.root} is a file, not a run directory; it was left alone")
+        if not self.is_run_dir():
+            extra = self.foreign_files()
+            if not extra:
+                return None  # empty: nothing to move
+            raise ValueError(f"--force only replaces sipo_fast run directories, and {self.root} is not one (no "
+                             f"{MANIFEST}; found {extra[:5]}); nothing was deleted. Choose another --output-dir")
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(1000):
+            aside = self.root.with_name(f"{self.root.name}.old-{stamp}" + (f"-{n}" if n else ""))
+            if not aside.exists():
+                os.rename(self.root, aside)
+                return aside
+        raise ValueError(f"--force: too many {self.root.name}.old-{stamp}* directories; remove some")
 
     def entry(self, stage: str) -> dict | None:
         return self.manifest()["stages"].get(stage)
@@ -200,83 +341,11 @@ class RunDir:
         return final
 
 
-class Parts:
-    """Resumable units of a stage (one objective's adapter, one weight's candidates): each part is a file
-    or directory in the work directory, written atomically; a part that exists is finished.
+def __getattr__(name: str):
+    """``Parts`` and ``crash_point`` live in :mod:`.parts` (which builds on the writers above); they are still
+    importable from here, where they were first defined."""
+    if name in ("Parts", "crash_point"):
+        from . import parts
 
-    Under several processes (``dist``, see :mod:`.distributed`) only rank 0 writes; every write ends at a
-    barrier, so that when a ``save_*``/``write_jsonl`` call returns on any rank the file is in place, and
-    ``done`` answers rank 0's view on every rank, so all ranks skip (or run) the same parts together."""
-
-    def __init__(self, work: Path, stage: str, crash_after: int | None = None, dist=None):
-        self.work, self.stage, self.crash_after, self.done_here = work, stage, crash_after, 0
-        if dist is None:
-            from .distributed import Dist
-
-            dist = Dist()
-        self.dist = dist
-
-    def path(self, name: str) -> Path:
-        return self.work / name
-
-    def done(self, name: str) -> bool:
-        return self.dist.on_main(lambda: self.path(name).exists())
-
-    def write_jsonl(self, name: str, rows: list[dict]) -> None:
-        """Write a file of the stage (not a resumable part: no crash point)."""
-        self.dist.on_main(lambda: write_jsonl(self.path(name), rows))
-
-    def remove(self, name: str) -> None:
-        """Delete a scratch file or folder of the work directory, once every rank is past reading it."""
-        self.dist.barrier()
-        self.dist.on_main(lambda: shutil.rmtree(self.path(name)) if self.path(name).is_dir()
-                          else self.path(name).unlink(missing_ok=True))
-
-    def save_jsonl(self, name: str, rows: list[dict]) -> None:
-        self.dist.on_main(lambda: write_jsonl(self.path(name), rows))
-        self._mark()
-
-    def save_file(self, name: str, writer) -> None:
-        """``writer(tmp_path)`` writes a temporary file, which is then renamed to the part's name."""
-        def run() -> None:
-            final = self.path(name)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
-            os.close(fd)
-            try:
-                writer(Path(tmp))
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        self.dist.on_main(run)
-        self._mark()
-
-    def save_dir(self, name: str, writer) -> None:
-        """``writer(tmp_dir)`` fills a temporary directory, which is then renamed to the part's name."""
-        def run() -> None:
-            final = self.path(name)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-            try:
-                writer(tmp)
-                os.rename(tmp, final)
-            except BaseException:
-                shutil.rmtree(tmp, ignore_errors=True)
-                raise
-        self.dist.on_main(run)
-        self._mark()
-
-    def _mark(self) -> None:
-        # Fault injection for the resume tests (SIPO_FAST_CRASH_AFTER=<stage>:<n>): die like a killed process
-        # right after the n-th part of this stage is safely on disk.
-        self.done_here += 1
-        if self.crash_after is not None and self.done_here >= self.crash_after:
-            os._exit(75)
-
-
-def crash_point(stage: str) -> int | None:
-    """Parts after which to kill the process in ``stage``, from ``SIPO_FAST_CRASH_AFTER=<stage>:<n>``."""
-    spec = os.environ.get("SIPO_FAST_CRASH_AFTER", "")
-    name, _, n = spec.partition(":")
-    return int(n) if name == stage and n.isdigit() else None
+        return getattr(parts, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
 from .config import PipelineConfig
 from .distributed import current
-from .rundir import Parts, RunDir, atomic_write_json, atomic_write_text, crash_point, stable_hash
+from .lock import RunLock
+from .parts import Parts, crash_point
+from .preflight import PreflightError, check_output
+from .repair import identity, read_record, rebuild, repair  # noqa: F401 - identity re-exported
+from .rundir import ManifestError, RunDir, atomic_write_json, atomic_write_text, file_records, stable_hash
 from .stages import STAGES, Context, Stage
 
 log = logging.getLogger("sipo_fast.pipeline")
-
-
-def identity(config: PipelineConfig) -> dict:
-    """What makes a run directory what it is; a config that differs here needs its own directory."""
-    return {"model": config.model.name, "data": config.data.source, "objectives": list(config.data.objectives),
-            "use_lora": config.align.use_lora}
 
 
 class SIPOPipeline:
@@ -36,7 +35,9 @@ class SIPOPipeline:
     >>> SIPOPipeline(preset("smoke"), "runs/smoke").run()            # doctest: +SKIP
 
     ``run()`` runs every stage that is not up to date; ``run(["sample"])`` runs only the named stages (their
-    upstream stages must be up to date). ``force=True`` discards an existing run directory first.
+    upstream stages must be up to date). ``force=True`` starts over: an existing run directory (never anything
+    else) is moved aside as ``<dir>.old-<time>`` and deleted once the new run's first stage has finished.
+    ``preflight()`` checks every input without writing anything; ``run()`` calls it first.
     """
 
     def __init__(self, config: PipelineConfig, output_dir: str | os.PathLike = "runs/sipo", *, force: bool = False,
@@ -48,6 +49,7 @@ class SIPOPipeline:
         self.run_dir = RunDir(output_dir)
         self.stages: dict[str, Stage] = {s.name: s for s in STAGES}
         self._ctx: Context | None = None
+        self._locks: list[RunLock] = []  # rank 0's locks while it runs (the old directory's too, under --force)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def enabled(self, name: str) -> bool:
@@ -84,19 +86,38 @@ class SIPOPipeline:
         return "; ".join(reasons) or "the stage's code or the config keys it reads changed"
 
     def status(self) -> list[dict]:
-        """One row per stage: name, state ("done", "stale", "waiting", "disabled") and the reason."""
-        rows = []
+        """One row per stage: name, state ("done", "stale", "waiting", "disabled") and the reason. A stage
+        downstream of a stale or waiting one is stale too: it re-runs unless that stage's output comes out the
+        same. A broken manifest is shown as ``repair`` would rebuild it (nothing is written)."""
+        try:
+            self.run_dir.manifest()
+        except ManifestError:
+            data, _ = rebuild(self.run_dir, list(self.stages))
+            log.warning("%s is unreadable; showing the stages as `sipo-fast repair` would recover them",
+                        self.run_dir.manifest_path)
+            saved, self.run_dir = self.run_dir, _FixedManifest(self.run_dir.root, data)
+            try:
+                return self.status()
+            finally:
+                self.run_dir = saved
+        rows, states = [], {}
         for name, stage in self.stages.items():
             if not self.enabled(name):
                 rows.append({"stage": name, "state": "disabled", "reason": "eval.enabled is false"})
                 continue
             fp = self._fingerprint(stage)
+            behind = [u for u in stage.upstream if states.get(u) in ("stale", "waiting")]
             if fp is None:
-                rows.append({"stage": name, "state": "waiting", "reason": "an upstream stage is not done"})
+                row = {"stage": name, "state": "waiting", "reason": "an upstream stage is not done"}
+            elif self.run_dir.is_current(name, fp[0]) and behind:
+                row = {"stage": name, "state": "stale", "reason": f"upstream {', '.join(behind)} will re-run (this "
+                       "stage re-runs with it unless its output comes out unchanged)"}
             elif self.run_dir.is_current(name, fp[0]):
-                rows.append({"stage": name, "state": "done", "reason": "up to date"})
+                row = {"stage": name, "state": "done", "reason": "up to date"}
             else:
-                rows.append({"stage": name, "state": "stale", "reason": self._why(stage, *fp)})
+                row = {"stage": name, "state": "stale", "reason": self._why(stage, *fp)}
+            states[name] = row["state"]
+            rows.append(row)
         return rows
 
     # -- running ----------------------------------------------------------------------------------------------
@@ -109,6 +130,23 @@ class SIPOPipeline:
         """Fail fast, before any training: data, objectives, conflicts, tokenizers, context length."""
         self.context().validate()
 
+    def preflight(self, stages: list[str] | None = None) -> list[str]:
+        """Resolve every input and the output directory (:mod:`.preflight`) without writing; returns the facts.
+        Raises :class:`PreflightError` with one line per problem."""
+        found = self.context().preflight(stages)
+        # The output directory is rank 0's (it alone locks and writes it): its findings hold for every rank.
+        out = current().on_main(lambda: check_output(self.run_dir, force=self.force, identity=identity(self.config),
+                                                     estimate_bytes=found.estimate_bytes, held=bool(self._locks)))
+        if self.force and stages is not None:
+            need = sorted({u for s in stages for u in self.stages[s].upstream if u not in stages})
+            if need:
+                out.problems.append(f"--force starts the run over, but {stages} need(s) {need}, which it would "
+                                    "discard: use `sipo-fast run --force`")
+        problems = found.problems + out.problems
+        if problems:
+            raise PreflightError(problems)
+        return found.facts + out.facts
+
     def run(self, stages: list[str] | None = None, *, rerun: bool = False) -> dict:
         """Run the pipeline (or only ``stages``); returns {stage: summary} of every enabled stage."""
         if stages is not None:
@@ -116,15 +154,17 @@ class SIPOPipeline:
             if unknown:
                 raise ValueError(f"unknown stage(s) {unknown}; stages are {', '.join(self.stages)}")
         dist = current()
-        dist.on_main(lambda: self.run_dir.open(identity(self.config), force=self.force))
-        for name in stages or []:  # before the (slower) validation: a missing upstream stage is the likelier mistake
-            missing = [u for u in self.stages[name].upstream
-                       if u not in stages and self.run_dir.artifact_hash(u) is None]
-            if missing:
-                raise self._missing(name, missing)
-        handler = self._file_log() if dist.is_main else None
+        handler, aside = None, None
         try:
-            self.validate()
+            dist.on_main(self._lock_existing)  # a second run on a directory in use is refused at once
+            self.preflight(stages)
+            aside = dist.on_main(self._open)
+            for name in stages or []:
+                missing = [u for u in self.stages[name].upstream
+                           if u not in stages and self.run_dir.artifact_hash(u) is None]
+                if missing:
+                    raise self._missing(name, missing)
+            handler = self._file_log() if dist.is_main else None
             # The resolved config of the latest invocation that passed validation (sipo_fast.eval reads it).
             dist.on_main(lambda: atomic_write_text(self.run_dir.root / "config.yaml", self.config.to_yaml()))
             out = {}
@@ -135,11 +175,45 @@ class SIPOPipeline:
                     log.info("%s: disabled (eval.enabled=false)", name)
                     continue
                 out[name] = self._run_stage(stage, rerun=rerun)
+                aside = dist.on_main(lambda: self._discard(aside))  # the new run has started cleanly
             return out
         finally:
+            if aside is not None:
+                log.warning("the previous run is kept at %s (the new run did not finish a stage); move it back "
+                            "with `mv %s %s` if you want it", aside, aside, self.run_dir.root)
             if handler is not None:
                 logging.getLogger("sipo_fast").removeHandler(handler)
                 handler.close()
+            dist.on_main(self._unlock)
+
+    # -- the run directory: lock, --force, repair (rank 0) ------------------------------------------------------
+    def _lock_existing(self) -> None:
+        root = self.run_dir.root
+        if root.is_dir() and not self.run_dir.foreign_files():  # never add a file to someone else's directory
+            self._locks.append(RunLock(root).acquire())
+
+    def _open(self) -> str | None:
+        """After preflight: move the old run aside (--force), create and lock the directory, repair a broken
+        manifest, record the identity. Returns the moved-aside directory, if any."""
+        aside = self.run_dir.move_aside() if self.force else None
+        self.run_dir.root.mkdir(parents=True, exist_ok=True)
+        if aside is not None or not self._locks:
+            self._locks.append(RunLock(self.run_dir.root).acquire())
+        for note in repair(self.run_dir, list(self.stages)):
+            log.warning("manifest.json was unreadable and has been rebuilt: %s", note)
+        self.run_dir.open(identity(self.config))
+        if aside is not None:
+            log.info("--force: the previous run was moved to %s; it is deleted once this run finishes a stage", aside)
+        return str(aside) if aside is not None else None
+
+    def _discard(self, aside: str | None) -> None:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+            log.info("--force: deleted the previous run %s", aside)
+
+    def _unlock(self) -> None:
+        while self._locks:
+            self._locks.pop().release()
 
     def _run_stage(self, stage: Stage, *, rerun: bool) -> dict:
         dist = current()
@@ -158,9 +232,12 @@ class SIPOPipeline:
         dist.barrier()  # every rank is done with the work directory before rank 0 moves it into place
 
         def finish() -> dict:
-            # stage.json is part of the artifact (hashed): counts only, no timings.
+            # stage.json is part of the artifact (hashed): counts only, no timings. It holds everything the
+            # manifest entry holds plus every file's size and sha256, so the entry can be rebuilt and checked
+            # without the manifest (adoption after a crash, repair).
             atomic_write_json(work / "stage.json", {"stage": stage.name, "fingerprint": fingerprint,
-                                                    "summary": summary})
+                                                    "version": stage.version, "inputs": inputs, "config": values,
+                                                    "summary": summary, "files": file_records(work)})
             # CPU seconds (all threads) beside wall seconds: on a shared machine they show what the stage costs.
             timing = {"seconds": round(time.perf_counter() - t0, 3), "cpu_seconds": round(time.process_time() - c0, 3)}
             if dist.enabled:
@@ -200,17 +277,18 @@ class SIPOPipeline:
         self.run_dir.finish(stage.name, fingerprint, inputs, summary, config=values, version=stage.version)
 
     def _adopt(self, stage: Stage, fingerprint: str, inputs: dict, values: dict) -> bool:
-        """A stage directory committed just before a crash, but not yet in the manifest, is kept."""
+        """A stage directory committed just before a crash, but not yet in the manifest, is kept if its
+        stage.json was written for this fingerprint and every file still has its recorded size and sha256."""
         meta = self.run_dir.stage_dir(stage.name) / "stage.json"
         if self.run_dir.entry(stage.name) is not None or not meta.exists():
             return False
-        import json
-
-        data = json.loads(meta.read_text())
-        if data.get("fingerprint") != fingerprint:
+        record, why = read_record(self.run_dir, stage.name)
+        if record is None or record["fingerprint"] != fingerprint:
+            log.warning("%s: not keeping the artifact found from an interrupted run (%s)", stage.name,
+                        why or "made for another fingerprint")
             return False
         log.info("%s: found finished artifact from an interrupted run, keeping it", stage.name)
-        self._record(stage, fingerprint, inputs, values, data["summary"])
+        self._record(stage, fingerprint, inputs, values, record["summary"])
         return True
 
     def _file_log(self) -> logging.Handler:
@@ -238,3 +316,14 @@ def _flatten(values: dict, prefix: str = "") -> dict:
 
 def _short(summary: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in summary.items() if not isinstance(v, (dict, list)))
+
+
+class _FixedManifest(RunDir):
+    """A run directory seen through a manifest held in memory (``status`` of a directory awaiting repair)."""
+
+    def __init__(self, root, data: dict):
+        super().__init__(root)
+        self._data = data
+
+    def manifest(self) -> dict:
+        return self._data

@@ -1,0 +1,134 @@
+"""The run-directory lock (issue 14, defect class 2): one writer at a time, the second refused at once with the
+holder's pid and host, a lock left by a killed process taken over, and the pipeline holding it for a whole run."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from sipo_fast.pipeline.lock import RunLock, RunLockedError, holder
+
+
+def test_second_lock_is_refused_at_once_naming_pid_and_host(tmp_path):
+    with RunLock(tmp_path):
+        t0 = time.monotonic()
+        with pytest.raises(RunLockedError, match=rf"in use by another sipo-fast run: pid {os.getpid()} on host "
+                                                 rf"{socket.gethostname()}"):
+            RunLock(tmp_path).acquire()
+        assert time.monotonic() - t0 < 1.0
+        assert holder(tmp_path)["pid"] == os.getpid()
+    assert holder(tmp_path) is None  # released
+    RunLock(tmp_path).acquire().release()
+
+
+def _hold_in_child(tmp_path, *, then: str) -> subprocess.Popen:
+    code = textwrap.dedent(f"""
+        import os, sys, time
+        from sipo_fast.pipeline.lock import RunLock
+        lock = RunLock({str(tmp_path)!r}).acquire()
+        print("locked", flush=True)
+        {then}
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_lock_of_a_killed_process_is_taken_over_with_a_warning(tmp_path, caplog):
+    proc = _hold_in_child(tmp_path, then="time.sleep(60)")
+    with pytest.raises(RunLockedError, match=f"pid {proc.pid}"):
+        RunLock(tmp_path).acquire()
+    os.kill(proc.pid, signal.SIGKILL)  # kill -9: no chance to release
+    proc.wait()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == proc.pid  # its record is still there
+    with RunLock(tmp_path):
+        assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    assert f"taking over the lock left by pid {proc.pid}" in caplog.text and "no longer running" in caplog.text
+
+
+def test_clean_release_leaves_no_warning(tmp_path, caplog):
+    proc = _hold_in_child(tmp_path, then="lock.release()")
+    proc.wait()
+    with RunLock(tmp_path):
+        pass
+    assert "taking over" not in caplog.text
+
+
+def test_lock_survives_the_directory_being_swapped(tmp_path):
+    """A lock taken on a directory that was renamed away must not count for the new directory of that name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    old = RunLock(run).acquire()
+    os.rename(run, tmp_path / "run.old")
+    run.mkdir()
+    with RunLock(run):  # the new directory is free, although the old one's lock is still held
+        pass
+    old.release()
+
+
+def test_pipeline_holds_the_lock_for_the_whole_run(tmp_path):
+    """While a stage runs, the directory is locked; a second pipeline on it is refused before any work."""
+    from test_pipeline_runner import Recorder, make
+
+    seen = {}
+
+    class Probe(Recorder):
+        def run(self, ctx, parts, inputs):
+            seen["holder"] = holder(tmp_path / "run")
+            second, runs2 = make(tmp_path)
+            with pytest.raises(RunLockedError, match=f"pid {os.getpid()}"):
+                second.run()
+            seen["second_ran"] = list(runs2)
+            return super().run(ctx, parts, inputs)
+
+    pipe, runs = make(tmp_path)
+    pipe.run(["align"])  # creates the directory
+    pipe.stages["sample"] = Probe("sample", ("align",), ("sample.max_new_tokens",), runs)
+    pipe.run()
+    assert seen["holder"]["pid"] == os.getpid() and seen["second_ran"] == []
+    assert holder(tmp_path / "run") is None  # released at the end
+    assert runs == ["align", "sample", "refine", "filter"]
+
+
+def test_two_runs_started_together_on_a_new_directory_one_wins(tmp_path):
+    """Both pass preflight at the same moment on a directory that does not exist yet; exactly one runs, the
+    other is refused when it tries to open the directory, and the winner's manifest is complete."""
+    import threading
+
+    from sipo_fast.pipeline.preflight import Findings
+    from test_pipeline_runner import Ctx, make
+
+    gate = threading.Barrier(2)
+
+    class Together(Ctx):
+        def preflight(self, stages=None):
+            gate.wait(timeout=30)  # both are past the "directory exists?" check, neither has created it
+            return Findings()
+
+    results, runs = {}, []
+
+    def go(i):
+        pipe, _ = make(tmp_path, runs=runs)
+        pipe._ctx = Together(pipe.config)
+        try:
+            results[i] = sorted(pipe.run())
+        except ValueError as exc:  # RunLockedError at the lock, or the preflight seeing the lock held
+            results[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    errors = [r for r in results.values() if isinstance(r, ValueError)]
+    done = [r for r in results.values() if not isinstance(r, ValueError)]
+    assert len(errors) == 1 and done == [["align", "filter", "refine", "sample"]], results
+    assert "in use by another sipo-fast run: pid" in str(errors[0])
+    assert sorted(runs) == ["align", "filter", "refine", "sample"]  # every stage ran once, by the winner
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert sorted(manifest["stages"]) == ["align", "filter", "refine", "sample"]
