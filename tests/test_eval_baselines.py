@@ -45,7 +45,8 @@ def run_dir(tmp_path_factory):
         "align": {"lora_r": 4, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "batch_size": 2,
                   "epochs": 1, "max_steps": 1, "max_length": 64, "select_best": False},
         "sample": {"weights": [0.5]}, "filter": {"batch_size": 8},
-        "eval": {"num_prompts": 3, "max_new_tokens": 4, "batch_size": 16, "scorers": ["relevance", "harmlessness"]}})
+        "eval": {"num_prompts": 3, "max_new_tokens": 4, "batch_size": 16, "scorers": ["relevance", "harmlessness"],
+                 "prompt_source": str(data)}})
     rd = RunDir(root)
     rd.open(identity(config))
     (root / "config.yaml").write_text(config.to_yaml())

@@ -55,8 +55,13 @@ def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", selec
 
 
 def config_prompts(config, num_prompts: int | None = None) -> list[str]:
-    """The run's held-out prompts: eval.prompt_source (or data.source), eval.prompt_split, eval.prompt_select."""
+    """The run's held-out prompts: eval.prompt_source (or data.source), eval.prompt_split, eval.prompt_select.
+    A data.source that is one file has no held-out split (its rows are the training data): the prompts must then
+    come from an eval.prompt_source of their own."""
     e = config.eval
+    if e.prompt_source is None and Path(str(config.data.source)).is_file():
+        raise ValueError(f"{config.data.source}: a single file has no held-out split to evaluate on (its rows are the "
+                         "training data); set eval.prompt_source to a file or dataset of held-out prompts")
     return heldout_prompts(e.prompt_source or config.data.source, num_prompts or e.num_prompts, split=e.prompt_split,
                            select=e.prompt_select)
 
