@@ -178,6 +178,11 @@ def test_beavertails_prompts_come_from_the_30k_test_split():
 
 
 def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch, caplog):
+    from huggingface_hub import constants
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):  # another test may have set them
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     check_split(FIXTURES / "pku_saferlhf_30k", "test", "eval.prompt_split")
     with pytest.raises(ValueError, match=r"eval.prompt_split: .* has no split 'test'; its splits are \['train'\]"):
         check_split(FIXTURES / "pku_saferlhf_10k", "test", "eval.prompt_split")

@@ -116,5 +116,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 def _offline() -> bool:
-    return any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE) or any(os.environ.get(k, "").strip().lower() in ("1", "true", "yes", "on")
                for k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
