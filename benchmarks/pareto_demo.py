@@ -59,6 +59,46 @@ def run_seed(seed: int, args) -> tuple[list, dict, dict, dict]:
     return results, diag, stage_seconds(run_dir), method_seconds
 
 
+def filter_markdown(run_dirs: dict, png: Path | None) -> str:
+    """Per seed, the filter's counts from filter/stage.json (survival rate, candidates beating the weaker /
+    the stronger original under every implicit reward model and under each one), and the margin histograms."""
+    lines = ["| seed | candidates | survivors | survival rate | beat weaker on all | best min-margin vs stronger | "
+             "beat weaker, per model | beat stronger, per model |", "|---|---|---|---|---|---|---|---|"]
+    for seed, d in run_dirs.items():
+        summ = json.loads((d / "filter" / "stage.json").read_text())["summary"]
+        m = summ.get("margins", {})
+        per = lambda key: ", ".join(f"{k} {v}" for k, v in m.get(key, {}).items())  # noqa: E731
+        lines.append(f"| {seed} | {summ['candidates']} | {summ['survivors']} | {m.get('survival_rate', float('nan')):.1%} | "
+                     f"{m.get('beat_weaker_all', '—')} | {m.get('best_margin_vs_stronger', '—')} | "
+                     f"{per('beat_weaker_per_model')} | {per('beat_stronger_per_model')} |")
+    text = ("Margins are r_k(y) − r_k(original) in β·log-ratio units; a candidate survives when it beats the stronger "
+            "original under every model k (counts from each seed's filter/stage.json).\n\n" + "\n".join(lines))
+    if png is not None:
+        text += f"\n\n![Filter margins per implicit reward model]({png.name})"
+    return text
+
+
+def paired_gains_markdown(results: list, method: str = "sipo", baseline: str = "mod") -> str:
+    """Per weight and objective, method − baseline paired on the same (seed, prompt): mean ± 95% Student-t
+    half-width over all seeds' prompts (``sipo_fast.eval.stats.mean_ci``), maximisation orientation."""
+    from sipo_fast.eval.stats import mean_ci
+
+    by = {(r.method, r.seed): r for r in results}
+    seeds = sorted(s for m, s in by if m == method and (baseline, s) in by)
+    if not seeds:
+        return f"(no seed has both {method} and {baseline})"
+    ref = by[(method, seeds[0])]
+    diffs = np.concatenate([by[(method, s)].maximised() - by[(baseline, s)].maximised() for s in seeds], axis=1)
+    mean, half = mean_ci(diffs, 0.95, axis=1)                                   # [W, N]
+    lines = ["| w | " + " | ".join(f"{o}: {method} − {baseline} ± 95%" for o in ref.objectives) + " |",
+             "|---|" + "---|" * len(ref.objectives)]
+    for i, w in enumerate(ref.weights):
+        lines.append(f"| {w[0]:.2g} | " + " | ".join(f"{mean[i, k]:+.4f} ± {half[i, k]:.4f}"
+                                                   for k in range(len(ref.objectives))) + " |")
+    return (f"Paired over {diffs.shape[1]} (seed, prompt) pairs ({len(seeds)} seed(s)); an interval that excludes 0 "
+            "is a per-weight difference the prompts support.\n\n" + "\n".join(lines))
+
+
 def timing_markdown(stage_s: dict, method_s: dict) -> str:
     lines = ["| seed | " + " | ".join(STAGES) + " | SIPO pipeline total | " +
              " | ".join(f"eval {m}" for m in next(iter(method_s.values()))) + " |",
@@ -93,6 +133,11 @@ def main() -> None:
         r, diags[seed], stage_s[seed], method_s[seed] = run_seed(seed, args)
         results += r
     objectives = results[0].objectives
+    out = Path(args.out)
+    run_dirs = {seed: Path(args.runs_dir) / f"seed{seed}" for seed in args.seeds}
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from filter_margins import plot as plot_margins
+    filter_png = plot_margins(list(run_dirs.values()), out / f"{args.name}_filter.png")
     commentary = Path(args.commentary).read_text().strip() + "\n\n" if args.commentary else ""
     cmd = ".venv/bin/python " + " ".join(["benchmarks/pareto_demo.py"] + sys.argv[1:])
     notes = (f"### How this was made\n\n- command: `{cmd}`\n- machine: {harness.machine()}\n"
@@ -103,12 +148,14 @@ def main() -> None:
              "mean points. MODPO's and DPO LW's endpoints are the stage-1 policies (at a one-hot weight both are DPO "
              "on that objective; MODPO's w_k → 0 tends to the other objective's DPO policy).\n\n"
              "### Pipeline diagnostics per seed\n\n" + diagnostics_markdown(diags, objectives) +
+             "\n\n### The filter per seed\n\n" + filter_markdown(run_dirs, filter_png) +
+             ("\n\n### Per-weight gain of sipo over mod, paired\n\n" + paired_gains_markdown(results)
+              if {"sipo", "mod"} <= set(args.methods) else "") +
              "\n\n### Wall time per seed (seconds)\n\nEval columns include generation, scoring and, for modpo and "
              "dpo_lw, training one model per interior weight.\n\n" + timing_markdown(stage_s, method_s))
     title = (f"{' vs '.join(args.methods)} on preset {args.preset} ({', '.join(objectives)}; "
              f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})")
     report = build_report(results, baseline="mod" if "mod" in args.methods else None, title=title, notes=notes)
-    out = Path(args.out)
     png = plot_fronts(report, out / f"{args.name}.png")
     report.plot_path = png.name
     md = report.to_markdown()

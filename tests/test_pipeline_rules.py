@@ -4,7 +4,8 @@ import itertools
 import pytest
 import torch
 
-from sipo_fast.pipeline.rules import conflicting_mask, dominates, keep_rewrite, one_hot, select_pareto
+from sipo_fast.pipeline.rules import (conflicting_mask, dominates, keep_rewrite, margin_counts, one_hot,
+                                      select_pareto)
 
 
 def T(x):
@@ -130,3 +131,16 @@ def test_every_permutation_of_candidates_picks_the_same_response():
     for perm in itertools.permutations(range(4)):
         chosen = select_pareto(cand[:, list(perm)], r_a, r_b).chosen.item()
         assert perm[chosen] == 2
+
+
+def test_margin_counts_weaker_and_stronger():
+    """r_a = [0, 1], r_b = [1, 0]: weaker [0, 0], stronger [1, 1]. Candidates [2, 2], [0.5, 0.5], [-1, 5] and a
+    masked [9, 9]. Beat the weaker: model a 2 ([2, 0.5]), model b 3, all 2. Beat the stronger: model a 1, model
+    b 2 ([2, 5]), all 1 (the survivor). Rate 1/3; best min-margin vs the stronger: [2, 2] -> min(1, 1) = 1."""
+    cand = T([[[2, 2], [0.5, 0.5], [-1, 5], [9, 9]]])
+    valid = torch.tensor([[True, True, True, False]])
+    out = margin_counts(cand, T([[0, 1]]), T([[1, 0]]), valid, ["a", "b"])
+    assert out["beat_weaker_per_model"] == {"a": 2, "b": 3} and out["beat_weaker_all"] == 2
+    assert out["beat_stronger_per_model"] == {"a": 1, "b": 2} and out["beat_stronger_all"] == 1
+    assert out["survival_rate"] == pytest.approx(1 / 3) and out["best_margin_vs_stronger"] == pytest.approx(1.0)
+    assert select_pareto(cand, T([[0, 1]]), T([[1, 0]]), valid).num_survivors == out["beat_stronger_all"]

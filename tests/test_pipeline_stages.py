@@ -86,6 +86,15 @@ def test_filter_keeps_exactly_the_strictly_dominating_candidates(tmp_path, monke
     assert summary["candidates"] == 6 and summary["survivors"] == 4 and summary["prompts_covered"] == 2
     assert summary["conflicting_prompts"] == 3 and summary["pairs"] == 4 and summary["rewrites_kept"] == 1
     assert summary["reward_models"] == ["helpful", "harmless"]
+    # Weaker original per model: p0 [0, 0], p1 [0, 0], p2 [0, 0]; stronger: p0 [1, 1], p1 [0, 0], p2 [5, 5].
+    # Valid candidates (5; c11 is empty): c00, c01, c20, c21 beat both originals everywhere; c10 [0, 5] ties the
+    # weaker under model 0. Best min_k margin vs the stronger: c00 min(1, 1) = 1 (c01 0.5, c20 1, c21 0.5).
+    m = summary["margins"]
+    assert m["beat_weaker_all"] == 4 and m["beat_stronger_all"] == 4 and m["survival_rate"] == pytest.approx(4 / 5)
+    assert m["beat_weaker_per_model"] == {"helpful": 4, "harmless": 5}
+    assert m["beat_stronger_per_model"] == {"helpful": 4, "harmless": 5}
+    assert m["best_margin_vs_stronger"] == pytest.approx(1.0)
+    assert json.loads(json.dumps(summary)) == summary  # stage.json stores the summary as JSON
     survives = {(r["pid"], r["weight_index"]): r["survives"] for r in read_jsonl(work / "rewards.jsonl")}
     assert survives == {(0, 0): True, (0, 1): True, (1, 0): False, (1, 1): False, (2, 0): True, (2, 1): True}
     chosen = {s["pid"]: s["chosen"] for s in read_jsonl(work / "survivors.jsonl")}
@@ -277,6 +286,42 @@ def test_finetune_with_empty_dc_keeps_stage1_policies(tmp_path):
     for obj in ("helpful", "harmless"):
         for f in ("adapter_model.safetensors", "adapter_config.json"):
             assert (work / "policies" / obj / f).read_bytes() == (align / "policies" / obj / f).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ holdout
+
+
+def test_holdout_keeps_stage2_prompts_out_of_stage1(tmp_path, monkeypatch):
+    """16 rows, 4 held out (eval_fraction 0.25) -> 12 training rows, half of them conflicting (even i). With
+    data.holdout_stage2 and max_conflict_prompts = 3, the first 3 conflicting training rows go to stage 2 only:
+    stage 1 keeps 9 rows (3 conflicting), and the sample stage reads its prompts from align/stage2.jsonl."""
+    rows = pku_rows(16)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    plain = make_ctx(tmp_path / "a", rows, **{"data.max_conflict_prompts": 3}).split
+    ctx = make_ctx(tmp_path / "b", rows, **{"data.max_conflict_prompts": 3, "data.holdout_stage2": "true"})
+    split = ctx.split
+    assert len(plain["train"]) == 12 and "stage2" not in plain
+    assert split["eval"] == plain["eval"]
+    assert split["stage2"] == ctx.conflicting(plain["train"])[:3]
+    assert len(split["train"]) == 9 and len(ctx.conflicting(split["train"])) == 3
+    assert not {r["prompt"] for r in split["stage2"]} & {r["prompt"] for r in split["train"]}
+    align = tmp_path / "align"
+    align.mkdir()
+    write_jsonl(align / "train.jsonl", split["train"])
+    write_jsonl(align / "stage2.jsonl", split["stage2"])
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.setattr(S, "load_policies", lambda ctx, d: FakePolicies())
+    monkeypatch.setattr(S, "generate", lambda ctx, dec, texts, w, **kw: [f"y({t})" for t in texts])
+    summary = S.SampleStage().run(ctx, Parts(work, "sample"), {"align": align})
+    assert summary["conflicting_prompts"] == 3 and summary["candidates"] == 6
+    assert [r["prompt"] for r in read_jsonl(work / "prompts.jsonl")] == [r["prompt"] for r in split["stage2"]]
+
+
+def test_holdout_needs_a_count():
+    with pytest.raises(ValueError, match="holdout_stage2 needs data.max_conflict_prompts"):
+        PipelineConfig.from_dict({"data": {"holdout_stage2": True}})
 
 
 # ------------------------------------------------------------------------------------------------ fail fast

@@ -105,6 +105,9 @@ class DataConfig(_Section):
     conflict_mix: str = "largest"
     """How data.conflict_ratio subsamples: "largest" (the largest subset with that share) or "min" (the authors':
     min(#conflicting, #agreeing) pairs in all, split ratio / 1 - ratio)."""
+    holdout_stage2: bool = False
+    """Keep stage 2's conflicting prompts out of stage 1's training rows (a deviation: the paper samples stage 2
+    on prompts stage 1 trained on, which a small model memorises, so no candidate beats its chosen response)."""
 
     def __post_init__(self):
         if not isinstance(self.objectives, (list, tuple)) or len(self.objectives) < 2:
@@ -127,6 +130,14 @@ class DataConfig(_Section):
             raise ValueError(f"data.conflict_mix={self.conflict_mix!r}: choose 'largest' or 'min'")
         if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):
             raise ValueError(f"data.eval_split={self.eval_split!r}: give a split name such as 'validation', or null")
+        if self.holdout_stage2 and self.max_conflict_prompts is None:
+            raise ValueError("data.holdout_stage2 needs data.max_conflict_prompts: how many conflicting prompts to "
+                             "keep out of stage 1 for stage 2")
+
+    @property
+    def stage2_reserved(self) -> int | None:
+        """Conflicting prompts kept out of stage 1 for stage 2 (None: none, as in the paper)."""
+        return self.max_conflict_prompts if self.holdout_stage2 else None
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")

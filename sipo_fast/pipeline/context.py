@@ -163,11 +163,16 @@ class Context:
             rows = rows[: cfg.max_rows]
         rows = self._fit_context(rows)
         if held is not None:
-            return {"train": rows, "eval": self._fit_context(held)}
-        n_eval = int(round(len(rows) * cfg.eval_fraction))
-        if cfg.eval_fraction > 0 and n_eval == 0:
-            n_eval = 1
-        return {"train": rows[n_eval:], "eval": rows[:n_eval]}
+            split = {"train": rows, "eval": self._fit_context(held)}
+        else:
+            n_eval = max(int(round(len(rows) * cfg.eval_fraction)), 1 if cfg.eval_fraction > 0 else 0)
+            split = {"train": rows[n_eval:], "eval": rows[:n_eval]}
+        if cfg.stage2_reserved is not None:
+            # data.holdout_stage2: the first conflicting training rows go to stage 2 only.
+            split["stage2"] = self.conflicting(split["train"])[: cfg.stage2_reserved]
+            reserved = {id(r) for r in split["stage2"]}
+            split["train"] = [r for r in split["train"] if id(r) not in reserved]
+        return split
 
     def _rows(self, ds, where) -> list[dict]:
         """Normalised rows restricted to the configured objectives, after checking the columns and values exist
@@ -313,6 +318,9 @@ class Context:
         if not split["train"]:
             raise ValueError("no training rows left after the eval split; lower data.eval_fraction or add rows")
         n_conf = len(self.conflicting(split["train"]))
+        if cfg.data.holdout_stage2 and not split["stage2"]:
+            raise ValueError("data.holdout_stage2: the training rows hold no conflicting pair to keep for stage 2; "
+                             "raise data.max_rows or set data.holdout_stage2=false")
         if n_conf == 0:
             raise ValueError(f"none of the {len(split['train'])} training pairs is conflicting for objectives "
                              f"{cfg.data.objectives}: SIPO has nothing to improve. Use data where the objectives "
@@ -320,8 +328,9 @@ class Context:
         if cfg.align.policies is not None:
             self._check_given_policies()
         self._check_splits()
-        log.info("data: %d train / %d eval pairs, %d conflicting training prompts (%.0f%%)", len(split["train"]),
-                 len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]))
+        log.info("data: %d train / %d eval pairs, %d conflicting training prompts (%.0f%%)%s", len(split["train"]),
+                 len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]),
+                 f"; {len(split['stage2'])} conflicting prompts kept for stage 2" if "stage2" in split else "")
 
     def _check_splits(self) -> None:
         """The evaluation's prompt split exists, where that can be known here (sipo_fast.data.prompts.check_split:

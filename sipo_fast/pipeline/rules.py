@@ -78,6 +78,30 @@ def select_pareto(cand: torch.Tensor, r_a: torch.Tensor, r_b: torch.Tensor,
     return Selection(survives=survives, chosen=chosen.long())
 
 
+def margin_counts(cand: torch.Tensor, r_a: torch.Tensor, r_b: torch.Tensor, valid: torch.Tensor,
+                  names: list[str]) -> dict:
+    """Why the filter kept what it kept: how the candidates compare with the weaker and the stronger original.
+
+    ``cand`` [P, M, K], ``r_a``/``r_b`` [P, K], ``valid`` [P, M]; ``names`` the K reward models. Margins per
+    model k: m_weak = r_k(y) − min(r_k(y_a), r_k(y_b)) and m_strong = r_k(y) − max(...). Counts are over valid
+    candidates: beating the weaker (resp. stronger) original under each model and under all of them (the
+    latter is the survivor count), the survival rate, and the best min_k m_strong (> 0 iff some survive).
+    Example (K=2): r_a=[0, 1], r_b=[1, 0], candidates [2, 2], [0.5, 0.5], [-1, 5]: m_weak > 0 on all for the
+    first two, on model 1 only for the third; m_strong > 0 on all for the first only; best margin min(1, 1) = 1.
+    """
+    lo, hi = torch.minimum(r_a, r_b).unsqueeze(1), torch.maximum(r_a, r_b).unsqueeze(1)  # (P, 1, K)
+    weak, strong = cand - lo, cand - hi                                                      # (P, M, K)
+    v = valid.unsqueeze(2)
+    n = int(valid.sum())
+    best = strong.min(dim=2).values[valid]
+    return {"survival_rate": round(int(((strong > 0) & v).all(dim=2).sum()) / max(n, 1), 6),
+            "beat_weaker_all": int(((weak > 0) & v).all(dim=2).sum()),
+            "beat_stronger_all": int(((strong > 0) & v).all(dim=2).sum()),
+            "beat_weaker_per_model": dict(zip(names, ((weak > 0) & v).sum(dim=(0, 1)).tolist())),
+            "beat_stronger_per_model": dict(zip(names, ((strong > 0) & v).sum(dim=(0, 1)).tolist())),
+            "best_margin_vs_stronger": round(float(best.max()), 6) if n else None}
+
+
 def one_hot(index: int, n: int) -> list[float]:
     """w_e: the one-hot weight of the reviewing objective."""
     return [1.0 if i == index else 0.0 for i in range(n)]

@@ -4,8 +4,8 @@
 
 Artifacts (each stage directory; ``logs/`` inside is not hashed):
 
-- ``align/``: ``train.jsonl``, ``eval.jsonl`` (the split used), ``policies/<objective>/`` (LoRA adapter or
-  full model per objective, with ``train_metrics.json``).
+- ``align/``: ``train.jsonl``, ``eval.jsonl`` (the split used; ``stage2.jsonl`` under data.holdout_stage2),
+  ``policies/<objective>/`` (LoRA adapter or full model per objective, with ``train_metrics.json``).
 - ``sample/``: ``prompts.jsonl`` (conflicting prompts, with ``pid``), ``candidates.jsonl`` (one row per
   prompt and weight: ``pid, weight_index, weight, candidate``).
 - ``refine/``: ``prompts.jsonl`` (copied), ``candidates.jsonl`` (adds ``original, review, rewrite,
@@ -28,7 +28,7 @@ from .context import Context
 # lora_config is re-exported for sipo_fast.eval, which builds on the same policy helpers.
 from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
                        lora_config, optimiser_args, preference_pairs, rewards, save_combined, save_model, train)
-from .rules import keep_rewrite, one_hot, select_pareto
+from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
 from .templates import RefinePrompts
 
@@ -56,11 +56,11 @@ class AlignStage(Stage):
     name = "align"
     config_keys = ("seed", "model", "data.source", "data.objectives", "data.max_rows", "data.eval_fraction",
                    "data.split_seed", "data.split_method", "data.eval_split", "data.conflict_ratio",
-                   "data.conflict_mix", "data.drop_long_prompts", "align")
+                   "data.conflict_mix", "data.drop_long_prompts", "data.stage2_reserved", "align")
 
     def run(self, ctx, parts, inputs):
         cfg, a = ctx.config, ctx.config.align
-        for split in ("train", "eval"):
+        for split in ctx.split:  # train, eval, and stage2 (the prompts kept for stage 2) under data.holdout_stage2
             if not parts.done(f"{split}.jsonl"):
                 parts.write_jsonl(f"{split}.jsonl", ctx.split[split])
         rows, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
@@ -99,7 +99,8 @@ class SampleStage(Stage):
 
     def run(self, ctx, parts, inputs):
         cfg = ctx.config
-        conflicts = ctx.conflicting(read_jsonl(inputs["align"] / "train.jsonl"))
+        reserved = inputs["align"] / "stage2.jsonl"  # data.holdout_stage2: rows stage 1 did not train on
+        conflicts = ctx.conflicting(read_jsonl(reserved if reserved.exists() else inputs["align"] / "train.jsonl"))
         if cfg.data.max_conflict_prompts is not None:
             conflicts = conflicts[: cfg.data.max_conflict_prompts]
         prompts = [{"pid": i, **r} for i, r in enumerate(conflicts)]
@@ -279,7 +280,7 @@ class FilterStage(Stage):
         counts = {"conflicting_prompts": len(pids), "candidates": len(cands),
                   "rewrites_kept": sum(bool(c.get("rewritten")) for c in cands),
                   "survivors": sel.num_survivors, "prompts_covered": sel.prompts_covered, "pairs": len(pairs),
-                  "reward_models": names}
+                  "reward_models": names, "margins": margin_counts(cand, r_a, r_b, valid, names)}
         log.info("filter: %d candidates (%d rewrites kept) -> %d strictly dominating -> %d prompts covered "
                  "(of %d), %d pairs in D_c", counts["candidates"], counts["rewrites_kept"], counts["survivors"],
                  counts["prompts_covered"], counts["conflicting_prompts"], counts["pairs"])
