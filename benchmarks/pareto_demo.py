@@ -1,4 +1,4 @@
-"""Evidence for issue 7: SIPO's Pareto front against MOD, DPO soups and MODPO on the embedded default model
+"""Evidence for issue 7: SIPO's Pareto front against MOD, DPO soups, MODPO and DPO LW on the embedded default model
 (SmolLM2-135M-Instruct, the shipped demo data, relevance vs harmlessness scorers), over several seeds.
 
     .venv/bin/python benchmarks/pareto_demo.py --seeds 0 1 2
@@ -116,7 +116,7 @@ def main() -> None:
     p.add_argument("--preset", default="demo")
     p.add_argument("--override", nargs="*", default=[], metavar="section.key=value",
                    help="extra config overrides for every seed's pipeline")
-    p.add_argument("--methods", nargs="+", default=["sipo", "mod", "soups", "modpo"])
+    p.add_argument("--methods", nargs="+", default=["sipo", "mod", "soups", "modpo", "dpo_lw"])
     p.add_argument("--num-prompts", type=int, default=None, help="held-out prompts (default: the preset's eval.num_prompts)")
     p.add_argument("--runs-dir", default="runs/pareto_demo")
     p.add_argument("--out", default="docs")
@@ -145,14 +145,14 @@ def main() -> None:
              "recorded with each sweep; decoding is greedy). The pipeline's data split and prompts are the same "
              "for every seed, so the per-weight table pools the same prompts once per seed: its CIs treat seeds as extra "
              "samples and are narrower than a fresh-prompt CI would be.\n- methods: " + ", ".join(args.methods) + "; each method's front is its per-weight "
-             "mean points. MODPO's endpoints are the stage-1 policies (its w_k = 1 optimum is DPO on objective k; "
-             "w_k → 0 tends to the other objective's DPO policy).\n\n"
+             "mean points. MODPO's and DPO LW's endpoints are the stage-1 policies (at a one-hot weight both are DPO "
+             "on that objective; MODPO's w_k → 0 tends to the other objective's DPO policy).\n\n"
              "### Pipeline diagnostics per seed\n\n" + diagnostics_markdown(diags, objectives) +
              "\n\n### The filter per seed\n\n" + filter_markdown(run_dirs, filter_png) +
              ("\n\n### Per-weight gain of sipo over mod, paired\n\n" + paired_gains_markdown(results)
               if {"sipo", "mod"} <= set(args.methods) else "") +
-             "\n\n### Wall time per seed (seconds)\n\nEval columns include generation, scoring and, for modpo, "
-             "training one model per interior weight.\n\n" + timing_markdown(stage_s, method_s))
+             "\n\n### Wall time per seed (seconds)\n\nEval columns include generation, scoring and, for modpo and "
+             "dpo_lw, training one model per interior weight.\n\n" + timing_markdown(stage_s, method_s))
     title = (f"{' vs '.join(args.methods)} on preset {args.preset} ({', '.join(objectives)}; "
              f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''})")
     report = build_report(results, baseline="mod" if "mod" in args.methods else None, title=title, notes=notes)

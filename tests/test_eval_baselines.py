@@ -45,7 +45,8 @@ def run_dir(tmp_path_factory):
         "align": {"lora_r": 4, "lora_alpha": 64, "target_modules": ["q_proj", "v_proj"], "batch_size": 2,
                   "epochs": 1, "max_steps": 1, "max_length": 64, "select_best": False},
         "sample": {"weights": [0.5]}, "filter": {"batch_size": 8},
-        "eval": {"num_prompts": 3, "max_new_tokens": 4, "batch_size": 16, "scorers": ["relevance", "harmlessness"]}})
+        "eval": {"num_prompts": 3, "max_new_tokens": 4, "batch_size": 16, "scorers": ["relevance", "harmlessness"],
+                 "prompt_source": str(data)}})
     rd = RunDir(root)
     rd.open(identity(config))
     (root / "config.yaml").write_text(config.to_yaml())
@@ -70,27 +71,28 @@ def run_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def evaluated(run_dir):
-    return evaluate_run(run_dir, methods=["sipo", "mod", "soups", "soups_ab", "modpo"], weights=[0.0, 0.5, 1.0],
-                        progress=False)
+    return evaluate_run(run_dir, methods=["sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw"],
+                        weights=[0.0, 0.5, 1.0], progress=False)
 
 
 def test_every_method_sweeps_the_same_grid(evaluated, run_dir):
     res = {r.method: r for r in evaluated.results}
-    assert list(res) == ["sipo", "mod", "soups", "soups_ab", "modpo"]
+    assert list(res) == ["sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw"]
     for r in res.values():
         assert r.scores.shape == (3, 3, 2) and r.objectives == ["relevance", "harmlessness"]
         assert r.prompts == ["Tell me about bread.", "Tell me about cats.", "Tell me about rain."]
     # At w = (0,1) and (1,0) every baseline is a stage-1 policy on its own: those rows come from MOD's texts
     # through the text cache (test_eval_methods checks, without a cache, that they are indeed equal).
-    for m in ("soups", "soups_ab", "modpo"):
+    for m in ("soups", "soups_ab", "modpo", "dpo_lw"):
         assert res[m].responses[0] == res["mod"].responses[0] and res[m].responses[2] == res["mod"].responses[2]
     assert res["sipo"].responses != res["mod"].responses  # other adapters, other texts
     # Distinct models decoded: 2 stage-1 + 2 SIPO policies alone, and one mix each for sipo, mod, soups,
-    # soups_ab, modpo at w = 0.5: 9 keys × 3 prompts.
+    # soups_ab, modpo, dpo_lw at w = 0.5: 10 keys × 3 prompts.
     from sipo_fast.eval.cache import TextCache
 
-    assert len(TextCache(run_dir / "comparison" / "generations.sqlite")) == 9 * 3
-    assert len(list((run_dir / "comparison" / "modpo").glob("*/w0.5_0.5/adapter_config.json"))) == 1
+    assert len(TextCache(run_dir / "comparison" / "generations.sqlite")) == 10 * 3
+    for m in ("modpo", "dpo_lw"):
+        assert len(list((run_dir / "comparison" / m).glob("*/w0.5_0.5/adapter_config.json"))) == 1
     md = evaluated.paths["markdown"].read_text()
     assert "Pipeline diagnostics" in md and "| 0 | 0.50 | 3 | 3 | 4 | 4 | 8 |" in md
     assert evaluated.paths["png"].stat().st_size > 10_000
@@ -123,6 +125,26 @@ def test_modpo_margins_are_the_other_policys_implicit_rewards(evaluated, run_dir
                 ref = logp(ps, ys)
             got = torch.tensor([r[f"{key}_margin_rewards"][0] for r in rows])
             torch.testing.assert_close(got, 0.1 * (pol - ref), rtol=1e-4, atol=1e-5)
+
+
+def test_dpo_lw_trains_on_every_pair_with_each_objectives_orientation(evaluated, run_dir):
+    """The fixture's rows: pref_helpful = i mod 2, pref_harmless = 0. DPO LW keeps each pair once, oriented by the
+    first objective (chosen = response_{i mod 2}); objective 2 agrees on even rows (signs [1, 1]) and prefers the
+    other response on odd rows ([1, -1]). The adapter trained at w = (0.5, 0.5) is a new model: its LoRA weights
+    differ from both stage-1 adapters'."""
+    from safetensors.torch import load_file
+
+    from sipo_fast.eval.trained import dpo_lw_pairs
+
+    train = [json.loads(line) for line in (run_dir / "align" / "train.jsonl").read_text().splitlines()]
+    rows = dpo_lw_pairs(train, OBJ)
+    assert [r["objective_signs"] for r in rows] == [[1, 1], [1, -1]] * 3
+    assert [r["chosen"] for r in rows] == [t[f"response_{i % 2}"] for i, t in enumerate(train)]
+    trained = next((run_dir / "comparison" / "dpo_lw").glob("*/w0.5_0.5"))
+    new = load_file(str(trained / "adapter_model.safetensors"))
+    for o in OBJ:
+        old = load_file(str(run_dir / "align" / "policies" / o / "adapter_model.safetensors"))
+        assert new.keys() != old.keys() or any(not torch.equal(new[k], old[k]) for k in new)
 
 
 def test_diagnostics_check_survivors_against_the_scorers(evaluated, run_dir):
@@ -161,7 +183,7 @@ def test_evaluate_run_errors(run_dir, tmp_path):
     with pytest.raises(ValueError, match="config.yaml"):
         evaluate_run(tmp_path)
     with pytest.raises(ValueError, match="choose from"):
-        evaluate_run(run_dir, methods=["dpo_lw"])
+        evaluate_run(run_dir, methods=["dpo_lww"])
     with pytest.raises(ValueError, match="one scorer per objective"):
         evaluate_run(run_dir, methods=["mod"], scorers=["relevance"])
     with pytest.raises(ValueError, match="positive integer"):

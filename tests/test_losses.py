@@ -1,10 +1,10 @@
-"""DPO / SIPO / MODPO losses on hand-computed cases (the arithmetic is in each docstring)."""
+"""DPO / SIPO / MODPO / DPO LW losses on hand-computed cases (the arithmetic is in each docstring)."""
 import math
 
 import pytest
 import torch
 
-from sipo_fast.training.losses import dpo_loss, modpo_loss, sipo_loss
+from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 
 def _t(*xs):
@@ -84,6 +84,29 @@ def test_modpo_weight_one_without_margin_is_dpo():
     args = (_t(-3.0, -7.0), _t(-4.0, -2.0), _t(-3.5, -6.0), _t(-4.5, -2.5))
     z = torch.zeros(2, 1, dtype=torch.float64)
     assert modpo_loss(*args, z, z, weight=1.0, margin_weights=[0.0]).item() == pytest.approx(dpo_loss(*args).item())
+
+
+def test_dpo_lw_hand_computed():
+    """β(Δ_w - Δ_l) = 0.2 (as above); objective 1 prefers y_w (s = +1), objective 2 y_l (s = -1), w = [0.3, 0.7]:
+    0.3·log(1 + e^-0.2) + 0.7·log(1 + e^0.2) = 0.3·0.5981388693 + 0.7·0.7981388693 = 0.7381388693."""
+    loss = dpo_lw_loss(_t(-10.0), _t(-12.0), _t(-11.0), _t(-11.0), _t(1.0, -1.0).view(1, 2), weights=[0.3, 0.7])
+    assert loss.item() == pytest.approx(0.7381388693, abs=1e-9)
+
+
+def test_dpo_lw_is_the_weighted_sum_of_per_objective_dpo():
+    """Against dpo_loss with each objective's own (chosen, rejected) orientation; agreeing rows (s = +1, +1) are
+    plain DPO whatever the weights; three objectives."""
+    pc, pr, rc, rr = _t(-3.0, -7.0, -5.0), _t(-4.0, -2.0, -6.5), _t(-3.5, -6.0, -5.5), _t(-4.5, -2.5, -6.0)
+    signs = _t(1, 1, 1, 1, -1, 1, 1, 1, -1).view(3, 3)
+    w = [0.5, 0.2, 0.3]
+    flipped = dpo_loss(pr, pc, rr, rc, reduction="none")                  # each row with y_w and y_l swapped
+    own = dpo_loss(pc, pr, rc, rr, reduction="none")
+    per_obj = torch.where(signs > 0, own[:, None], flipped[:, None])      # (3, 3)
+    want = (per_obj * torch.tensor(w, dtype=torch.float64)).sum(1)
+    torch.testing.assert_close(dpo_lw_loss(pc, pr, rc, rr, signs, weights=w, reduction="none"), want)
+    assert dpo_lw_loss(pc, pr, rc, rr, signs, weights=w, reduction="none")[0].item() == pytest.approx(own[0].item())
+    with pytest.raises(ValueError, match="signs must be"):
+        dpo_lw_loss(pc, pr, rc, rr, signs[:, :2], weights=w)
 
 
 @pytest.mark.parametrize("call,match", [

@@ -153,10 +153,12 @@ def test_chat_template_is_required_for_the_chat_format(tmp_path, monkeypatch):
 
 
 def test_evaluation_prompts_are_resolved_before_training(tmp_path):
-    """The evaluation stage reads the data source's test split; a local normalised file has none in the PKU
-    schema it loads, which used to fail after every training stage. Now the preflight says so."""
+    """The evaluation stage reads held-out prompts; a local file as data.source has no held-out split (its rows are
+    the training data), which used to fail after every training stage. Now the preflight says so."""
     path = write_jsonl(tmp_path / "d.jsonl", rows())
     cfg = preset("smoke").override([f"data.source={path}", "eval.scorers=[relevance, harmlessness]"])
     got = problems(cfg, tmp_path / "run")
-    assert len(got) == 1 and got[0].startswith(f"eval prompts: {path}: not in the PKU-SafeRLHF schema"), got
+    assert len(got) == 1 and got[0].startswith(f"eval prompts: {path}: a single file has no held-out split"), got
+    held = write_jsonl(tmp_path / "held.jsonl", rows())  # an explicit prompt source of its own is fine
+    SIPOPipeline(cfg.override([f"eval.prompt_source={held}"]), tmp_path / "run", progress=False).preflight()
     SIPOPipeline(cfg.override(["eval.enabled=false"]), tmp_path / "run", progress=False).preflight()  # the rest is fine

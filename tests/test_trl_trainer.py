@@ -14,8 +14,8 @@ from trl import DPOConfig, DPOTrainer  # noqa: E402
 
 from sipo_fast.data.formatting import encode_pairs  # noqa: E402
 from sipo_fast.models import tiny  # noqa: E402
-from sipo_fast.training import (FusedDPOConfig, FusedDPOTrainer, dpo_loss, modpo_loss, sequence_logprobs_ref,  # noqa: E402
-                                sipo_loss, train_preference)
+from sipo_fast.training import (FusedDPOConfig, FusedDPOTrainer, dpo_loss, dpo_lw_loss, modpo_loss,  # noqa: E402
+                                sequence_logprobs_ref, sipo_loss, train_preference)
 
 ROWS = [
     {"prompt": "Say hi.", "chosen": "Hello, nice to meet you!", "rejected": "Go away.",
@@ -144,6 +144,29 @@ def test_modpo_loss_in_trainer_and_per_objective_metrics(tokenizer, policy, tmp_
     assert m["rewards/helpful/margins"][-1] == pytest.approx(m["rewards/margins"][-1])
 
 
+def test_dpo_lw_loss_in_trainer(tokenizer, policy, tmp_path):
+    """DPO LW inside the trainer: the signs column reaches the loss, which equals w_1·DPO(y_w, y_l) + w_2·DPO of
+    each row in objective 2's orientation, recomputed from plain log-probs with dpo_loss."""
+    rows = [{**r, "objective_signs": s} for r, s in zip(ROWS, ([1, -1], [1, 1], [1, -1]))]
+    tr = FusedDPOTrainer(copy.deepcopy(policy), _perturbed(policy),
+                         FusedDPOConfig(**dict(COMMON, output_dir=str(tmp_path)), loss_type="dpo_lw",
+                                        dpo_lw_weights=[0.4, 0.6]),
+                         train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
+    batch = tr.data_collator([tr.train_dataset[i] for i in range(3)])
+    assert batch["objective_signs"].tolist() == [[1, -1], [1, 1], [1, -1]]
+    (pc, pr), (rc, rr) = _expected_logps(tr, policy, batch)
+    obj2 = torch.tensor([True, False, True])  # rows where objective 2 prefers the "rejected" response
+    pc2, pr2 = torch.where(obj2, pr, pc), torch.where(obj2, pc, pr)
+    rc2, rr2 = torch.where(obj2, rr, rc), torch.where(obj2, rc, rr)
+    expected = (0.4 * dpo_loss(pc, pr, rc, rr, reduction="none") + 0.6 * dpo_loss(pc2, pr2, rc2, rr2, reduction="none")).mean()
+    tr.model.train()
+    with torch.no_grad():
+        got = tr.compute_loss(tr.model, batch)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-4)
+    assert got.item() == pytest.approx(dpo_lw_loss(pc, pr, rc, rr, batch["objective_signs"], weights=[0.4, 0.6]).item(),
+                                       rel=1e-4)
+
+
 def test_dataset_uses_sipo_fast_tokenisation(tokenizer, policy, tmp_path):
     """prompt_ids + chosen_ids is exactly the row encode_pairs builds (template, separate tokenisation, EOS)."""
     tr = _trainer(tokenizer, policy, tmp_path)
@@ -199,6 +222,8 @@ def test_trainer_logs_trl_names_and_keeps_best_eval_checkpoint(tokenizer, policy
     (dict(loss_type=["sigmoid", "sft"]), "choose one of"),
     (dict(loss_type="modpo"), "modpo_weight"),
     (dict(loss_type="modpo", modpo_weight=0.0, modpo_margin_weights=[1.0]), "modpo_weight"),
+    (dict(loss_type="dpo_lw"), "dpo_lw_weights"),
+    (dict(loss_type="dpo_lw", dpo_lw_weights=[1.2, -0.2]), "dpo_lw_weights"),
     (dict(label_smoothing=0.1), "does not support"),
     (dict(sipo_alpha=-1.0), "sipo_alpha"),
 ])

@@ -1,5 +1,5 @@
 """Pareto-front evaluation: weight sweeps, scoring with a persistent cache, fronts, hypervolume, confidence
-intervals, average gain, baselines (MOD, DPO soups, MODPO) and the Markdown + PNG report.
+intervals, average gain, baselines (MOD, DPO soups, MODPO, DPO LW) and the Markdown + PNG report.
 
     from sipo_fast.eval import pareto_front, hypervolume
     pareto_front([[1, 3], [2, 2], [1, 1]])        # [0, 1]
@@ -20,7 +20,7 @@ _EXPORTS = {
     "build_report": "report", "write_report": "report", "plot_fronts": "report", "default_reference": "report",
     "Report": "report",
     "mod_generator": "methods", "soup_generator": "methods", "per_weight_generator": "methods",
-    "evaluate_run": "baselines", "train_modpo": "baselines",
+    "evaluate_run": "baselines", "train_modpo": "trained", "train_dpo_lw": "trained",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -6,12 +6,15 @@ Methods (SIPO.md §4), all swept over the same weights, prompts and scorers:
 - ``mod``: MOD over the stage-1 policies (``align/policies``).
 - ``soups``: DPO soups of the stage-1 policies, exact LoRA ΔW interpolation (:func:`sipo_fast.merging.lora_soup`).
 - ``soups_ab``: the authors' A/B interpolation (:func:`sipo_fast.merging.lora_soup_ab`), inexact.
-- ``modpo``: one MODPO model per weight (:func:`train_modpo`), trained like stage 1 on the first objective's
-  pairs with the other objectives' stage-1 implicit rewards as margins.
+- ``modpo``: one MODPO model per weight, trained like stage 1 on the first objective's pairs with the other
+  objectives' stage-1 implicit rewards as margins (:mod:`.trained`).
+- ``dpo_lw``: one DPO LW model per weight, trained like stage 1 on the w-weighted sum of the objectives' DPO
+  losses (:mod:`.trained`).
 
 Everything lands in ``<run_dir>/comparison/`` (outside the pipeline's hashed stage directories):
 ``sweeps/<method>.json`` (reused when prompts, weights, decoding settings and the input artifacts are
-unchanged), ``modpo/w<i>/`` adapters, ``scores.sqlite`` (the scoring cache), ``report.md`` and ``report.png``.
+unchanged), ``modpo/<key>/w<w>/`` and ``dpo_lw/<key>/w<w>/`` adapters, ``scores.sqlite`` (the scoring cache),
+``report.md`` and ``report.png``.
 The report's notes explain the run: conflict ratio of the training data, how many candidates survived the
 filter, and whether the survivors really beat both originals under the ground-truth scorers.
 """
@@ -20,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -31,26 +33,37 @@ from .cache import ScoreCache
 from .report import write_report
 from .stats import weight_grid
 from .sweep import SweepResult, check_weights, run_eval, score_responses
+from .trained import TRAINED, train_modpo, trained_key, trained_policy_for  # noqa: F401 (train_modpo: re-export)
 
 log = logging.getLogger("sipo_fast.eval")
-METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo")
+METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")
 DEFAULT_METHODS = ("sipo", "mod", "soups")
 # Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
 # beaver_reward:/path beaver_cost:/path), so other sources have no default.
 DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
-_NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",)}
+_NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",),
+          "dpo_lw": ("align",)}
 
 
 # ---------------------------------------------------------------------------------------------- inputs
-def heldout_prompts(source: str, num_prompts: int) -> list[str]:
-    """The first ``num_prompts`` distinct prompts of the data source's test split (never trained on)."""
-    from sipo_fast.data import load_preferences
+def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", select: str = "first") -> list[str]:
+    """``num_prompts`` distinct prompts of ``source``'s ``split`` chosen by ``select`` (never trained on);
+    :func:`sipo_fast.data.prompts.heldout_prompts`."""
+    from sipo_fast.data.prompts import heldout_prompts as load
 
-    ds = load_preferences(source, split="test")
-    prompts = list(dict.fromkeys(ds["prompt"]))[:num_prompts]
-    if not prompts:
-        raise ValueError(f"data source {source!r} has no test prompts to evaluate on")
-    return prompts
+    return load(source, num_prompts, split=split, select=select)
+
+
+def config_prompts(config, num_prompts: int | None = None) -> list[str]:
+    """The run's held-out prompts: eval.prompt_source (or data.source), eval.prompt_split, eval.prompt_select.
+    A data.source that is one file has no held-out split (its rows are the training data): the prompts must then
+    come from an eval.prompt_source of their own."""
+    e = config.eval
+    if e.prompt_source is None and Path(str(config.data.source)).is_file():
+        raise ValueError(f"{config.data.source}: a single file has no held-out split to evaluate on (its rows are the "
+                         "training data); set eval.prompt_source to a file or dataset of held-out prompts")
+    return heldout_prompts(e.prompt_source or config.data.source, num_prompts or e.num_prompts, split=e.prompt_split,
+                           select=e.prompt_select)
 
 
 def build_scorers(specs: Sequence[str]):
@@ -70,94 +83,6 @@ def default_weights(config) -> np.ndarray:
     if n == 2:
         return weight_grid(2, [w[0] for w in config.sample.weights], endpoints=True)
     return np.unique(np.vstack([np.asarray(config.sample.weights), np.eye(n)]), axis=0)
-
-
-# ---------------------------------------------------------------------------------------------- MODPO
-def _modpo_split(w: Sequence[float]) -> tuple[int, list[int]]:
-    """MODPO trains objective k = the first with w_k > 0; the others are margins."""
-    k = next(i for i, x in enumerate(w) if x > 0)
-    return k, [j for j in range(len(w)) if j != k]
-
-
-def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, list[dict]]:
-    """Objective k's preference pairs ("train" and "eval" splits of stage 1) with the margin rewards r_φ of
-    every other objective: r_j(x, y) = β (log π_j(y|x) − log π_ref(y|x)) on chosen and rejected, under the
-    stage-1 policies. They do not depend on the weight, so they are computed once per k and kept in
-    ``cache_dir/margins_k<k>.json`` for every MODPO weight."""
-    from sipo_fast.data.formatting import encode_pairs
-    from sipo_fast.pipeline.rundir import atomic_write_json, read_jsonl
-    from sipo_fast.pipeline.stages import load_policies, preference_pairs
-    from sipo_fast.training import implicit_rewards
-
-    from sipo_fast.pipeline.distributed import current
-
-    path = cache_dir / f"margins_k{k}.json"
-    cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
-    if cached is not None:
-        return cached
-    cfg, objectives = ctx.config, list(ctx.config.data.objectives)
-    others = [j for j in range(len(objectives)) if j != k]
-    splits = {s: preference_pairs(read_jsonl(align_dir / f"{s}.jsonl"), objectives[k]) for s in ("train", "eval")}
-    pairs = splits["train"] + splits["eval"]
-    policies = load_policies(ctx, align_dir / "policies")
-    ref = None if policies.names is not None else policies.reference
-    pol = ((policies.model, [objectives[j] for j in others]) if policies.names is not None
-           else [policies.models[j] for j in others])
-    # One scoring batch: every chosen response, then every rejected one.
-    batch = encode_pairs(ctx.tokenizer, [p["prompt"] for p in pairs] * 2,
-                         [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], cfg.model.template,
-                         max_length=cfg.align.max_length)
-    r = implicit_rewards(pol, ref, batch, beta=cfg.align.beta, batch_size=cfg.filter.batch_size,
-                         progress=ctx.progress)                                   # (2·pairs, N−1)
-    rows = [{**p, "chosen_margin_rewards": r[i].tolist(), "rejected_margin_rewards": r[len(pairs) + i].tolist()}
-            for i, p in enumerate(pairs)]
-    out = {"train": rows[: len(splits["train"])], "eval": rows[len(splits["train"]):]}
-    current().on_main(lambda: atomic_write_json(path, out))
-    return out
-
-
-def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
-    """Train one MODPO policy at weight ``w`` (SIPO.md §4) and save its LoRA adapter to ``out``.
-
-    Objective k (the first with w_k > 0) is trained on its own pairs from ``align/train.jsonl`` with
-    r_θ = (1/w_k)[β log π_θ/π_ref − w_{−k}ᵀ r_φ], where r_φ are the implicit rewards β log π_j/π_ref of the
-    other objectives' stage-1 policies (:func:`modpo_margins`). Same LoRA shape, learning rate, epochs, β and
-    best-checkpoint rule as stage 1, from π_ref.
-    """
-    import torch
-    from datasets import Dataset
-
-    from sipo_fast.pipeline.distributed import current
-    from sipo_fast.pipeline.stages import lora_config
-    from sipo_fast.training import train_preference
-
-    cfg, objectives = ctx.config, list(ctx.config.data.objectives)
-    k, others = _modpo_split(w)
-    data = modpo_margins(ctx, align_dir, k, out.parent)
-    train, held = data["train"], (data["eval"] if cfg.align.select_best else [])
-    a = cfg.align
-    log.info("modpo: w=%s, objective %r with margins %s, %d pairs", list(w), objectives[k],
-             [objectives[j] for j in others], len(train))
-    result = train_preference(
-        ctx.load_base(), None, Dataset.from_list(train), ctx.tokenizer, loss_type="modpo", beta=a.beta,
-        lr=a.learning_rate, epochs=a.epochs, batch_size=a.batch_size, max_length=a.max_length,
-        lora_config=lora_config(ctx) if a.use_lora else None, output_dir=str(scratch), template=cfg.model.template,
-        eval_dataset=Dataset.from_list(held) if held else None, seed=cfg.seed, modpo_weight=float(w[k]),
-        modpo_margin_weights=[float(w[j]) for j in others], objective_names=[objectives[j] for j in [k, *others]],
-        max_steps=a.max_steps)
-    # train_preference returns the trained model, or (newer) a result object holding it in ``.model``.
-    # (A PeftModel has a ``.model`` too, the wrapped base, so test the type, not the attribute.)
-    model = result if isinstance(result, torch.nn.Module) else result.model
-
-    def save() -> None:  # rank 0 writes (the trainer ran data-parallel on every rank)
-        tmp = out.with_name(out.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)  # a killed run leaves no half-written adapter under the final name
-        shutil.rmtree(scratch, ignore_errors=True)
-    current().on_main(save)
-    return out
 
 
 # ---------------------------------------------------------------------------------------------- diagnostics
@@ -267,12 +192,13 @@ def _policy_hash(policy_dir: Path) -> str:
 
 def _model_keys(ctx, run_dir: Path, method: str, weights: np.ndarray, settings: dict) -> list[str]:
     """What decodes each sweep weight, as a text-cache key. A one-hot weight is policy k alone for every
-    method (MOD mixes nothing else in, the soup is that adapter, MODPO uses the stage-1 policy), so such rows
+    method (MOD mixes nothing else in, the soup is that adapter, MODPO and DPO LW use the stage-1 policy), so rows
     share one key across methods; so do SIPO's rows and MOD's when finetune kept the stage-1 policies."""
     stage = "finetune" if method == "sipo" else "align"
     own = [_policy_hash(run_dir / stage / "policies" / o) for o in ctx.config.data.objectives]
-    tag = {"sipo": "mod", "mod": "mod", "soups": "soup", "soups_ab": "soup_ab", "modpo": "modpo"}[method]
-    mix = _modpo_key(ctx, run_dir) if method == "modpo" else ",".join(own)
+    tag = {"sipo": "mod", "mod": "mod", "soups": "soup", "soups_ab": "soup_ab", "modpo": "modpo",
+           "dpo_lw": "dpo_lw"}[method]
+    mix = trained_key(ctx, run_dir) if method in TRAINED else ",".join(own)
     tail = f"|{settings['max_new_tokens']}|{settings['template']}|greedy"
     keys = []
     for w in np.asarray(weights, dtype=np.float64).tolist():
@@ -321,58 +247,13 @@ def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dic
                 raise ValueError("soups_ab interpolates LoRA A and B; this run trained full models "
                                  "(align.use_lora=false): use method 'soups', which interpolates the full weights")
             return soup_generator(list(pol.models), ctx.tokenizer, **kw)
-        if method == "modpo":
-            return per_weight_generator(_modpo_policy_for(ctx, run_dir, out_dir), ctx.tokenizer, **kw)
+        if method in TRAINED:
+            return per_weight_generator(trained_policy_for(ctx, run_dir, out_dir, method), ctx.tokenizer, **kw)
         raise ValueError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
     def generate(prompts, weights, seed=None):
         return build()(prompts, weights, seed=seed)
     return generate
-
-
-def _modpo_key(ctx, run_dir: Path) -> str:
-    """MODPO models (and their margins) belong to one set of stage-1 policies and one training config:
-    a re-run stage 1 gets a fresh key (directory) instead of reusing models trained against the old one."""
-    from sipo_fast.pipeline.rundir import RunDir, stable_hash
-
-    return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
-                        "seed": ctx.config.seed, "template": ctx.config.model.template})
-
-
-def _modpo_root(ctx, run_dir: Path, out_dir: Path) -> Path:
-    return out_dir / "modpo" / _modpo_key(ctx, run_dir)
-
-
-def _modpo_policy_for(ctx, run_dir: Path, out_dir: Path):
-    """``policy_for(w)``: stage-1 policy k at a one-hot weight (MODPO at w_k = 1 is DPO on objective k, and its
-    optimum as w_k → 0 is the margin objective's own DPO policy), a MODPO adapter elsewhere, trained on first
-    use and kept under :func:`_modpo_root`. All share one base model."""
-    from peft import PeftModel
-
-    from sipo_fast.pipeline.distributed import current
-
-    if not ctx.config.align.use_lora:
-        raise ValueError("the modpo baseline is implemented for LoRA runs (align.use_lora=true)")
-    align, root = run_dir / "align", _modpo_root(ctx, run_dir, out_dir)
-    objectives = list(ctx.config.data.objectives)
-    state: dict = {}
-
-    def policy_for(w: list[float]):
-        if max(w) == 1.0:
-            k = int(np.argmax(w))
-            path, name = align / "policies" / objectives[k], f"stage1_{k}"
-        else:
-            path = root / f"w{'_'.join(f'{x:g}' for x in w)}"
-            name = path.name.replace(".", "p")
-            if not current().on_main(lambda: (path / "adapter_config.json").exists()):
-                root.mkdir(parents=True, exist_ok=True)
-                train_modpo(ctx, align, w, path, scratch=root / ".scratch")
-        if "model" not in state:
-            state["model"] = PeftModel.from_pretrained(ctx.load_base(), path, adapter_name=name).eval()
-        elif name not in state["model"].peft_config:
-            state["model"].load_adapter(path, adapter_name=name)
-        return state["model"], name
-    return policy_for
 
 
 def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT_METHODS, weights=None,
@@ -383,7 +264,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     """Sweep ``methods`` on a finished pipeline run and write the comparison report.
 
     Defaults come from the run's config: weights = ``sample.weights`` plus the endpoints 0 and 1, prompts =
-    ``eval.num_prompts`` held-out prompts, ``eval.max_new_tokens``, ``eval.batch_size``, ``eval.scorers`` (or
+    ``eval.num_prompts`` held-out prompts (:func:`config_prompts`), ``eval.max_new_tokens``, ``eval.batch_size``, ``eval.scorers`` (or
     the data source's defaults). Decoding is greedy; the run's seed labels the results.
     """
     from sipo_fast.pipeline.context import Context
@@ -414,7 +295,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
         raise ValueError(f"give one scorer per objective {config.data.objectives} (e.g. --scorers relevance "
                          f"harmlessness); got {specs}")
     scorer_objs = build_scorers(specs)
-    prompts = heldout_prompts(config.data.source, num_prompts or config.eval.num_prompts)
+    prompts = config_prompts(config, num_prompts)
     settings = {"max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
                 "batch_size": batch_size or config.eval.batch_size, "template": config.model.template}
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"

@@ -1,7 +1,7 @@
 """``sipo-fast eval``: compare SIPO with the baselines on a pipeline run, or sweep your own policies.
 
     sipo-fast eval --run-dir runs/demo                                   # sipo, mod, soups; report in runs/demo/comparison
-    sipo-fast eval --run-dir runs/demo --methods sipo mod soups modpo --num-prompts 48
+    sipo-fast eval --run-dir runs/demo --methods sipo mod soups modpo dpo_lw --num-prompts 48
     sipo-fast eval --policies adapters/helpful adapters/harmless --model default --data demo --soups
 
 ``add_arguments(parser)`` and ``run(args)`` are what the main CLI wires in. Nothing heavy is imported until
@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo")
+METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,8 +22,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--policies", nargs="+", metavar="DIR", help="your own per-objective policies, in objective "
                      "order: LoRA adapter directories (on --model) or full model directories")
     p.add_argument("--methods", nargs="+", choices=METHOD_CHOICES, default=None,
-                   help="with --run-dir: methods to sweep (default: sipo mod soups). modpo trains one model per "
-                        "interior weight (as long as stage 1 each)")
+                   help="with --run-dir: methods to sweep (default: sipo mod soups). modpo and dpo_lw train one "
+                        "model per interior weight (as long as stage 1 each)")
     p.add_argument("--weights", nargs="+", metavar="W", help="weights of the sweep: numbers w (two objectives, "
                    "rows [w, 1-w]) or comma-separated vectors such as 0.2,0.3,0.5 (default: W of stage 2 plus the "
                    "endpoints 0 and 1; with --policies: 0 0.2 0.4 0.6 0.8 1)")

@@ -96,6 +96,15 @@ class DataConfig(_Section):
     """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
     drop_long_prompts: bool = False
     """Drop prompts that do not fit the context instead of failing."""
+    split_method: str = "shuffle"
+    """How eval_fraction is held out: "shuffle" (seeded shuffle, first share held out after the mix and max_rows)
+    or "datasets" (the authors' ``Dataset.train_test_split(test_size=eval_fraction, seed=split_seed)``, first)."""
+    eval_split: str | None = None
+    """Take stage 1's held-out pairs from this split of data.source (HelpSteer's "validation") instead of holding
+    out data.eval_fraction of the training rows; None = hold out."""
+    conflict_mix: str = "largest"
+    """How data.conflict_ratio subsamples: "largest" (the largest subset with that share) or "min" (the authors':
+    min(#conflicting, #agreeing) pairs in all, split ratio / 1 - ratio)."""
     holdout_stage2: bool = False
     """Keep stage 2's conflicting prompts out of stage 1's training rows (a deviation: the paper samples stage 2
     on prompts stage 1 trained on, which a small model memorises, so no candidate beats its chosen response)."""
@@ -113,6 +122,14 @@ class DataConfig(_Section):
         if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
             raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the "
                              "data's mix")
+        if self.split_method not in ("shuffle", "datasets"):
+            raise ValueError(f"data.split_method={self.split_method!r}: choose 'shuffle' or 'datasets'")
+        if self.split_method == "datasets" and self.eval_fraction == 0 and self.eval_split is None:
+            raise ValueError("data.split_method='datasets' holds out data.eval_fraction of the rows: set it > 0")
+        if self.conflict_mix not in ("largest", "min"):
+            raise ValueError(f"data.conflict_mix={self.conflict_mix!r}: choose 'largest' or 'min'")
+        if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):
+            raise ValueError(f"data.eval_split={self.eval_split!r}: give a split name such as 'validation', or null")
         if self.holdout_stage2 and self.max_conflict_prompts is None:
             raise ValueError("data.holdout_stage2 needs data.max_conflict_prompts: how many conflicting prompts to "
                              "keep out of stage 1 for stage 2")
@@ -121,6 +138,18 @@ class DataConfig(_Section):
     def stage2_reserved(self) -> int | None:
         """Conflicting prompts kept out of stage 1 for stage 2 (None: none, as in the paper)."""
         return self.max_conflict_prompts if self.holdout_stage2 else None
+
+
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
+
+
+def _check_optimiser(section: str, scheduler: str, warmup_ratio: float, weight_decay: float) -> None:
+    """The optimiser recipe fields shared by align and finetune (transformers' names and meanings)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"{section}.lr_scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+    if not 0 <= warmup_ratio < 1:
+        raise ValueError(f"{section}.warmup_ratio={warmup_ratio} must be in [0, 1) (a share of the steps)")
+    _positive(f"{section}.weight_decay", weight_decay, allow_zero=True)
 
 
 @dataclass
@@ -144,9 +173,15 @@ class AlignConfig(_Section):
     max_length: int = 512
     """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
     select_best: bool = True
-    """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0)."""
-    eval_steps: int | None = None
-    """Evaluate every this many steps (None: once per epoch)."""
+    """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0 or data.eval_split)."""
+    eval_steps: float | None = None
+    """Evaluate (and checkpoint) every this many steps, or this share of the steps if below 1 (None: per epoch)."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule (transformers' lr_scheduler_type); the paper presets use the authors' "cosine"."""
+    warmup_ratio: float = 0.0
+    """Share of the optimiser steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the authors use 0.05)."""
     policies: list | None = None
     """Adopt these already-aligned per-objective policies (one per objective: LoRA adapter dirs, or full
     model paths) instead of training; their tokenizers must equal π_ref's."""
@@ -166,6 +201,7 @@ class AlignConfig(_Section):
         check_str_list("align.policies", self.policies, allow_none=True)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"align.lora_dropout={self.lora_dropout} must be in [0, 1)")
+        _check_optimiser("align", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
 
 
 @dataclass
@@ -194,6 +230,9 @@ class RefineConfig(_Section):
     """Stage 2b (optional): review with a one-hot weight w_e, rewrite with MOD at the candidate's weight."""
 
     enabled: bool = True
+    template: str = "default"
+    """Named review/rewrite prompt set (sipo_fast.pipeline.templates): "default" (this project's) or
+    "sipo-helpsteer" (the authors' HelpSteer prompts, exact under the beaver model.template)."""
     review_objective: str | None = None
     """Objective whose policy writes the review (w_e is one-hot on it); None = the first objective."""
     review_template: str | None = None
@@ -208,6 +247,10 @@ class RefineConfig(_Section):
         _positive("refine.review_max_new_tokens", self.review_max_new_tokens)
         _positive("refine.rewrite_max_new_tokens", self.rewrite_max_new_tokens)
         _positive("refine.batch_size", self.batch_size)
+        from .templates import REFINE_TEMPLATES
+
+        if self.template not in REFINE_TEMPLATES:
+            raise ValueError(f"refine.template={self.template!r}: choose one of {', '.join(REFINE_TEMPLATES)}")
         for name, keys in (("review_template", ("{question}", "{response}")),
                            ("rewrite_template", ("{question}", "{response}", "{review}"))):
             text = getattr(self, name)
@@ -248,6 +291,15 @@ class FinetuneConfig(_Section):
     batch_size: int = 8
     grad_accum: int = 1
     max_length: int = 512
+    select_best: bool = False
+    """Keep the checkpoint with the best loss on stage 1's held-out pairs of the objective (the authors'
+    Iterative_DPO.py); needs held-out data (data.eval_fraction > 0 or data.eval_split)."""
+    eval_steps: float | None = None
+    """As align.eval_steps, for select_best."""
+    lr_scheduler: str = "linear"
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    """lr_scheduler, warmup_ratio, weight_decay: as in align."""
 
     def __post_init__(self):
         if self.loss not in ("sipo", "sigmoid"):
@@ -259,10 +311,12 @@ class FinetuneConfig(_Section):
         _positive("finetune.batch_size", self.batch_size)
         _positive("finetune.grad_accum", self.grad_accum)
         _positive("finetune.max_length", self.max_length)
+        _positive("finetune.eval_steps", self.eval_steps, allow_none=True)
+        _check_optimiser("finetune", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
         check_max_steps("finetune.max_steps", self.max_steps)
 
 
-EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo")
+EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")
 
 
 @dataclass
@@ -275,11 +329,19 @@ class EvalConfig(_Section):
     """Weights of the sweep; None = sample.weights plus the endpoints (one-hot weights)."""
     num_prompts: int = 64
     """Held-out prompts scored per weight."""
+    prompt_source: str | None = None
+    """Dataset the held-out prompts come from (a hub name or local path); None = data.source."""
+    prompt_split: str = "test"
+    """Split of prompt_source holding them."""
+    prompt_select: str = "first"
+    """Which rows: "first" / "last" (the split's first / last num_prompts distinct prompts), or "first:N" /
+    "last:N" (the split's first / last N rows, then their first num_prompts distinct prompts)."""
     max_new_tokens: int = 128
     batch_size: int = 8
     baselines: list = field(default_factory=lambda: ["mod", "soups"])
     """Swept beside "sipo": "mod" (MOD over the stage-1 policies), "soups" (exact LoRA DPO soups), "soups_ab"
-    (the authors' inexact A/B soups), "modpo" (trains one MODPO model per interior weight)."""
+    (the authors' inexact A/B soups), "modpo" (trains one MODPO model per interior weight), "dpo_lw" (trains one
+    model per interior weight on the w-weighted sum of the objectives' DPO losses)."""
     scorers: list | None = None
     """Ground-truth scorer per objective, "name" or "name:path" (sipo_fast.scoring); None = the data's defaults."""
 
@@ -292,6 +354,9 @@ class EvalConfig(_Section):
         bad = [b for b in self.baselines if b not in EVAL_BASELINES]
         if bad:
             raise ValueError(f"eval.baselines: unknown {bad}; choose from {', '.join(EVAL_BASELINES)}")
+        from sipo_fast.data.prompts import parse_select
+
+        parse_select(self.prompt_select, "eval.prompt_select")
 
 
 class _Dumper(yaml.SafeDumper):
@@ -333,9 +398,13 @@ class PipelineConfig:
         if self.align.policies is not None and len(self.align.policies) != n:
             raise ValueError(f"align.policies lists {len(self.align.policies)} models but there are {n} objectives; "
                              f"give one per objective, in the order of data.objectives")
-        if self.align.select_best and self.data.eval_fraction == 0 and self.align.policies is None:
-            raise ValueError("align.select_best needs held-out data: set data.eval_fraction > 0 or "
-                             "align.select_best=false")
+        held_out = self.data.eval_fraction > 0 or self.data.eval_split is not None
+        if self.align.select_best and not held_out and self.align.policies is None:
+            raise ValueError("align.select_best needs held-out data: set data.eval_fraction > 0 (or data.eval_split) "
+                             "or align.select_best=false")
+        if self.finetune.select_best and not held_out:
+            raise ValueError("finetune.select_best needs held-out data: set data.eval_fraction > 0 (or "
+                             "data.eval_split) or finetune.select_best=false")
         if self.eval.scorers is not None and len(self.eval.scorers) != n:
             raise ValueError(f"eval.scorers lists {len(self.eval.scorers)} scorers; give one per objective ({n})")
 

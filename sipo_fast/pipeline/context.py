@@ -137,13 +137,49 @@ class Context:
     def split(self) -> dict[str, list[dict]]:
         """{"train": rows, "eval": rows} of normalised preferences restricted to the configured objectives.
 
-        Seeded shuffle (data.split_seed), then data.max_rows, then the eval share is held out. Rows carry
-        prompt, response_0, response_1 and pref_<objective> for each objective.
+        Held-out rows first: data.eval_split's rows, or (data.split_method="datasets") the authors' split,
+        ``Dataset.train_test_split(test_size=eval_fraction, seed=split_seed)``, or else a seeded shuffle
+        (data.split_seed) whose first eval_fraction share is held out after the steps below. Then, on the training
+        rows, the conflict mix (data.conflict_ratio) and data.max_rows. Rows carry prompt, response_0, response_1
+        and pref_<objective> for each objective.
         """
+        cfg = self.config.data
+        ds, where = self._load_preferences()
+        rows, held = self._rows(ds, where), None
+        if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
+            from sipo_fast.data.prompts import check_split
+
+            check_split(cfg.source, cfg.eval_split, "data.eval_split")
+            held = self._rows(*self._load_preferences(cfg.eval_split))
+        elif cfg.split_method == "datasets":  # the authors' PKU split (src/data/preprocess/PKUSafeRLHF.py)
+            parts = ds.add_column("_row", list(range(len(ds)))).train_test_split(test_size=cfg.eval_fraction,
+                                                                                 seed=cfg.split_seed)
+            rows, held = [rows[i] for i in parts["train"]["_row"]], [rows[i] for i in parts["test"]["_row"]]
+        else:
+            random.Random(cfg.split_seed).shuffle(rows)
+        if cfg.conflict_ratio is not None:
+            rows = self._mix(rows, cfg.conflict_ratio)
+        if cfg.max_rows is not None:
+            rows = rows[: cfg.max_rows]
+        rows = self._fit_context(rows)
+        if held is not None:
+            split = {"train": rows, "eval": self._fit_context(held)}
+        else:
+            n_eval = max(int(round(len(rows) * cfg.eval_fraction)), 1 if cfg.eval_fraction > 0 else 0)
+            split = {"train": rows[n_eval:], "eval": rows[:n_eval]}
+        if cfg.stage2_reserved is not None:
+            # data.holdout_stage2: the first conflicting training rows go to stage 2 only.
+            split["stage2"] = self.conflicting(split["train"])[: cfg.stage2_reserved]
+            reserved = {id(r) for r in split["stage2"]}
+            split["train"] = [r for r in split["train"] if id(r) not in reserved]
+        return split
+
+    def _rows(self, ds, where) -> list[dict]:
+        """Normalised rows restricted to the configured objectives, after checking the columns and values exist
+        (``where(i)`` names row i in messages)."""
         from sipo_fast.data import objectives as available_objectives
 
         cfg = self.config.data
-        ds, where = self._load_preferences()
         have = available_objectives(ds)
         missing = [o for o in cfg.objectives if o not in have]
         if missing:
@@ -158,32 +194,20 @@ class Context:
         if not rows:
             raise ValueError(f"data.source={cfg.source!r} has no rows; point it at a non-empty preference dataset")
         check_rows(rows, where, [f"pref_{o}" for o in cfg.objectives])
-        random.Random(cfg.split_seed).shuffle(rows)
-        if cfg.conflict_ratio is not None:
-            rows = self._mix(rows, cfg.conflict_ratio)
-        if cfg.max_rows is not None:
-            rows = rows[: cfg.max_rows]
-        rows = self._fit_context(rows)
-        n_eval = int(round(len(rows) * cfg.eval_fraction))
-        if cfg.eval_fraction > 0 and n_eval == 0:
-            n_eval = 1
-        split = {"train": rows[n_eval:], "eval": rows[:n_eval]}
-        if cfg.stage2_reserved is not None:
-            # data.holdout_stage2: the first conflicting training rows go to stage 2 only.
-            split["stage2"] = self.conflicting(split["train"])[: cfg.stage2_reserved]
-            held = {id(r) for r in split["stage2"]}
-            split["train"] = [r for r in split["train"] if id(r) not in held]
-        return split
+        return rows
 
-    def _load_preferences(self):
-        """(dataset, where) for the data source: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``), or a
-        local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
+    def _load_preferences(self, split: str = "train"):
+        """(dataset, where) for ``split`` of the data source: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``),
+        or a local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
         which is how data with more than two objectives comes in. ``where(i)`` names row i in messages
         (``file:line`` for local JSON lines). Local text files are checked for UTF-8 and JSON first."""
         from sipo_fast.data import load_preferences
 
         cfg = self.config.data
         path = Path(str(cfg.source))
+        if path.is_file() and split != "train":
+            raise ValueError(f"data.eval_split={split!r} needs a dataset with splits, but data.source={cfg.source!r} "
+                             "is a single file; use data.eval_fraction instead")
         where = lambda i: f"data.source={cfg.source!r} row {i}"  # noqa: E731
         if not path.exists() and (path.suffix in (".jsonl", ".json", ".csv", ".parquet")
                                   or str(cfg.source).startswith((".", "/", "~"))):
@@ -209,18 +233,25 @@ class Context:
                 check_utf8(path)
         # HelpSteer rows become pairs per attribute: ask for exactly the configured objectives.
         extra = {"attributes": tuple(cfg.objectives)} if "helpsteer" in str(cfg.source).lower() else {}
-        ds = load_preferences(cfg.source, split="train", **extra)
+        ds = load_preferences(cfg.source, split=split, **extra)
         if "helpsteer" in str(cfg.source).lower():  # pairs are made from rows: no line to name
             where = lambda i: f"data.source={cfg.source!r} pair {i}"  # noqa: E731
         return ds, where
 
     def _mix(self, rows: list[dict], ratio: float) -> list[dict]:
-        """The largest subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle)."""
+        """A subset whose share of conflicting rows is ``ratio`` (order kept, seeded reshuffle): the largest one
+        (data.conflict_mix="largest"), or the authors' (src/data/raw_data/helpsteer.py, "min"): T = min(#conflicting,
+        #agreeing) rows in all, int(T·ratio) conflicting and the rest agreeing."""
         conf = self.conflicting(rows)
         ids = {id(r) for r in conf}
         agree = [r for r in rows if id(r) not in ids]
-        total = min(len(conf) / ratio, len(agree) / (1 - ratio))
-        n_conf, n_agree = int(round(total * ratio)), int(round(total * (1 - ratio)))
+        if self.config.data.conflict_mix == "min":
+            total = min(len(conf), len(agree))
+            n_conf = int(total * ratio)
+            n_agree = total - n_conf
+        else:
+            total = min(len(conf) / ratio, len(agree) / (1 - ratio))
+            n_conf, n_agree = int(round(total * ratio)), int(round(total * (1 - ratio)))
         if n_conf == 0 or n_agree == 0:
             raise ValueError(f"data.conflict_ratio={ratio}: the data has {len(conf)} conflicting and {len(agree)} "
                              "agreeing pairs, too few for that mix; set data.conflict_ratio=null")
@@ -296,9 +327,19 @@ class Context:
                              "disagree (or more rows: raise data.max_rows)")
         if cfg.align.policies is not None:
             self._check_given_policies()
+        self._check_splits()
         log.info("data: %d train / %d eval pairs, %d conflicting training prompts (%.0f%%)%s", len(split["train"]),
                  len(split["eval"]), n_conf, 100.0 * n_conf / len(split["train"]),
                  f"; {len(split['stage2'])} conflicting prompts kept for stage 2" if "stage2" in split else "")
+
+    def _check_splits(self) -> None:
+        """The evaluation's prompt split exists, where that can be known here (sipo_fast.data.prompts.check_split:
+        skipped with a note while the hub is unreachable); data.eval_split was checked when the split loaded."""
+        from sipo_fast.data.prompts import check_split
+
+        e = self.config.eval
+        if e.enabled:
+            check_split(e.prompt_source or self.config.data.source, e.prompt_split, "eval.prompt_split")
 
     def _check_given_policies(self) -> None:
         """Adopted stage-1 policies must exist, be all LoRA or all full models, and share π_ref's tokenizer."""

@@ -150,16 +150,19 @@ def clean_metrics(history: list[dict]) -> list[dict]:
 
 def train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, beta: float, alpha: float,
            lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int, max_length: int,
-           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: int | None, scratch: Path,
-           ref=None):
+           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: float | None, scratch: Path,
+           ref=None, optim: dict | None = None, **trainer_kw):
     """One preference run on sipo_fast's TRL trainer (fused log-probs); returns (trained model, TRL log
-    history, whose metric names are TRL's plus ``rewards/<objective>/...``)."""
+    history, whose metric names are TRL's plus ``rewards/<objective>/...``). ``optim``: transformers'
+    optimiser arguments (:func:`optimiser_args`); ``trainer_kw``: more ``build_preference_trainer`` arguments
+    (the MODPO / DPO LW weights)."""
     from datasets import Dataset
 
     from sipo_fast.training import build_preference_trainer
 
     extra = dict(max_steps=max_steps, gradient_accumulation_steps=grad_accum, disable_tqdm=not ctx.progress,
-                 objective_names=[objective], logging_steps=1)
+                 objective_names=[objective], logging_steps=1, **(optim or {}))
+    extra.update(trainer_kw)
     if eval_pairs and eval_steps is not None:
         extra.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps)
     if eval_pairs and not select_best:
@@ -172,6 +175,13 @@ def train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, 
         seed=ctx.config.seed, **extra)
     trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
+
+
+def optimiser_args(section) -> dict:
+    """transformers' arguments for a config section's optimiser recipe (align or finetune). transformers 5 reads a
+    ``warmup_steps`` below 1 as a share of the steps (its ``warmup_ratio`` is gone), which warmup_ratio always is."""
+    return {"lr_scheduler_type": section.lr_scheduler, "warmup_steps": float(section.warmup_ratio),
+            "weight_decay": section.weight_decay}
 
 
 def canonical_adapter_config(path: Path) -> None:

@@ -98,8 +98,9 @@ def _hub_names(config) -> list[str]:
     if config.model.name != "default" and not config.model.name.startswith("tiny") \
             and not Path(config.model.name).exists():
         names.append(config.model.name)
-    if config.data.source != "demo" and not Path(str(config.data.source)).exists():
-        names.append(str(config.data.source))
+    for source in (config.data.source, config.eval.prompt_source if config.eval.enabled else None):
+        if source is not None and source != "demo" and not Path(str(source)).exists() and str(source) not in names:
+            names.append(str(source))
     return names
 
 
@@ -235,10 +236,12 @@ def _scorers(config, out: Findings) -> None:
 def _eval_prompts(config, out: Findings) -> None:
     """The held-out prompts the evaluation stage will score (the same call it makes), so that a data source
     without a usable test split fails now rather than after every training stage."""
-    from sipo_fast.eval.baselines import heldout_prompts
+    from sipo_fast.eval.baselines import config_prompts
 
-    prompts = heldout_prompts(config.data.source, config.eval.num_prompts)
-    out.facts.append(f"evaluation: {len(prompts)} held-out prompts of {config.data.source}")
+    prompts = config_prompts(config)
+    e = config.eval
+    out.facts.append(f"evaluation: {len(prompts)} held-out prompts of {e.prompt_source or config.data.source} "
+                     f"(split {e.prompt_split!r}, {e.prompt_select})")
 
 
 def _world(ctx) -> str:

@@ -27,10 +27,10 @@ import torch
 from .context import Context
 # lora_config is re-exported for sipo_fast.eval, which builds on the same policy helpers.
 from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
-                       lora_config, preference_pairs, rewards, save_combined, save_model, train)
+                       lora_config, optimiser_args, preference_pairs, rewards, save_combined, save_model, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
-from .templates import REVIEW_PREFIX, RefinePrompts, clean_generation
+from .templates import RefinePrompts
 
 log = logging.getLogger("sipo_fast.pipeline")
 # Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
@@ -55,7 +55,8 @@ class AlignStage(Stage):
 
     name = "align"
     config_keys = ("seed", "model", "data.source", "data.objectives", "data.max_rows", "data.eval_fraction",
-                   "data.split_seed", "data.conflict_ratio", "data.drop_long_prompts", "data.stage2_reserved", "align")
+                   "data.split_seed", "data.split_method", "data.eval_split", "data.conflict_ratio",
+                   "data.conflict_mix", "data.drop_long_prompts", "data.stage2_reserved", "align")
 
     def run(self, ctx, parts, inputs):
         cfg, a = ctx.config, ctx.config.align
@@ -77,7 +78,7 @@ class AlignStage(Stage):
                     alpha=0.0, lr=a.learning_rate, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
                     grad_accum=a.grad_accum, max_length=a.max_length, use_lora=a.use_lora,
                     eval_pairs=preference_pairs(held, obj), select_best=a.select_best, eval_steps=a.eval_steps,
-                    scratch=scratch)
+                    scratch=scratch, optim=optimiser_args(a))
                 log_metrics(parts, obj, history)
                 parts.save_dir(part, save_model(model, history))
                 parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))
@@ -148,7 +149,7 @@ class RefineStage(Stage):
             parts.write_jsonl("candidates.jsonl", rows)
             return {"enabled": False, "candidates": len(rows), "rewrites_kept": 0}
         templates = RefinePrompts.for_config(cfg.data.objectives, cfg.refine.review_template,
-                                             cfg.refine.rewrite_template)
+                                             cfg.refine.rewrite_template, cfg.refine.template)
         e = cfg.data.objectives.index(cfg.review_objective)
         w_e = one_hot(e, len(cfg.data.objectives))
         policies = decoder = None
@@ -180,19 +181,19 @@ class RefineStage(Stage):
         torch.manual_seed(cfg.seed + 1000 + wi)
         # The review turn is opened with a prefix the model continues, so the prompt is rendered here and
         # passed through the decoder untemplated.
-        review_in = [format_prompt(tok, templates.review_prompt(q, c["candidate"]), cfg.model.template) + REVIEW_PREFIX
-                     for q, c in zip(questions, group)]
+        review_in = [format_prompt(tok, templates.review_prompt(q, c["candidate"]), cfg.model.template)
+                     + templates.review_prefix for q, c in zip(questions, group)]
         self._check_fits(ctx, review_in, cfg.refine.review_max_new_tokens, "review")
         reviews = generate(ctx, decoder, review_in, w_e, template="none",
                            max_new_tokens=cfg.refine.review_max_new_tokens, batch_size=cfg.refine.batch_size,
                            desc=f"review w={w}")
-        reviews = [clean_generation(REVIEW_PREFIX + " " + r.lstrip()) for r in reviews]
+        reviews = [templates.review_text(r) for r in reviews]
         rewrite_in = [templates.rewrite_prompt(q, c["candidate"], r) for q, c, r in zip(questions, group, reviews)]
         self._check_fits(ctx, [format_prompt(tok, p, cfg.model.template) for p in rewrite_in],
                          cfg.refine.rewrite_max_new_tokens, "rewrite")
         rewrites = generate(ctx, decoder, rewrite_in, w, max_new_tokens=cfg.refine.rewrite_max_new_tokens,
                             batch_size=cfg.refine.batch_size, desc=f"rewrite w={w}")
-        rewrites = [clean_generation(r) for r in rewrites]
+        rewrites = [templates.clean(r) for r in rewrites]
         orig = [c["candidate"] for c in group]
         r = rewards(ctx, policies.reward_models(), policies.reference, questions + questions, orig + rewrites,
                     beta=cfg.filter.beta, max_length=cfg.filter.max_length, batch_size=cfg.filter.batch_size)
@@ -337,11 +338,13 @@ class FinetuneStage(Stage):
                 scratch = parts.work.parent / f"scratch-finetune-{obj}"
                 start, ref = self._start(ctx, src)
                 f = cfg.finetune
+                # select_best: the loss on the objective's stage-1 held-out pairs picks the checkpoint (Iterative_DPO.py)
+                held = preference_pairs(read_jsonl(inputs["align"] / "eval.jsonl"), obj) if f.select_best else None
                 model, history = train(
                     ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
                     epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, grad_accum=f.grad_accum,
-                    max_length=f.max_length, use_lora=cfg.align.use_lora, eval_pairs=None, select_best=False,
-                    eval_steps=None, scratch=scratch, ref=ref)
+                    max_length=f.max_length, use_lora=cfg.align.use_lora, eval_pairs=held, select_best=f.select_best,
+                    eval_steps=f.eval_steps, scratch=scratch, ref=ref, optim=optimiser_args(f))
                 log_metrics(parts, obj, history)
                 if cfg.align.use_lora:
                     parts.save_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))

@@ -1,12 +1,20 @@
-"""One-shot prompts of the refinement step (SIPO.md §3, stage 2.2), written for this project.
+"""One-shot prompts of the refinement step (SIPO.md §3, stage 2.2), as named template sets (``refine.template``).
 
 Review: "Question / Response / suggestions to make the response more <objective words>", answered by one
 policy (w_e one-hot). Rewrite: "Question / Response / Review", answered by MOD at the candidate's own w.
 
+- ``"default"``: written for this project (two short numbered suggestions, prefix "1."), with a helpful/harmless
+  or a factual one-shot example picked by the objectives; small models follow it.
+- ``"sipo-helpsteer"``: the authors' HelpSteer prompts (github.com/zyttt-coder/SIPO, scripts/SIPO/review.py and
+  rewrite.py), reproduced exactly: three suggestions to make the response "more correct and verbose", the answer
+  opened with "The response can be more correct and verbose by", one-shot examples on Mediterranean trade (review)
+  and dill (rewrite). Rendered with the beaver format ``BEGINNING OF CONVERSATION: USER: {prompt} ASSISTANT:``
+  (the helpsteer preset's ``model.template``) they give the authors' strings character for character.
+
 Each template is a plain body with ``{question}``, ``{response}`` (and ``{review}``) that becomes the *user*
 turn, so it goes through the model's prompt template like any other prompt (chat template or a format
-string). The review's assistant turn is opened with a short prefix that the model continues, which keeps
-small models on task; the prefix is not part of the stored review.
+string). The review's assistant turn is opened with the set's prefix, which the model continues; the stored
+review is prefix + continuation, cut at the set's stop markers (as the authors' ``split("Question:")[0]``).
 """
 from __future__ import annotations
 
@@ -51,6 +59,72 @@ _REWRITE_BODY = (
     "Revised response:"
 )
 REVIEW_PREFIX = "1."
+_DEFAULT_STOPS = ("\nQuestion:", "\nRevised response:", "\nReview:", "\nSuggestions:")
+
+# The authors' HelpSteer set (scripts/SIPO/review.py TEMPLATE, scripts/SIPO/rewrite.py PROMPT): their text, split
+# into its parts; the bodies below are their strings between "USER: " and the final " ASSISTANT:".
+_MED_QUESTION = (
+    "What is the history of shipping and trade in the Mediterranean region, and how has it changed"
+    " over time?"
+)
+_MED_RESPONSE = (
+    "The Mediterranean region has a long and rich history of shipping and trade, dating back to"
+    " ancient times. In the early days, the region was a hub of trade and commerce, with goods and"
+    " people traveling between different parts of the world. Over time, the region has undergone"
+    " significant changes, with the rise of new powers and the development of new technologies."
+    " Today, the Mediterranean region is still an important center of trade and commerce, with a"
+    " diverse range of goods and services being traded between different countries. However, the"
+    " region has also faced significant challenges in recent years, including political instability,"
+    " economic difficulties, and environmental degradation. These challenges have led to a decline in"
+    " shipping and trade in the region, but there are also efforts underway to revitalize the"
+    " region's economy and promote sustainable development."
+)
+_MED_REVIEW = (
+    "Add Specific Examples - Include simple examples of civilizations like the Greeks, Romans, or"
+    " Phoenicians to show their role in Mediterranean trade.\nExplain Key Changes Clearly - Break down"
+    " major changes in shipping technology and trade methods into clear, easy-to-understand"
+    " points.\nClarify Modern Challenges - Use straightforward language to describe current issues"
+    " such as political instability and environmental concerns affecting trade."
+)
+_DILL_QUESTION = (
+    "What is the most common use for dill in home cooking?"
+)
+_DILL_RESPONSE = (
+    "Dill is a versatile herb that can be used in a variety of dishes to add flavor and aroma. It is"
+    " commonly used in Indian, Middle Eastern, and Scandinavian cuisines, and is often used to flavor"
+    " soups, stews, and curries. Dill is also used to make pickles, sauces, and marinades, and is a"
+    " popular ingredient in many vegetarian and vegan dishes. In addition to its culinary uses, dill"
+    " is also known for its medicinal properties, and is often used to treat digestive issues,"
+    " respiratory problems, and skin conditions."
+)
+_DILL_REVIEW = (
+    "The response can be more correct and verbose by\nIncluding specific recipes that use dill as a"
+    " main ingredient or flavor enhancer.\nExplaining the history and cultural significance of dill in"
+    " different cuisines.\nDescribing the medicinal properties of dill and its use in traditional"
+    " medicine."
+)
+_DILL_REWRITE = (
+    "Dill is a versatile herb widely used in home cooking for its fresh, slightly tangy flavor and"
+    " aromatic qualities. One of its most common uses is in making pickles, where its distinct taste"
+    " enhances the brine. It is also frequently used in soups, stews, and sauces, such as the classic"
+    " Greek tzatziki, Scandinavian gravlax sauce, and Russian dill-infused borscht. In Middle Eastern"
+    " and Indian cuisines, dill is often added to rice dishes, curries, and yogurt-based dips.\nBeyond"
+    " its culinary applications, dill has a long history of use in traditional medicine. Ancient"
+    " Egyptians and Greeks valued it for its digestive benefits, and it has been used to alleviate"
+    " bloating, indigestion, and colic. Dill also contains compounds with antimicrobial and"
+    " anti-inflammatory properties, making it a natural remedy for respiratory and skin"
+    " conditions.\nOverall, dill's unique flavor and health benefits make it a staple in kitchens"
+    " worldwide, enhancing both traditional and contemporary dishes. "
+)
+_SIPO_REVIEW_ASK = "Generate three suggestions on how to make the response more correct and verbose."
+_SIPO_REVIEW_PREFIX = "The response can be more correct and verbose by\n"
+_SIPO_REWRITE_ASK = "Revise the 'Response' based on the 'Review' to improve its correctness and verbosity."
+_SIPO_REVIEW_BODY = (f"Question: {_MED_QUESTION}\nResponse: {_MED_RESPONSE}\n{_SIPO_REVIEW_ASK}\nASSISTANT:"
+                     f"{_SIPO_REVIEW_PREFIX}{_MED_REVIEW}\n\n\nQuestion: {{question}}\nResponse: {{response}}\n"
+                     f"{_SIPO_REVIEW_ASK}")
+_SIPO_REWRITE_BODY = (f"Question: {_DILL_QUESTION}\nResponse: {_DILL_RESPONSE}\nReview: {_DILL_REVIEW}\n"
+                      f"{_SIPO_REWRITE_ASK}\nASSISTANT:{_DILL_REWRITE}\n\n\nQuestion: {{question}}\n"
+                      f"Response: {{response}}\nReview: {{review}}\n{_SIPO_REWRITE_ASK}")
 
 
 def objective_words(objectives: list[str]) -> str:
@@ -75,21 +149,49 @@ def default_templates(objectives: list[str]) -> tuple[str, str]:
 
 @dataclass
 class RefinePrompts:
-    """The review and rewrite bodies in use (``{question}``, ``{response}``, ``{review}`` placeholders)."""
+    """The review and rewrite bodies in use (``{question}``, ``{response}``, ``{review}`` placeholders), the
+    prefix that opens the review's answer and the markers where a generation is cut."""
 
     review: str
     rewrite: str
+    review_prefix: str = REVIEW_PREFIX
+    stops: tuple[str, ...] = _DEFAULT_STOPS
 
     @classmethod
-    def for_config(cls, objectives: list[str], review: str | None, rewrite: str | None) -> "RefinePrompts":
-        d_review, d_rewrite = default_templates(objectives)
-        return cls(review or d_review, rewrite or d_rewrite)
+    def for_config(cls, objectives: list[str], review: str | None, rewrite: str | None,
+                   name: str = "default") -> "RefinePrompts":
+        """The named set (``refine.template``), with ``review``/``rewrite`` bodies replacing its own if given."""
+        if name not in REFINE_TEMPLATES:
+            raise ValueError(f"refine.template={name!r}: choose one of {', '.join(REFINE_TEMPLATES)}")
+        base = REFINE_TEMPLATES[name](objectives)
+        return cls(review or base.review, rewrite or base.rewrite, base.review_prefix, base.stops)
 
     def review_prompt(self, question: str, response: str) -> str:
         return _fill(self.review, question=question, response=response)
 
     def rewrite_prompt(self, question: str, response: str, review: str) -> str:
         return _fill(self.rewrite, question=question, response=response, review=review)
+
+    def review_text(self, generated: str) -> str:
+        """The stored review: the prefix the answer was opened with, its continuation, cut at a stop marker."""
+        sep = "" if self.review_prefix[-1:].isspace() else " "
+        return self.clean(self.review_prefix + sep + (generated.lstrip() if sep else generated))
+
+    def clean(self, text: str) -> str:
+        return clean_generation(text, self.stops)
+
+
+def _default_set(objectives: list[str]) -> RefinePrompts:
+    return RefinePrompts(*default_templates(objectives))
+
+
+def _sipo_helpsteer_set(objectives: list[str]) -> RefinePrompts:
+    # The authors' words are fixed ("correct and verbose"), whatever the objectives are called.
+    return RefinePrompts(_SIPO_REVIEW_BODY, _SIPO_REWRITE_BODY, _SIPO_REVIEW_PREFIX, ("Question:",))
+
+
+# refine.template names -> the set for the objectives.
+REFINE_TEMPLATES = {"default": _default_set, "sipo-helpsteer": _sipo_helpsteer_set}
 
 
 _PLACEHOLDER = re.compile(r"\{(question|response|review)\}")
@@ -101,9 +203,9 @@ def _fill(template: str, **values: str) -> str:
     return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), template)
 
 
-def clean_generation(text: str) -> str:
+def clean_generation(text: str, stops: tuple[str, ...] = _DEFAULT_STOPS) -> str:
     """Cut a generation where a small model starts a new example ("Question:", "Review:", ...) and strip it."""
-    for marker in ("\nQuestion:", "\nRevised response:", "\nReview:", "\nSuggestions:"):
+    for marker in stops:
         cut = text.find(marker)
         if cut >= 0:
             text = text[:cut]

@@ -1,5 +1,5 @@
 """Training-side building blocks: sequence log-likelihoods and implicit rewards through the fused log-prob op,
-the DPO / SIPO / MODPO losses, and TRL's DPOTrainer wired to both (stages 1 and 3 of SIPO.md §3).
+the DPO / SIPO / MODPO / DPO LW losses, and TRL's DPOTrainer wired to both (stages 1 and 3 of SIPO.md §3).
 
 The TRL-dependent names (``FusedDPOTrainer``, ``FusedDPOConfig``, ``train_preference``,
 ``build_preference_trainer``) load lazily: importing TRL takes seconds.
@@ -17,13 +17,13 @@ from sipo_fast.training.logprobs import (
     sequence_logprobs,
     sequence_logprobs_ref,
 )
-from sipo_fast.training.losses import dpo_loss, modpo_loss, sipo_loss
+from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 _LAZY = {name: "sipo_fast.training.trainer" for name in
          ("FusedDPOTrainer", "FusedDPOConfig", "train_preference", "build_preference_trainer", "LOSS_TYPES")}
 
 __all__ = ["sequence_logprobs", "sequence_logprobs_ref", "final_hidden_states", "lm_head_plan", "policy_logprobs",
-           "reference_logprobs", "implicit_rewards", "dpo_loss", "sipo_loss", "modpo_loss", *_LAZY]
+           "reference_logprobs", "implicit_rewards", "dpo_loss", "sipo_loss", "modpo_loss", "dpo_lw_loss", *_LAZY]
 
 
 def __getattr__(name: str):

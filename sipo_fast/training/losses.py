@@ -5,6 +5,7 @@ tensors of log π(y|x) = Σ over response tokens of log-probs (sums, not means),
     DPO   = -log σ(β (Δ_w - Δ_l))
     SIPO  = DPO - α · log π_θ(y_c|x) / |y_c|              (y_c is the chosen response; |y_c| its token count)
     MODPO = -log σ( (1/w_k) [ β (Δ_w - Δ_l) - w_{-k}ᵀ (r_φ(x, y_w) - r_φ(x, y_l)) ] )
+    DPO LW = Σ_i w_i · -log σ(s_i β (Δ_w - Δ_l)),   s_i = +1 if objective i prefers y_w, -1 if it prefers y_l
 """
 from __future__ import annotations
 
@@ -92,3 +93,26 @@ def modpo_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.T
     margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)
     reward_gap = (cm - rm).to(margin.dtype) @ w  # (B,)
     return _reduce(-F.logsigmoid((beta * margin - reward_gap) / weight), reduction)
+
+
+def dpo_lw_loss(policy_chosen_logps: torch.Tensor, policy_rejected_logps: torch.Tensor,
+                ref_chosen_logps: torch.Tensor, ref_rejected_logps: torch.Tensor, signs: torch.Tensor, *, weights,
+                beta: float = 0.1, reduction: str = "mean") -> torch.Tensor:
+    """DPO loss weighting (DPO LW, SIPO.md §4): the w-weighted sum of the objectives' DPO losses on one pair,
+    Σ_i w_i · -log σ(s_i · β (Δ_w - Δ_l)).
+
+    The pair's two responses are stored once, as (y_w, y_l) of a reference orientation (say objective 1's);
+    ``signs`` [B, N] holds s_i = +1 where objective i prefers y_w and -1 where it prefers y_l, i.e. objective i's
+    pair is the same pair flipped where it conflicts (the authors' DPOLWTrainer, src/trainer/dpolw_trainer.py,
+    with N = 2). ``weights``: N weights w_i >= 0.
+    """
+    _check(reduction, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    w = torch.as_tensor(weights, dtype=policy_chosen_logps.dtype, device=policy_chosen_logps.device).reshape(-1)
+    B = policy_chosen_logps.shape[0]
+    if signs.shape != (B, w.numel()):
+        raise ValueError(f"signs must be [B, N] = [{B}, {w.numel()}] (one column per weight), got {tuple(signs.shape)}")
+    if (w < 0).any():
+        raise ValueError(f"DPO LW weights must be >= 0, got {w.tolist()}")
+    margin = (policy_chosen_logps - ref_chosen_logps) - (policy_rejected_logps - ref_rejected_logps)  # (B,)
+    per_objective = -F.logsigmoid(signs.to(margin.dtype) * (beta * margin)[:, None])  # (B, N)
+    return _reduce(per_objective @ w, reduction)

@@ -10,7 +10,9 @@ What the subclass changes, and why:
         ``["sigmoid", "sft"]`` averages the NLL over all chosen tokens of the batch instead;
       - ``"modpo"``: SIPO.md §4, with margin rewards r_φ from the dataset columns
         ``chosen_margin_rewards`` / ``rejected_margin_rewards`` (a float or a list of N-1 floats per row),
-        weights ``modpo_weight`` (w_k) and ``modpo_margin_weights`` (w_{-k}).
+        weights ``modpo_weight`` (w_k) and ``modpo_margin_weights`` (w_{-k});
+      - ``"dpo_lw"``: Σ_i w_i · DPO_i on one pair (SIPO.md §4), with objective i's orientation from the dataset
+        column ``objective_signs`` (N values ±1 per row) and weights ``dpo_lw_weights``.
   * ``_prepare_dataset``: string prompts are tokenised with sipo_fast's convention (``prompt_template``, prompt
     and response tokenised separately, EOS appended; ``sipo_fast.data.formatting``), so training scores the
     same tokens as the decoder and the filter. TRL instead tokenises prompt+completion as one string and splits
@@ -37,11 +39,12 @@ from trl.trainer.utils import use_adapter
 
 from sipo_fast.data.formatting import encode_prompts
 from sipo_fast.training.logprobs import _is_peft, sequence_logprobs
-from sipo_fast.training.losses import dpo_loss, modpo_loss, sipo_loss
+from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 logger = logging.getLogger(__name__)
-LOSS_TYPES = ("sigmoid", "sipo", "modpo")
+LOSS_TYPES = ("sigmoid", "sipo", "modpo", "dpo_lw")
 MARGIN_COLUMNS = ("chosen_margin_rewards", "rejected_margin_rewards")
+SIGNS_COLUMN = "objective_signs"
 
 
 @dataclass
@@ -53,6 +56,7 @@ class FusedDPOConfig(DPOConfig):
         sipo_alpha: α of the SIPO loss (0.1 in the paper).
         modpo_weight: w_k > 0, weight of the trained objective (required for "modpo").
         modpo_margin_weights: w_{-k}, one weight per margin-reward column (required for "modpo").
+        dpo_lw_weights: w, one weight per objective (required for "dpo_lw").
         objective_names: names for the per-objective metrics: [trained objective, margin objectives...].
         prompt_template: "chat", "none" or a format string with ``{prompt}`` (``sipo_fast.data.formatting``).
         logprobs_chunk_size: rows per chunk of the fused log-prob op (None: automatic).
@@ -64,6 +68,7 @@ class FusedDPOConfig(DPOConfig):
     sipo_alpha: float = field(default=0.1, metadata={"help": "α of the SIPO loss: DPO + α·NLL(y_c)/|y_c|."})
     modpo_weight: float | None = field(default=None, metadata={"help": "MODPO: w_k of the trained objective."})
     modpo_margin_weights: list[float] | None = field(default=None, metadata={"help": "MODPO: w_{-k}."})
+    dpo_lw_weights: list[float] | None = field(default=None, metadata={"help": "DPO LW: one weight per objective."})
     objective_names: list[str] | None = field(default=None, metadata={"help": "Names for per-objective metrics."})
     prompt_template: str = field(default="chat", metadata={"help": "'chat', 'none' or a format string."})
     logprobs_chunk_size: int | None = field(default=None, metadata={"help": "Rows per fused log-prob chunk."})
@@ -87,10 +92,13 @@ class FusedDPOConfig(DPOConfig):
             if self.modpo_weight is None or not self.modpo_weight > 0 or not self.modpo_margin_weights:
                 raise ValueError("loss_type='modpo' needs modpo_weight > 0 (w_k) and modpo_margin_weights (w_-k, one "
                                  "per margin-reward column)")
+        if self.loss_type[0] == "dpo_lw" and (not self.dpo_lw_weights or min(self.dpo_lw_weights) < 0):
+            raise ValueError("loss_type='dpo_lw' needs dpo_lw_weights: one weight >= 0 per objective")
 
 
 class _PreferenceCollator(DataCollatorForPreference):
-    """TRL's preference collator, also stacking the margin-reward columns into [B, N-1] float tensors."""
+    """TRL's preference collator, also stacking the margin-reward columns into [B, N-1] float tensors and the
+    DPO LW signs into a [B, N] tensor."""
 
     def torch_call(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
         out = super().torch_call(examples)
@@ -98,6 +106,8 @@ class _PreferenceCollator(DataCollatorForPreference):
             if col in examples[0]:
                 rows = [e[col] if isinstance(e[col], (list, tuple)) else [e[col]] for e in examples]
                 out[col] = torch.tensor(rows, dtype=torch.float32)  # (B, N-1)
+        if SIGNS_COLUMN in examples[0]:
+            out[SIGNS_COLUMN] = torch.tensor([e[SIGNS_COLUMN] for e in examples], dtype=torch.float32)  # (B, N)
         return out
 
 
@@ -153,7 +163,7 @@ class FusedDPOTrainer(DPOTrainer):
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
         if not self._is_vision_dataset:
-            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *MARGIN_COLUMNS]))
+            self._signature_columns = list(dict.fromkeys([*self._signature_columns, *MARGIN_COLUMNS, SIGNS_COLUMN]))
 
     # ---- log-probs --------------------------------------------------------------------------------------------
     def _logps(self, model, inputs) -> torch.Tensor:
@@ -194,6 +204,12 @@ class FusedDPOTrainer(DPOTrainer):
             self._log_mean(mode, "loss/dpo", dpo_loss(chosen_logps.detach(), rejected_logps.detach(), ref_chosen,
                                                       ref_rejected, beta=self.beta, reduction="none"))
             self._log_mean(mode, "nll/chosen", -chosen_logps.detach() / chosen_len.clamp(min=1))
+        elif loss_type == "dpo_lw":
+            if SIGNS_COLUMN not in inputs:
+                raise ValueError(f"loss_type='dpo_lw' needs the dataset column {SIGNS_COLUMN!r} (per row, +1/-1 for "
+                                 "each objective: does it prefer the chosen response?)")
+            loss = dpo_lw_loss(chosen_logps, rejected_logps, ref_chosen, ref_rejected, inputs[SIGNS_COLUMN],
+                               weights=args.dpo_lw_weights, beta=self.beta)
         else:
             if not all(c in inputs for c in MARGIN_COLUMNS):
                 raise ValueError(f"loss_type='modpo' needs dataset columns {MARGIN_COLUMNS} (margin rewards r_φ of "
@@ -257,6 +273,7 @@ def build_preference_trainer(model, ref_model, dataset, tokenizer, *, loss_type:
                              max_length: int = 512, lora_config=None, output_dir: str, template: str = "chat",
                              eval_dataset=None, seed: int = 0, modpo_weight: float | None = None,
                              modpo_margin_weights: list[float] | None = None, objective_names: list[str] | None = None,
+                             dpo_lw_weights: list[float] | None = None,
                              gradient_checkpointing: bool = False, logging_steps: int = 10, **config_overrides
                              ) -> FusedDPOTrainer:
     """Build a :class:`FusedDPOTrainer` for one preference run (see :func:`train_preference` for the arguments).
@@ -273,7 +290,7 @@ def build_preference_trainer(model, ref_model, dataset, tokenizer, *, loss_type:
     cfg = dict(output_dir=output_dir, learning_rate=lr, num_train_epochs=epochs, per_device_train_batch_size=batch_size,
                per_device_eval_batch_size=batch_size, beta=beta, loss_type=[loss_type], sipo_alpha=alpha,
                max_length=max_length, seed=seed, prompt_template=template, modpo_weight=modpo_weight,
-               modpo_margin_weights=modpo_margin_weights, objective_names=objective_names,
+               modpo_margin_weights=modpo_margin_weights, objective_names=objective_names, dpo_lw_weights=dpo_lw_weights,
                gradient_checkpointing=gradient_checkpointing, logging_steps=logging_steps,
                # Train in the model's own dtype: TRL's default bf16 autocast would change the numbers on CPU.
                bf16=False, fp16=False, report_to="none", disable_tqdm=False,
@@ -299,8 +316,9 @@ def train_preference(model, ref_model, dataset, tokenizer, *, loss_type: str = "
             copy of ``model`` otherwise.
         dataset: rows with ``prompt`` (raw user text; rendered with ``template``), ``chosen``, ``rejected`` and,
             for MODPO, ``chosen_margin_rewards`` / ``rejected_margin_rewards``. A ``Dataset``, dict or list.
-        loss_type: "sigmoid" (DPO, stage 1), "sipo" (stage 3; ``alpha`` weighs the NLL term) or "modpo"
-            (pass ``modpo_weight`` and ``modpo_margin_weights``).
+        loss_type: "sigmoid" (DPO, stage 1), "sipo" (stage 3; ``alpha`` weighs the NLL term), "modpo"
+            (pass ``modpo_weight`` and ``modpo_margin_weights``) or "dpo_lw" (pass ``dpo_lw_weights``; rows carry
+            ``objective_signs``).
         lora_config: a ``peft.LoraConfig`` (stage 1 uses r=64, lora_alpha=1, q/k/v/o) or None for full training.
         eval_dataset: if given, evaluated each epoch and the best eval-loss checkpoint is loaded at the end.
         kwargs: ``modpo_weight``, ``modpo_margin_weights``, ``objective_names``, ``gradient_checkpointing``,
