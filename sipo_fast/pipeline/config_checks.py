@@ -11,6 +11,9 @@ against its annotation before a section's own rules run (``check_types``):
 """
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import fields
+
 import math
 from dataclasses import fields
 
@@ -105,3 +108,37 @@ def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[f
                              f"entries must sum to 1")
         out.append([max(0.0, x) for x in vec])
     return out
+
+
+# Class name -> section name ("AlignConfig" -> "align"), filled by config.py; error messages name the section.
+SECTION_NAMES: dict[str, str] = {}
+
+
+class Section:
+    """Shared dict conversion for the section dataclasses (strict about unknown keys), and type checks: every
+    section's ``__post_init__`` is wrapped so that the fields are checked against their annotations first
+    (``config_checks.check_types``), whether the section comes from YAML, an override or Python."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        own = cls.__dict__.get("__post_init__")
+
+        def __post_init__(self):
+            check_types(self, SECTION_NAMES.get(type(self).__name__, type(self).__name__))
+            if own is not None:
+                own(self)
+        cls.__post_init__ = __post_init__
+
+    @classmethod
+    def from_dict(cls, data: dict | None, where: str):
+        if data is not None and not isinstance(data, dict):
+            raise ValueError(f"section '{where}' must be a mapping of keys to values, got {data!r}")
+        data = dict(data or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown key(s) {unknown} in section '{where}'; valid keys: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
