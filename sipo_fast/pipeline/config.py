@@ -1,8 +1,9 @@
 """Pipeline configuration: one dataclass per stage, composed into :class:`PipelineConfig`.
 
 Every field is documented once (the model and data sections here, the stage sections in config_stages.py)
-and validated in ``__post_init__`` with a message that says what to do. YAML files under ``configs/`` mirror these dataclasses key for key; ``PipelineConfig.from_dict`` rejects
-unknown keys so a typo in a YAML file fails loudly instead of being ignored.
+and validated in ``__post_init__`` with a message that says what to do. YAML files under ``configs/`` mirror
+these dataclasses key for key; ``PipelineConfig.from_dict`` rejects unknown keys so a typo in a YAML file
+fails loudly instead of being ignored.
 
 Weights: a weight vector w lies on the simplex (w_i >= 0, sum w_i = 1), one entry per objective. For two
 objectives a bare number w is shorthand for [w, 1 - w]; for N > 2 objectives give explicit vectors.
