@@ -39,24 +39,37 @@ def _bad_utf8(raw: bytes, path: Path, line: int) -> str | None:
                 "as UTF-8")
 
 
+class _Problems:
+    """The first MAX_REPORTED problem lines of a file, and how many there were in all."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+        self.total = 0
+
+    def add(self, why: str | None) -> None:
+        if why:
+            self.total += 1
+            if len(self.lines) < MAX_REPORTED:
+                self.lines.append(why)
+
+    def raise_any(self) -> None:
+        if self.lines:
+            raise DataError(self.lines, self.total)
+
+
 def check_utf8(path: Path) -> None:
     """Raise :class:`DataError` naming the lines of a text file that are not UTF-8."""
-    problems, total = [], 0
+    problems = _Problems()
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, start=1):
-            why = _bad_utf8(raw, path, i)
-            if why:
-                total += 1
-                if len(problems) < MAX_REPORTED:
-                    problems.append(why)
-    if problems:
-        raise DataError(problems, total)
+            problems.add(_bad_utf8(raw, path, i))
+    problems.raise_any()
 
 
 def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
     """(line number, row) for every non-blank line of a JSON-lines file; :class:`DataError` naming each line
     that is not UTF-8, not JSON, or not a JSON object."""
-    rows, problems, total = [], [], 0
+    rows, problems = [], _Problems()
     with open(path, "rb") as fh:
         for i, raw in enumerate(fh, start=1):
             why = _bad_utf8(raw, path, i)
@@ -70,12 +83,8 @@ def read_jsonl_rows(path: Path) -> list[tuple[int, dict]]:
                         rows.append((i, row))
                     else:
                         why = f"{path}:{i}: a row must be a JSON object, got {type(row).__name__}"
-            if why:
-                total += 1
-                if len(problems) < MAX_REPORTED:
-                    problems.append(why)
-    if problems:
-        raise DataError(problems, total)
+            problems.add(why)
+    problems.raise_any()
     return rows
 
 
@@ -99,13 +108,9 @@ def _cell_problem(row: dict, column: str, *, index: bool) -> str | None:
 def check_rows(rows, where, pref_columns: list[str]) -> None:
     """Check every row's text and preference cells; ``where(i)`` names row ``i`` (``file:line`` or ``row i``).
     Raises :class:`DataError` listing the first problems."""
-    problems, total = [], 0
+    problems = _Problems()
     for i, row in enumerate(rows):
         for col in (*TEXT_COLUMNS, *pref_columns):
             why = _cell_problem(row, col, index=col in pref_columns)
-            if why:
-                total += 1
-                if len(problems) < MAX_REPORTED:
-                    problems.append(f"{where(i)}: {why}")
-    if problems:
-        raise DataError(problems, total)
+            problems.add(f"{where(i)}: {why}" if why else None)
+    problems.raise_any()
