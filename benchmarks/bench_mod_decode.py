@@ -58,7 +58,6 @@ PROMPTS = [
     "Suggest a cheap, healthy dinner for two.",
 ]
 W = [0.2, 0.4, 0.6, 0.8]
-_MODEL: list = []  # the loaded base model (its forward's signature names the cache keyword)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -70,10 +69,8 @@ def _policies(kind: str, dtype: torch.dtype):
     if kind == "tiny":  # host overhead: 2 layers, hidden 64, the full 49152-token vocabulary
         tok = load_tokenizer()
         models = [tiny("llama", tokenizer=tok, seed=i, tie_word_embeddings=False)[0].to(dtype) for i in range(2)]
-        _MODEL[:] = models[:1]
         return models, [lambda m=m, **kw: m(**kw) for m in models], tok
     base, tok = load_default()
-    _MODEL[:] = [base]
     torch.manual_seed(0)  # PEFT draws lora_A from the global RNG: every variant's process must get the same policies
     g = torch.Generator().manual_seed(0)
     if kind == "models":
@@ -118,22 +115,22 @@ def _rows(tok, num_prompts: int):
     return ids.repeat_interleave(rep, 0), mask.repeat_interleave(rep, 0), w
 
 
-def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
-    """(b): batched, one HF forward per policy per step with its own DynamicCache, log_softmax mixing."""
+def naive_generate(fwds, ids, mask, w, max_new_tokens, eos, cache_key):
+    """(b): batched, one HF forward per policy per step with its own DynamicCache, log_softmax mixing.
+    ``cache_key``: the forward's cache keyword (``sipo_fast.kv.hf.cache_kwarg``); any device.
+    Returns (tokens [B, max_new_tokens], generated lengths [B])."""
     from transformers import DynamicCache
 
-    from sipo_fast.kv.hf import cache_kwarg
-
-    b = ids.shape[0]
-    key = cache_kwarg(_MODEL[0])  # `cache` or `past_key_values`, by transformers version
+    b, dev = ids.shape[0], ids.device
     caches = [DynamicCache() for _ in fwds]
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     x, m = ids, mask
-    done = torch.zeros(b, dtype=torch.bool)
-    new = torch.full((b, max_new_tokens), eos, dtype=torch.long)
-    lengths = torch.zeros(b, dtype=torch.long)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    new = torch.full((b, max_new_tokens), eos, dtype=torch.long, device=dev)
+    lengths = torch.zeros(b, dtype=torch.long, device=dev)
     for t in range(max_new_tokens):
-        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1, **{key: c})
+        logps = [f(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
+                   **{cache_key: c})
                  .logits[:, -1].float().log_softmax(-1) for f, c in zip(fwds, caches)]
         mix = sum(w[:, i:i + 1] * lp for i, lp in enumerate(logps))
         tok = mix.argmax(-1)
@@ -143,30 +140,28 @@ def _naive_generate(fwds, ids, mask, w, max_new_tokens, eos):
         if done.all():
             break
         x, pos = tok[:, None], pos[:, -1:] + 1
-        m = torch.cat([m, torch.ones(b, 1, dtype=m.dtype)], 1)
+        m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
     return new, lengths
 
 
-def _authors_generate(fwds, ids, mask, w, max_new_tokens, eos):
-    """(a): one row at a time, one forward per policy per token, a cache per policy."""
+def authors_generate(fwds, ids, mask, w, max_new_tokens, eos, cache_key):
+    """(a): one row at a time, one forward per policy per token, a cache per policy.
+    Returns (token lists, total tokens generated)."""
     from transformers import DynamicCache
 
-    from sipo_fast.kv.hf import cache_kwarg
-
-    key = cache_kwarg(_MODEL[0])
     outs, total = [], 0
     for r in range(ids.shape[0]):
         x = ids[r:r + 1, mask[r].bool()]  # the row without padding
         caches = [DynamicCache() for _ in fwds]
         toks = []
         for _ in range(max_new_tokens):
-            logps = [f(input_ids=x, use_cache=True, **{key: c}).logits[:, -1].float().log_softmax(-1)
+            logps = [f(input_ids=x, use_cache=True, **{cache_key: c}).logits[:, -1].float().log_softmax(-1)
                      for f, c in zip(fwds, caches)]
             tok = int(sum(w[r, i] * lp for i, lp in enumerate(logps)).argmax(-1))
             toks.append(tok)
             if tok == eos:
                 break
-            x = torch.tensor([[tok]])
+            x = torch.tensor([[tok]], device=ids.device)
         outs.append(toks)
         total += len(toks)
     return outs, total
@@ -176,21 +171,23 @@ def _prepare(variant: str, policies: str, dtype: str, num_prompts: int, max_new_
              authors_rows: int, authors_tokens: int):
     """Load one variant and warm it up; return ``run() -> dict`` (one full generation) and a summary hook."""
     from sipo_fast import MODDecoder
+    from sipo_fast.kv.hf import cache_kwarg
 
     torch.set_num_threads(2)
     pol, fwds, tok = _policies(policies, DTYPES[dtype])
     ids, mask, w = _rows(tok, num_prompts)
     eos = tok.eos_token_id
+    key = cache_kwarg(pol[0] if isinstance(pol, list) else pol)  # `cache` or `past_key_values`, by version
     if variant == "authors":
         pick = slice(0, authors_rows * len(W), len(W))  # one row per prompt, at w = W[0]
         ids, mask, w = ids[pick], mask[pick], w[pick]
-        _authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos)
-        return lambda: {"tokens": _authors_generate(fwds, ids, mask, w, authors_tokens, eos)[1]}
+        authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos, key)
+        return lambda: {"tokens": authors_generate(fwds, ids, mask, w, authors_tokens, eos, key)[1]}
     if variant == "naive":
-        _naive_generate(fwds, ids, mask, w, 2, eos)
+        naive_generate(fwds, ids, mask, w, 2, eos, key)
 
         def run_naive():
-            new, lengths = _naive_generate(fwds, ids, mask, w, max_new_tokens, eos)
+            new, lengths = naive_generate(fwds, ids, mask, w, max_new_tokens, eos, key)
             return {"tokens": int(lengths.sum()), "rows": new.tolist()}
         return run_naive
     kw = dict(dedupe=variant != "mod-nodedupe", lora_impl="peft" if variant == "mod-peftmix" else "bmm",

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_mod_decode import authors_generate, naive_generate  # noqa: E402
 from harness import markdown_table, record  # noqa: E402
 
 W = [0.2, 0.4, 0.6, 0.8]
@@ -119,43 +120,6 @@ def rows(vocab: int, prompts: int = 16, seed: int = 0):
     return (ids.repeat_interleave(len(W), 0).to(DEVICE), mask.repeat_interleave(len(W), 0).to(DEVICE), w.to(DEVICE))
 
 
-def naive(fwds, ids, mask, w, new):
-    """All rows, one HF forward per policy per step with a DynamicCache each, log_softmax mixing."""
-    from transformers import DynamicCache
-
-    caches = [DynamicCache() for _ in fwds]
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    x, m, out = ids, mask, []
-    for _ in range(new):
-        lps = [f(input_ids=x, attention_mask=m, position_ids=pos, use_cache=True, logits_to_keep=1,
-                 **{_CACHE_KW: c}).logits[:, -1].float().log_softmax(-1) for f, c in zip(fwds, caches)]
-        tok = sum(w[:, i:i + 1] * lp for i, lp in enumerate(lps)).argmax(-1)
-        out.append(tok)
-        x, pos = tok[:, None], pos[:, -1:] + 1
-        m = torch.cat([m, torch.ones_like(m[:, :1])], 1)
-    return torch.stack(out, 1)
-
-
-def authors(fwds, ids, mask, w, rows_, new):
-    """Batch 1, one forward per policy per token; returns tokens generated."""
-    from transformers import DynamicCache
-
-    total = 0
-    for r in range(rows_):
-        x = ids[r:r + 1, mask[r].bool()]
-        caches = [DynamicCache() for _ in fwds]
-        for _ in range(new):
-            lps = [f(input_ids=x, use_cache=True, **{_CACHE_KW: c}).logits[:, -1].float().log_softmax(-1)
-                   for f, c in zip(fwds, caches)]
-            tok = int(sum(w[r, i] * lp for i, lp in enumerate(lps)).argmax(-1))
-            x = torch.tensor([[tok]], device=ids.device)
-            total += 1
-    return total
-
-
-_CACHE_KW = "past_key_values"
-
-
 def timed(fn, repeat):
     best = float("inf")
     for _ in range(repeat):
@@ -168,12 +132,11 @@ def timed(fn, repeat):
 
 
 def bench_shape(shape: str, new: int, repeat: int, bw: float, authors_tokens: int) -> list[dict]:
-    global _CACHE_KW
     from sipo_fast import MODDecoder
     from sipo_fast.kv.hf import cache_kwarg
 
     pol, fwds, wbytes, kv_token = build(shape)
-    _CACHE_KW = cache_kwarg(pol if not isinstance(pol, list) else pol[0])
+    key = cache_kwarg(pol if not isinstance(pol, list) else pol[0])  # `cache` or `past_key_values`
     ids, mask, w = rows(SHAPES[shape]["vocab_size"])
     b, t = ids.shape
     ctx = t + new / 2  # mean columns attention reads per row (left padding included, as the kernels do)
@@ -182,13 +145,15 @@ def bench_shape(shape: str, new: int, repeat: int, bw: float, authors_tokens: in
     bound_wkv = (wbytes + n_kv * b * ctx * kv_token) / bw * 1e3
     res, toks = [], {}
     with torch.inference_mode():
-        tok_s = authors_tokens / timed(lambda: authors(fwds, ids, mask, w, 1, authors_tokens), 1)[0]
+        # EOS -1: no token ends a row, so every variant generates exactly `new` tokens per row
+        tok_s = authors_tokens / timed(lambda: authors_generate(fwds, ids[:1], mask[:1], w[:1], authors_tokens, -1,
+                                                                key), 1)[0]
         res.append({"shape": shape, "variant": "authors (batch 1)", "tok/s": tok_s, "× authors": 1.0,
                     "ms/step": 1e3 / tok_s, "× naive": "", "÷ weights bound": "", "÷ weights+KV bound": ""})
         decs = {"dynamic": MODDecoder(pol, kv_cache="dynamic"),
                 "static": MODDecoder(pol, kv_cache="static", cuda_graph=False),
                 "captured": MODDecoder(pol, kv_cache="auto")}
-        runs = {"naive": lambda n: naive(fwds, ids, mask, w, n)}
+        runs = {"naive": lambda n: naive_generate(fwds, ids, mask, w, n, -1, key)[0]}
         for k, d in decs.items():
             runs[k] = lambda n, d=d: d.generate(ids, mask, weights=w, max_new_tokens=n, eos_token_id=[]).generated
         for k, f in runs.items():

@@ -8,11 +8,6 @@ namespace py = pybind11;
 
 static py::dict build_info() {
   py::dict info;
-#ifdef SIPO_FAST_WITH_CUDA
-  info["cuda"] = true;
-#else
-  info["cuda"] = false;
-#endif
   info["openmp_max_threads"] = omp_get_max_threads();
   info["compiler"] = __VERSION__;
   return info;

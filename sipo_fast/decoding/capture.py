@@ -136,6 +136,10 @@ class CapturedDecoding:
         self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         self.stats = {"captures": 0, "replays": 0}
 
+    @property
+    def num_policies(self) -> int:
+        return self.policies.num_policies
+
     def _bucket(self, rows: int, width: int, sampling: dict, num_eos: int) -> CapturedStep:
         r = bucket(rows) if self.pad_rows else rows
         if self.policies.allocate(r, width):
@@ -154,7 +158,6 @@ class CapturedDecoding:
                                   "running the same step eagerly", RuntimeWarning, stacklevel=2)
                     st.graph, self.capture = None, False
                     torch.cuda.synchronize()
-            self.steps = {k: v for k, v in self.steps.items() if k[0] == r}  # one cache size at a time
             self.steps[key] = st
         return self.steps[key]
 

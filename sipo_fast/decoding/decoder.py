@@ -79,6 +79,7 @@ class MODDecoder:
 
         device = next(models[0].parameters()).device
         self._requested_kv = kv_cache
+        self._static_ran = False  # a captured step that ran once is trusted: later failures raise
         self.kv_cache = resolve_kv_cache(kv_cache, models[0], device)
         if self.adapter_names is not None:
             from sipo_fast.decoding.lora import check_adapters
@@ -90,7 +91,7 @@ class MODDecoder:
         self._runner_options = dict(lora_impl=lora_impl, block_size=kv_block_size, cuda_graph=cuda_graph,
                                     check_every=check_every)
         self.runner = self._build_runner(self.kv_cache)
-        self.num_policies = (self.runner.policies if self.kv_cache == "static" else self.runner).num_policies
+        self.num_policies = self.runner.num_policies
         self.dtype = self.models[0].dtype
         self.device = next(self.models[0].parameters()).device
         self.vocab_size = output_vocab_size(self.models[0] if self.adapter_names is None
@@ -118,14 +119,14 @@ class MODDecoder:
     def _static_failed(self, exc: Exception) -> bool:
         """With kv_cache="auto", a captured step that fails on its first call (an untested GPU, driver or
         library) gives way to the next path, once, with a warning; True if it did."""
-        if self._requested_kv != "auto" or getattr(self, "_static_ran", False):
+        if self._requested_kv != "auto" or self._static_ran:
             return False
         import warnings
 
-        from sipo_fast.decoding.paths import AUTO_ORDER, problem
+        from sipo_fast.decoding.paths import fallback_after
 
         base = self.models[0].get_base_model() if self.adapter_names is not None else self.models[0]
-        nxt = next((p for p in AUTO_ORDER["cpu"] if problem(p, base) is None), "dynamic")
+        nxt = fallback_after("static", base, self.device)
         warnings.warn(f"MODDecoder(kv_cache='auto'): the captured decode step failed on its first call "
                       f"({type(exc).__name__}: {exc}); using the {nxt!r} path instead", RuntimeWarning, stacklevel=4)
         self.kv_cache, self.runner = nxt, self._build_runner(nxt)

@@ -37,6 +37,16 @@ def problem(path: str, model) -> str | None:
     return None
 
 
+def _order(device) -> tuple:
+    return AUTO_ORDER["cuda" if getattr(device, "type", str(device)) == "cuda" else "cpu"]
+
+
+def fallback_after(path: str, model, device) -> str:
+    """The path ``"auto"`` would take on ``device`` if ``path`` were unavailable (used when the captured step
+    fails at run time; no warning here, the caller says why)."""
+    return next((p for p in _order(device) if p != path and problem(p, model) is None), "dynamic")
+
+
 def resolve_kv_cache(kv_cache: str, model, device) -> str:
     """The path to use for ``kv_cache`` on ``device`` (see the module docstring)."""
     if kv_cache not in KV_CACHES:
@@ -46,8 +56,7 @@ def resolve_kv_cache(kv_cache: str, model, device) -> str:
         if why:
             raise ValueError(f"kv_cache={kv_cache!r} cannot be used: {why}; use kv_cache='auto' or 'dynamic'")
         return kv_cache
-    order = AUTO_ORDER["cuda" if getattr(device, "type", str(device)) == "cuda" else "cpu"]
-    for path in order:
+    for path in _order(device):
         why = problem(path, model)
         if why is None:
             return path

@@ -23,15 +23,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sipo_fast.ops.backend import pick_backend
+
 BACKENDS = (None, "auto", "torch", "triton", "ref")
 
 
 def _pick(backend, x: torch.Tensor) -> str:
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend in (None, "auto"):
-        return "triton" if x.is_cuda else "torch"
-    return backend
+    return pick_backend(backend, x, BACKENDS)
 
 
 # ------------------------------------------------------------------------------------------------ norms

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import torch
 
+from sipo_fast.ops.backend import pick_backend
+
 _BACKENDS = (None, "auto", "torch", "triton", "ref")
 WEIGHT_TOL = 1e-6
 
@@ -95,11 +97,7 @@ def _check_inputs(logits: torch.Tensor, weights, temperature=1.0, top_k=0, top_p
 
 
 def _pick_backend(backend, logits: torch.Tensor) -> str:
-    if backend not in _BACKENDS:
-        raise ValueError(f"backend must be one of None, 'torch', 'triton', 'ref'; got {backend!r}")
-    if backend in (None, "auto"):
-        return "triton" if logits.is_cuda else "torch"
-    return backend
+    return pick_backend(backend, logits, _BACKENDS)
 
 
 # ----------------------------------------------------------------------------------------- references
