@@ -8,7 +8,7 @@ Three pipelines, all training their policies the way the preset says (LoRA shape
    wall and CPU seconds of each stage (align, sample, refine, filter, finetune) from ``<stage>/logs/timing.json``.
 2. **MODPO as the paper trains it**, measured: the stage-1 DPO of the margin objective (the second objective's
    policy supplies the margin reward; its time is its share of the align stage, by the trainer's own
-   ``train_runtime``), then one MODPO run per weight w in W (``sipo_fast.eval.train_modpo``, first objective
+   ``train_runtime``), then one MODPO run per weight w in W (``sipo_fast.pipeline.trained.train_modpo``, first objective
    trained, margins scored once), each timed.
 3. **The authors' SIPO pipeline, projected** from rates measured here: training as in (1) (their trainer is
    TRL's DPOTrainer without fused log-probs, so this is generous to them); sampling at the rate of their
@@ -74,7 +74,7 @@ def objective_share(run_dir: Path, objective: str) -> float:
 # ------------------------------------------------------------------------------------------------ 2. MODPO
 def run_modpo(config, run_dir: Path, progress: bool) -> list[tuple[str, float, float]]:
     """(weight, wall s, CPU s) of one MODPO run per weight in W on the SIPO run's stage-1 split and policies."""
-    from sipo_fast.eval import train_modpo
+    from sipo_fast.pipeline.trained import train_modpo
     from sipo_fast.pipeline.context import Context
     from sipo_fast.pipeline.rundir import RunDir
 

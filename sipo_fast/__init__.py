@@ -1,8 +1,9 @@
 """sipo_fast: the SIPO multi-objective alignment pipeline, made fast.
 
-Layers (imports point one way): ``sipo_fast.kernels`` (Triton) and ``sipo_fast._C`` (C++) know nothing
-of the pipeline; ``sipo_fast.ops`` wraps them with references and dispatch; decoding, scoring and
-training build on ops; ``sipo_fast.pipeline`` builds on those; ``sipo_fast.cli`` is the thinnest layer.
+Layers (imports point one way, checked by tests/test_layers.py): ``kernels`` (Triton) < ``sipo_fast._ext`` (the
+C++ extension) < ``ops`` (references and dispatch) < ``data``, ``models``, ``scoring``, ``merging``,
+``distributed`` < ``kv`` (the paged cache) < ``decoding`` < ``training`` < ``eval`` (sweeps, fronts, report over
+given policies) < ``pipeline`` (stages, run directories, the comparison with baselines) < ``cli``.
 Heavy submodules load lazily so ``import sipo_fast`` stays fast.
 """
 from __future__ import annotations
@@ -12,13 +13,14 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = {"models", "data", "ops", "kernels", "scoring", "decoding", "kv", "training", "pipeline", "eval",
-               "env_report"}
+               "env_report", "distributed", "merging", "cli"}
 # public name -> module that defines it
 _EXPORTS = {
     "MODDecoder": "sipo_fast.decoding",
     "sequence_logprobs": "sipo_fast.training",
     "implicit_rewards": "sipo_fast.training",
     "SIPOPipeline": "sipo_fast.pipeline",
+    "evaluate_run": "sipo_fast.pipeline",
 }
 
 

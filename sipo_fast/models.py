@@ -128,3 +128,61 @@ def tiny(arch: str = "llama", *, hidden_size: int = 64, num_layers: int = 2, num
         torch.manual_seed(seed)
         model = cls(config)
     return model.to(dtype).eval(), tok
+
+
+# ---------------------------------------------------------------------------------------------- by name
+def auto_dtype(device: torch.device) -> torch.dtype:
+    """The dtype ``auto`` means: bfloat16 on a GPU that supports it, float32 otherwise."""
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+
+
+def tokenizer_for(name: str, *, trust_remote_code: bool = False):
+    """The tokenizer of a model name as the pipeline's ``model.name`` reads it: ``default`` and ``tiny[:arch]``
+    (the embedded SmolLM2 tokenizer) or a Hugging Face name/path; given a pad token (EOS) when it has none."""
+    if name == "default" or name.startswith("tiny"):
+        tok = load_tokenizer()
+    else:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # batched scoring/generation need a pad id; EOS is what SmolLM2 uses
+    return tok
+
+
+def load_base(name: str, *, dtype: torch.dtype, device: str | torch.device, tokenizer,
+              trust_remote_code: bool = False):
+    """A fresh copy of the base model ``name`` (``default``, ``tiny[:arch]`` or a Hugging Face name/path) on
+    ``device`` in ``dtype``, in eval mode, its generation config given the tokenizer's pad id."""
+    if name == "default":
+        model, _ = load_default(dtype=dtype, device=device)
+    elif name == "tiny" or name.startswith("tiny:"):
+        model, _ = tiny(name.partition(":")[2] or "llama", dtype=dtype, tokenizer=tokenizer)
+        model = model.to(device)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model.to(device)
+    if model.generation_config.pad_token_id is None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model.eval()
+
+
+def load_adapters(base, paths, names):
+    """One PEFT model holding a LoRA adapter per path under the given names, in eval mode (the N policies of
+    MOD decoding share one base)."""
+    from peft import PeftModel
+
+    paths, names = list(paths), list(names)
+    model = PeftModel.from_pretrained(base, paths[0], adapter_name=names[0])
+    for name, path in zip(names[1:], paths[1:]):
+        model.load_adapter(path, adapter_name=name)
+    return model.eval()
+
+
+def load_full_models(paths, *, dtype: torch.dtype, device: str | torch.device) -> list:
+    """Full (non-LoRA) policies saved with ``save_pretrained``, on ``device`` in ``dtype``, in eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    return [AutoModelForCausalLM.from_pretrained(p, dtype=dtype).to(device).eval() for p in paths]

@@ -28,7 +28,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sipo_fast.pipeline.distributed import Dist, batched, generate_text
+from sipo_fast.distributed import Dist, batched, generate_text
 
 PROMPTS = ["How do I fix a flat tyre?", "Tell me a joke", "hi", "What is the capital of France?",
            "Write a haiku about rain", "Is it safe to eat raw eggs?", "Name three prime numbers"]
@@ -155,7 +155,7 @@ def test_a_launched_process_tears_its_process_group_down_at_exit(tmp_path, monke
     destroys a live group (one rank, gloo, file store) and does nothing once none is left."""
     import accelerate
 
-    from sipo_fast.pipeline import distributed
+    from sipo_fast import distributed
 
     class State:  # accelerate's PartialState as seen by rank 1 of 2 on CPU (no process group needed here)
         def __init__(self, cpu):
@@ -358,7 +358,7 @@ import json, sys
 from pathlib import Path
 from sipo_fast.pipeline import preset
 from sipo_fast.pipeline.context import Context
-from sipo_fast.pipeline.distributed import current
+from sipo_fast.distributed import current
 from sipo_fast.pipeline.policies import preference_pairs, train
 from sipo_fast.pipeline.rundir import RunDir
 dist, out = current(), Path(sys.argv[1])

@@ -76,7 +76,7 @@ def test_non_utf8_and_broken_json_lines_are_named(tmp_path):
 
 def test_every_problem_at_once_one_line_each(tmp_path, monkeypatch):
     """A wrong LoRA module name, a missing scorer model, a launcher typo and a full disk: all four, one line each."""
-    from sipo_fast.pipeline import distributed
+    from sipo_fast import distributed
 
     monkeypatch.setattr(distributed, "_CURRENT", distributed.Dist())  # the process itself stays single
     monkeypatch.setenv("WORLD_SIZE", "two")

@@ -221,7 +221,7 @@ class MODDecoder:
         ``sampling_kwargs`` go to :meth:`generate` (do_sample, temperature, top_k, top_p, seed, ...).
         ``shard=(rank, world)`` decodes only the batches ``k`` with ``k % world == rank`` (the others' entries
         are None): several processes together decode exactly the batches, and seeds, of one process
-        (``sipo_fast.pipeline.distributed.generate_text`` gathers them).
+        (``sipo_fast.distributed.generate_text`` gathers them).
         """
         from tqdm.auto import tqdm
 

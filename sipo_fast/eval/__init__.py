@@ -1,5 +1,7 @@
-"""Pareto-front evaluation: weight sweeps, scoring with a persistent cache, fronts, hypervolume, confidence
-intervals, average gain, baselines (MOD, DPO soups, MODPO, DPO LW) and the Markdown + PNG report.
+"""Pareto-front evaluation as a library: weight sweeps over given policies, scoring with a persistent cache,
+fronts, hypervolume, confidence intervals, average gain, the generators of MOD and DPO soups, and the Markdown +
+PNG report. It knows nothing of run directories: comparing SIPO with the baselines on a pipeline run (and
+training MODPO / DPO LW) is :func:`sipo_fast.pipeline.compare.evaluate_run`.
 
     from sipo_fast.eval import pareto_front, hypervolume
     pareto_front([[1, 3], [2, 2], [1, 1]])        # [0, 1]
@@ -20,7 +22,7 @@ _EXPORTS = {
     "build_report": "report", "write_report": "report", "plot_fronts": "report", "default_reference": "report",
     "Report": "report",
     "mod_generator": "methods", "soup_generator": "methods", "per_weight_generator": "methods",
-    "evaluate_run": "baselines", "train_modpo": "trained", "train_dpo_lw": "trained",
+    "heldout_prompts": "inputs", "build_scorers": "inputs", "diagnostics_markdown": "report",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -76,7 +76,7 @@ class CachedScorer:
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
         if len(prompts) != len(responses):
             raise ValueError(f"score(): {len(prompts)} prompts but {len(responses)} responses")
-        from sipo_fast.pipeline.distributed import current
+        from sipo_fast.distributed import current
 
         dist = current()
         # With several processes rank 0's cache answers for all (the others hold an empty one).
@@ -101,7 +101,7 @@ class CachedScorer:
         is the single-process one; any other scorer runs on rank 0 and its scores are broadcast."""
         if not dist.enabled:
             return self.scorer.score(prompts, responses)
-        from sipo_fast.pipeline.distributed import batched
+        from sipo_fast.distributed import batched
         from sipo_fast.scoring import _TransformerScorer
 
         def run(a: int, b: int) -> list[float]:

@@ -12,7 +12,7 @@
 All decode through :class:`sipo_fast.decoding.MODDecoder` (a single policy with weight [1] is plain
 decoding), so every method sees the same prompt template, EOS handling and greedy tie-breaking.
 Under several processes each decodes its share of the batches and the texts are gathered
-(:func:`sipo_fast.pipeline.distributed.generate_text`), so every rank gets the sweep one process would.
+(:func:`sipo_fast.distributed.generate_text`), so every rank gets the sweep one process would.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ _SOUP = "_eval_soup"
 
 
 def _generate_text(decoder, prompts, **kwargs):
-    from sipo_fast.pipeline.distributed import generate_text
+    from sipo_fast.distributed import generate_text
 
     return generate_text(decoder, prompts, **kwargs)
 
@@ -130,7 +130,7 @@ def cached_generator(generate, cache, keys: Sequence[str | None]):
         if len(weights) != len(keys):
             raise ValueError(f"cached_generator has {len(keys)} keys but the sweep has {len(weights)} weights; give one key "
                              "per sweep weight, in order (None for a weight that must not be cached)")
-        from sipo_fast.pipeline.distributed import current
+        from sipo_fast.distributed import current
 
         # Rank 0's cache decides for every rank (the others hold an empty one), so all decode the same weights.
         out = current().on_main(lambda: [cache.get(k, prompts) if k is not None else None for k in keys])

@@ -288,3 +288,28 @@ def seed_spread(values: Sequence[float], confidence: float = 0.95) -> tuple[floa
     """Mean and CI half-width of per-seed values (e.g. hypervolumes); half-width NaN for one seed."""
     mean, half = mean_ci(np.asarray(values, dtype=np.float64), confidence)
     return float(mean), float(half)
+
+
+def diagnostics_markdown(diag_by_seed: dict, objectives: list[str]) -> str:
+    """A table of :func:`pipeline_diagnostics` per seed, with what each column means."""
+    if not diag_by_seed:
+        return ""
+    cols = [("conflict_ratio", "conflict ratio (train)"), ("conflicting_prompts", "conflicting prompts (stage 2)"),
+            ("candidates", "candidates"), ("survivors", "survivors (strictly dominate under implicit rewards)"),
+            ("prompts_covered", "prompts with a y_c"), ("pairs", "|D_c|"),
+            ("gt_dominating", "y_c beating both originals on every ground-truth scorer"),
+            ("dc_conflict_ratio", "D_c conflict ratio under ground truth")]
+    lines = ["| seed | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
+    for seed, d in diag_by_seed.items():
+        cells = []
+        for key, _ in cols:
+            v = d.get(key)
+            cells.append("—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
+        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
+    gains = [d["dc_gt_gain_mean"] for d in diag_by_seed.values() if "dc_gt_gain_mean" in d]
+    text = "\n".join(lines)
+    if gains:
+        g = np.mean(gains, axis=0)
+        text += ("\n\nMean ground-truth advantage of y_c over the average of its two originals (maximisation "
+                 "orientation): " + ", ".join(f"{o} {x:+.3f}" for o, x in zip(objectives, g)) + ".")
+    return text

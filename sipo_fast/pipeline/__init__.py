@@ -17,7 +17,8 @@ from .config import (AlignConfig, DataConfig, EvalConfig, FilterConfig, Finetune
 from .presets import PRESETS, preset, preset_dict
 
 _LAZY = {"SIPOPipeline": "runner", "STAGES": "stages", "RunDir": "rundir", "select_pareto": "rules",
-         "keep_rewrite": "rules", "dominates": "rules"}
+         "keep_rewrite": "rules", "dominates": "rules", "evaluate_run": "compare", "train_modpo": "trained",
+         "train_dpo_lw": "trained"}
 
 __all__ = ["PipelineConfig", "ModelConfig", "DataConfig", "AlignConfig", "SampleConfig", "RefineConfig",
            "FilterConfig", "FinetuneConfig", "EvalConfig", "PRESETS", "preset", "preset_dict", "resolve_weights",

@@ -193,7 +193,7 @@ EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")
 
 @dataclass
 class EvalConfig(_Section):
-    """Evaluation after stage 3 (``sipo_fast.eval.evaluate_run``): MOD sweeps of the fine-tuned policies and the
+    """Evaluation after stage 3 (:func:`sipo_fast.pipeline.compare.evaluate_run`): MOD sweeps of the fine-tuned policies and the
     baselines over the weights, scored by ground-truth scorers on the data source's held-out prompts."""
 
     enabled: bool = True

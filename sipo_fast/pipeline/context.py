@@ -62,7 +62,7 @@ class Context:
     # -- device, dtype, models ----------------------------------------------------------------------------
     @cached_property
     def device(self) -> torch.device:
-        from .distributed import current
+        from sipo_fast.distributed import current
 
         d = self.config.model.device
         dist = current()
@@ -78,23 +78,16 @@ class Context:
     def dtype(self) -> torch.dtype:
         d = self.config.model.dtype
         if d == "auto":
-            return torch.bfloat16 if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+            from sipo_fast.models import auto_dtype
+
+            return auto_dtype(self.device)
         return _DTYPES[d]
 
     @cached_property
     def tokenizer(self):
-        name = self.config.model.name
-        if name == "default" or name.startswith("tiny"):
-            from sipo_fast.models import load_tokenizer
+        from sipo_fast.models import tokenizer_for
 
-            tok = load_tokenizer()
-        else:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(name, trust_remote_code=self.config.model.trust_remote_code)
-        if tok.pad_token is None:
-            tok.pad_token = tok.eos_token  # batched scoring/generation need a pad id; EOS is what SmolLM2 uses
-        return tok
+        return tokenizer_for(self.config.model.name, trust_remote_code=self.config.model.trust_remote_code)
 
     @cached_property
     def model_config(self):
@@ -111,26 +104,10 @@ class Context:
 
     def load_base(self):
         """A fresh copy of π_ref on the run's device and dtype, in eval mode (stages mutate their copy)."""
-        name = self.config.model.name
-        if name == "default":
-            from sipo_fast.models import load_default
+        from sipo_fast.models import load_base
 
-            model, _ = load_default(dtype=self.dtype, device=self.device)
-        elif name == "tiny" or name.startswith("tiny:"):
-            from sipo_fast.models import tiny
-
-            arch = name.partition(":")[2] or "llama"
-            model, _ = tiny(arch, dtype=self.dtype, tokenizer=self.tokenizer)
-            model = model.to(self.device)
-        else:
-            from transformers import AutoModelForCausalLM
-
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=self.dtype,
-                                                         trust_remote_code=self.config.model.trust_remote_code)
-            model = model.to(self.device)
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = self.tokenizer.pad_token_id
-        return model.eval()
+        return load_base(self.config.model.name, dtype=self.dtype, device=self.device, tokenizer=self.tokenizer,
+                         trust_remote_code=self.config.model.trust_remote_code)
 
     # -- data ---------------------------------------------------------------------------------------------
     @cached_property

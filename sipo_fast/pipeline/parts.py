@@ -20,7 +20,7 @@ class Parts:
     def __init__(self, work: Path, stage: str, crash_after: int | None = None, dist=None):
         self.work, self.stage, self.crash_after, self.done_here = work, stage, crash_after, 0
         if dist is None:
-            from .distributed import Dist
+            from sipo_fast.distributed import Dist
 
             dist = Dist()
         self.dist = dist

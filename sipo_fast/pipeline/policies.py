@@ -67,16 +67,13 @@ def load_policies(ctx: Context, policy_dir: Path) -> Policies:
     objectives = ctx.config.data.objectives
     base = ctx.load_base()
     if ctx.config.align.use_lora:
-        from peft import PeftModel
+        from sipo_fast.models import load_adapters
 
-        model = PeftModel.from_pretrained(base, policy_dir / objectives[0], adapter_name=objectives[0])
-        for o in objectives[1:]:
-            model.load_adapter(policy_dir / o, adapter_name=o)
-        return Policies(model=model.eval(), names=list(objectives))
-    from transformers import AutoModelForCausalLM
+        return Policies(model=load_adapters(base, [policy_dir / o for o in objectives], objectives),
+                        names=list(objectives))
+    from sipo_fast.models import load_full_models
 
-    models = [AutoModelForCausalLM.from_pretrained(policy_dir / o, dtype=ctx.dtype).to(ctx.device).eval()
-              for o in objectives]
+    models = load_full_models([policy_dir / o for o in objectives], dtype=ctx.dtype, device=ctx.device)
     return Policies(model=base, models=models, reference=base)
 
 
@@ -90,7 +87,7 @@ def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *,
     batches are split over the ranks and gathered (:func:`.distributed.generate_text`): every rank returns
     the texts one process would.
     """
-    from .distributed import generate_text
+    from sipo_fast.distributed import generate_text
 
     if not prompts:
         return []
@@ -125,7 +122,7 @@ def rewards(ctx: Context, policies, reference, prompts: list[str], responses: li
     are the single-process rewards."""
     from sipo_fast.training import implicit_rewards
 
-    from .distributed import batched, current
+    from sipo_fast.distributed import batched, current
 
     if not prompts:
         return torch.zeros(0, 0)

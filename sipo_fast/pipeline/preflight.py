@@ -211,7 +211,7 @@ def _lora(ctx, layers: dict, out: Findings) -> None:
 
 
 def _scorers(config, out: Findings) -> None:
-    from sipo_fast.eval.baselines import DEFAULT_SCORERS
+    from sipo_fast.eval.inputs import DEFAULT_SCORERS
     from sipo_fast.scoring import available_scorers
 
     specs = config.eval.scorers or DEFAULT_SCORERS.get(config.data.source)
@@ -236,7 +236,7 @@ def _scorers(config, out: Findings) -> None:
 def _eval_prompts(config, out: Findings) -> None:
     """The held-out prompts the evaluation stage will score (the same call it makes), so that a data source
     without a usable test split fails now rather than after every training stage."""
-    from sipo_fast.eval.baselines import config_prompts
+    from .compare import config_prompts
 
     prompts = config_prompts(config)
     e = config.eval

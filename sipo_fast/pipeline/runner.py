@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from .config import PipelineConfig
-from .distributed import current
+from sipo_fast.distributed import current
 from .lock import RunLock
 from .parts import Parts, crash_point
 from .preflight import PreflightError, check_output

@@ -373,7 +373,7 @@ class FinetuneStage(Stage):
 
 
 class EvalStage(Stage):
-    """Evaluation: ``sipo_fast.eval.evaluate_run`` on this run directory, i.e. MOD sweeps of the fine-tuned
+    """Evaluation: :func:`sipo_fast.pipeline.compare.evaluate_run` on this run directory, i.e. MOD sweeps of the fine-tuned
     policies ("sipo") and of the baselines (eval.baselines) over the weights, scored by the ground-truth scorers
     on held-out prompts, with the pipeline diagnostics; writes report.md, report.png and sweeps/<method>.json."""
 
@@ -382,7 +382,7 @@ class EvalStage(Stage):
     config_keys = ("seed", "model", "data.source", "data.objectives", "sample.weights", "eval")
 
     def run(self, ctx, parts, inputs):
-        from sipo_fast.eval import evaluate_run
+        from .compare import evaluate_run
 
         cfg = ctx.config
         # Sweeps already in the work directory (an interrupted evaluation) are reused by evaluate_run, which

@@ -1,4 +1,5 @@
-"""Compare SIPO with the baselines on one pipeline run directory: :func:`evaluate_run` (``sipo-fast eval``).
+"""Compare SIPO with the baselines on one pipeline run directory: :func:`evaluate_run` (``sipo-fast eval
+--run-dir``, the pipeline's evaluation stage, benchmarks/pareto_demo.py).
 
 Methods (SIPO.md §4), all swept over the same weights, prompts and scorers:
 
@@ -10,6 +11,11 @@ Methods (SIPO.md §4), all swept over the same weights, prompts and scorers:
   objectives' stage-1 implicit rewards as margins (:mod:`.trained`).
 - ``dpo_lw``: one DPO LW model per weight, trained like stage 1 on the w-weighted sum of the objectives' DPO
   losses (:mod:`.trained`).
+
+This is the part of the evaluation that knows run directories: which stage artifacts a method needs, the
+sweep fingerprints (the run directory's own :func:`~.rundir.stable_hash` over the manifest's artifact hashes)
+and the baselines that train. The sweeps, scoring, statistics and report are :mod:`sipo_fast.eval`'s pure
+functions over given policies.
 
 Everything lands in ``<run_dir>/comparison/`` (outside the pipeline's hashed stage directories):
 ``sweeps/<method>.json`` (reused when prompts, weights, decoding settings and the input artifacts are
@@ -29,29 +35,21 @@ from typing import Sequence
 
 import numpy as np
 
-from .cache import ScoreCache
-from .report import write_report
-from .stats import weight_grid
-from .sweep import SweepResult, check_weights, run_eval, score_responses
+from sipo_fast.distributed import current
+from sipo_fast.eval.cache import ScoreCache, TextCache
+from sipo_fast.eval.inputs import DEFAULT_SCORERS, build_scorers, heldout_prompts
+from sipo_fast.eval.report import diagnostics_markdown, write_report
+from sipo_fast.eval.stats import to_maximisation, weight_grid
+from sipo_fast.eval.sweep import SweepResult, check_weights, run_eval, score_responses
+
+from .rundir import RunDir, dir_hash, read_jsonl, stable_hash
 from .trained import TRAINED, train_modpo, trained_key, trained_policy_for  # noqa: F401 (train_modpo: re-export)
 
 log = logging.getLogger("sipo_fast.eval")
 METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")
 DEFAULT_METHODS = ("sipo", "mod", "soups")
-# Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
-# beaver_reward:/path beaver_cost:/path), so other sources have no default.
-DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
 _NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",),
           "dpo_lw": ("align",)}
-
-
-# ---------------------------------------------------------------------------------------------- inputs
-def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", select: str = "first") -> list[str]:
-    """``num_prompts`` distinct prompts of ``source``'s ``split`` chosen by ``select`` (never trained on);
-    :func:`sipo_fast.data.prompts.heldout_prompts`."""
-    from sipo_fast.data.prompts import heldout_prompts as load
-
-    return load(source, num_prompts, split=split, select=select)
 
 
 def config_prompts(config, num_prompts: int | None = None) -> list[str]:
@@ -64,17 +62,6 @@ def config_prompts(config, num_prompts: int | None = None) -> list[str]:
                          "training data); set eval.prompt_source to a file or dataset of held-out prompts")
     return heldout_prompts(e.prompt_source or config.data.source, num_prompts or e.num_prompts, split=e.prompt_split,
                            select=e.prompt_select)
-
-
-def build_scorers(specs: Sequence[str]):
-    """Scorers from ``name`` or ``name:path`` specs (``sipo_fast.scoring.get_scorer``)."""
-    from sipo_fast.scoring import get_scorer
-
-    out = []
-    for spec in specs:
-        name, _, path = str(spec).partition(":")
-        out.append(get_scorer(name, path=path) if path else get_scorer(name))
-    return out
 
 
 def default_weights(config) -> np.ndarray:
@@ -96,8 +83,6 @@ def pipeline_diagnostics(run_dir: Path, scorers, cache: ScoreCache) -> dict:
     check of them. ``gt_dominating``: survivors y_c that beat both y_a and y_b on every objective under the
     ground-truth scorers; ``dc_conflict_ratio``: share of the D_c pairs (y_c, y_l) on which the ground-truth
     scorers still disagree (the conflict ratio after SIPO's self-improvement; SIPO intends 0)."""
-    from sipo_fast.pipeline.rundir import RunDir, read_jsonl
-
     rd = RunDir(run_dir)
     stages = rd.manifest().get("stages", {})
     out: dict = {}
@@ -114,8 +99,6 @@ def pipeline_diagnostics(run_dir: Path, scorers, cache: ScoreCache) -> dict:
     surv_path = rd.stage_dir("filter") / "survivors.jsonl"
     survivors = read_jsonl(surv_path) if surv_path.exists() else []
     if survivors and scorers:
-        from .stats import to_maximisation
-
         prompts = [s["prompt"] for s in survivors]
         resp = [[s["chosen"] for s in survivors], [s["response_0"] for s in survivors], [s["response_1"] for s in survivors]]
         sc = to_maximisation(score_responses(prompts, resp, scorers, cache=cache), [s.higher_is_better for s in scorers])
@@ -129,31 +112,6 @@ def pipeline_diagnostics(run_dir: Path, scorers, cache: ScoreCache) -> dict:
     return out
 
 
-def diagnostics_markdown(diag_by_seed: dict, objectives: list[str]) -> str:
-    """A table of :func:`pipeline_diagnostics` per seed, with what each column means."""
-    if not diag_by_seed:
-        return ""
-    cols = [("conflict_ratio", "conflict ratio (train)"), ("conflicting_prompts", "conflicting prompts (stage 2)"),
-            ("candidates", "candidates"), ("survivors", "survivors (strictly dominate under implicit rewards)"),
-            ("prompts_covered", "prompts with a y_c"), ("pairs", "|D_c|"),
-            ("gt_dominating", "y_c beating both originals on every ground-truth scorer"),
-            ("dc_conflict_ratio", "D_c conflict ratio under ground truth")]
-    lines = ["| seed | " + " | ".join(c[1] for c in cols) + " |", "|---|" + "---|" * len(cols)]
-    for seed, d in diag_by_seed.items():
-        cells = []
-        for key, _ in cols:
-            v = d.get(key)
-            cells.append("—" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v))
-        lines.append(f"| {seed} | " + " | ".join(cells) + " |")
-    gains = [d["dc_gt_gain_mean"] for d in diag_by_seed.values() if "dc_gt_gain_mean" in d]
-    text = "\n".join(lines)
-    if gains:
-        g = np.mean(gains, axis=0)
-        text += ("\n\nMean ground-truth advantage of y_c over the average of its two originals (maximisation "
-                 "orientation): " + ", ".join(f"{o} {x:+.3f}" for o, x in zip(objectives, g)) + ".")
-    return text
-
-
 # ---------------------------------------------------------------------------------------------- the runner
 @dataclass
 class EvalRun:
@@ -163,7 +121,7 @@ class EvalRun:
 
 
 def _load_config(run_dir: Path):
-    from sipo_fast.pipeline import PipelineConfig
+    from .config import PipelineConfig
 
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -173,8 +131,6 @@ def _load_config(run_dir: Path):
 
 
 def _fingerprint(run_dir: Path, method: str, prompts, weights, settings: dict) -> str:
-    from sipo_fast.pipeline.rundir import RunDir, stable_hash
-
     stages = RunDir(run_dir).manifest().get("stages", {})
     inputs = {s: stages.get(s, {}).get("artifact") for s in _NEEDS[method]}
     return stable_hash({"method": method, "prompts": list(prompts), "weights": np.asarray(weights).tolist(),
@@ -184,8 +140,6 @@ def _fingerprint(run_dir: Path, method: str, prompts, weights, settings: dict) -
 def _policy_hash(policy_dir: Path) -> str:
     """Content hash of a saved policy's weights and configs (not its metrics or README), so a copied policy
     (finetune without survivors copies stage 1) hashes like its source."""
-    from sipo_fast.pipeline.rundir import dir_hash
-
     return dir_hash(policy_dir, include=lambda rel: rel.suffix in (".safetensors", ".bin")
                     or rel.name.endswith("config.json"))
 
@@ -211,7 +165,7 @@ def _model_keys(ctx, run_dir: Path, method: str, weights: np.ndarray, settings: 
 
 def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Path, settings: dict):
     """The method's generator, wrapped with the run's text cache (``out_dir/generations.sqlite``)."""
-    from .methods import cached_generator
+    from sipo_fast.eval.methods import cached_generator
 
     return cached_generator(_raw_generator(ctx, run_dir, method, out_dir, settings),
                             _text_cache(out_dir), _model_keys(ctx, run_dir, method, weights, settings))
@@ -219,23 +173,19 @@ def _generator(ctx, run_dir: Path, method: str, weights: np.ndarray, out_dir: Pa
 
 def _text_cache(out_dir: Path):
     """The run's text cache; with several processes only rank 0 keeps the file (the others' is never read)."""
-    from sipo_fast.pipeline.distributed import current
-
-    from .cache import TextCache
-
     return TextCache(out_dir / "generations.sqlite" if current().is_main else None)
 
 
 def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dict):
     """Models load lazily, on the first call: a sweep served from the text cache loads nothing."""
-    from .methods import mod_generator, per_weight_generator, soup_generator
+    from sipo_fast.eval.methods import mod_generator, per_weight_generator, soup_generator
+
+    from .policies import load_policies
 
     kw = dict(max_new_tokens=settings["max_new_tokens"], template=settings["template"],
               batch_size=settings["batch_size"], progress=ctx.progress)
 
     def build():
-        from sipo_fast.pipeline.stages import load_policies
-
         if method in ("sipo", "mod"):
             pol = load_policies(ctx, run_dir / ("finetune" if method == "sipo" else "align") / "policies")
             return mod_generator(pol.decoder(ctx), **kw)
@@ -267,9 +217,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     ``eval.num_prompts`` held-out prompts (:func:`config_prompts`), ``eval.max_new_tokens``, ``eval.batch_size``, ``eval.scorers`` (or
     the data source's defaults). Decoding is greedy; the run's seed labels the results.
     """
-    from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.distributed import current
-    from sipo_fast.pipeline.rundir import RunDir
+    from .context import Context
 
     dist = current()  # several processes: each decodes and scores a share, rank 0 decides and writes
     run_dir = Path(run_dir)

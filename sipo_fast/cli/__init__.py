@@ -7,12 +7,12 @@
     sipo-fast status --output-dir runs/demo          # which stages are done, stale or waiting, and why
     sipo-fast repair --output-dir runs/demo          # rebuild a broken manifest.json from the stages' stage.json
     sipo-fast config --preset demo > my.yaml         # the resolved config, to edit and pass with --config
-    sipo-fast eval ...                               # stand-alone evaluation (sipo_fast.eval)
+    sipo-fast eval ...                               # stand-alone evaluation (sipo_fast.cli.eval)
     sipo-fast env                                    # versions and build facts
     accelerate launch --num_processes 8 -m sipo_fast.cli run --config configs/beavertails.yaml   # 8 GPUs
 
 Under ``accelerate launch`` / ``torchrun`` every rank runs the command; rank 0 alone writes and prints, the
-other ranks log warnings only (see ``sipo_fast.pipeline.distributed``).
+other ranks log warnings only (see ``sipo_fast.distributed``).
 
 Every failure ends in one line ``sipo-fast <command>: error: ...`` (one per problem for a failed preflight)
 and exit code 2; ``--debug`` (or ``SIPO_FAST_DEBUG=1``) shows the traceback instead.
@@ -93,16 +93,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_arguments(p: argparse.ArgumentParser) -> None:
-    try:
-        from sipo_fast.eval import cli as eval_cli
-    except ImportError:
-        eval_cli = None
-    if eval_cli is not None and hasattr(eval_cli, "add_arguments"):
-        eval_cli.add_arguments(p)
-        p.set_defaults(_eval_run=eval_cli.run)
-    else:  # the evaluation package has no CLI of its own: evaluate a run directory through the pipeline
-        _run_args(p)
-        p.set_defaults(_eval_run=None)
+    from . import eval as eval_cli
+
+    eval_cli.add_arguments(p)
+    p.set_defaults(_eval_run=eval_cli.run)
 
 
 def _load_config(args):
@@ -267,9 +261,9 @@ def _dispatch(args) -> int:
         return _status(args)
     if args.command == "repair":
         return _repair(args)
-    if args.command == "eval" and args._eval_run is not None:
+    if args.command == "eval":
         return int(args._eval_run(args) or 0)
-    from sipo_fast.pipeline.distributed import current
+    from sipo_fast.distributed import current
 
     main_rank = current().is_main
     _setup_logging(args.quiet or not main_rank)
@@ -283,6 +277,3 @@ def _dispatch(args) -> int:
         _print_summary(pipe.run_dir.root, summary)
     return 0
 
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from sipo_fast.distributed import current
+
 log = logging.getLogger("sipo_fast.eval")
 TRAINED = ("modpo", "dpo_lw")
 
@@ -39,10 +41,10 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     stage-1 policies. They do not depend on the weight, so they are computed once per k and kept in
     ``cache_dir/margins_k<k>.json`` for every MODPO weight."""
     from sipo_fast.data.formatting import encode_pairs
-    from sipo_fast.pipeline.distributed import current
-    from sipo_fast.pipeline.rundir import atomic_write_json, read_jsonl
-    from sipo_fast.pipeline.stages import load_policies, preference_pairs
     from sipo_fast.training import implicit_rewards
+
+    from .policies import load_policies, preference_pairs
+    from .rundir import atomic_write_json, read_jsonl
 
     path = cache_dir / f"margins_k{k}.json"
     cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -80,8 +82,7 @@ def dpo_lw_pairs(rows: list[dict], objectives: list[str]) -> list[dict]:
 def _train_lora(ctx, train_rows: list[dict], held: list[dict], out: Path, scratch: Path, *, objective: str,
                 loss: str, **trainer_kw) -> Path:
     """Train one LoRA adapter from π_ref with stage 1's recipe and save it to ``out`` (rank 0, atomically)."""
-    from sipo_fast.pipeline.distributed import current
-    from sipo_fast.pipeline.policies import optimiser_args, train
+    from .policies import optimiser_args, train
 
     a = ctx.config.align
     model, _ = train(ctx, ctx.load_base(), train_rows, objective=objective, loss=loss, beta=a.beta, alpha=0.0,
@@ -121,7 +122,7 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
 def train_dpo_lw(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
     """Train one DPO LW policy at weight ``w`` (SIPO.md §4): Σ_i w_i · DPO_i on every stage-1 training pair, the
     best checkpoint chosen by the same weighted loss on stage 1's held-out pairs; save its adapter to ``out``."""
-    from sipo_fast.pipeline.rundir import read_jsonl
+    from .rundir import read_jsonl
 
     objectives = list(ctx.config.data.objectives)
     train_rows = dpo_lw_pairs(read_jsonl(align_dir / "train.jsonl"), objectives)
@@ -137,7 +138,7 @@ _TRAINERS = {"modpo": train_modpo, "dpo_lw": train_dpo_lw}
 def trained_key(ctx, run_dir: Path) -> str:
     """The trained baselines belong to one set of stage-1 data/policies and one training config: a re-run stage 1
     gets a fresh key (directory) instead of reusing models trained against the old one."""
-    from sipo_fast.pipeline.rundir import RunDir, stable_hash
+    from .rundir import RunDir, stable_hash
 
     return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
                         "seed": ctx.config.seed, "template": ctx.config.model.template})
@@ -148,8 +149,6 @@ def trained_policy_for(ctx, run_dir: Path, out_dir: Path, method: str):
     MODPO's optimum as w_k → 0 is the margin objective's own DPO policy), an adapter of ``method`` elsewhere,
     trained on first use and kept under ``out_dir/<method>/<key>``. All share one base model."""
     from peft import PeftModel
-
-    from sipo_fast.pipeline.distributed import current
 
     if not ctx.config.align.use_lora:
         raise ValueError(f"the {method} baseline is implemented for LoRA runs (align.use_lora=true)")

@@ -4,6 +4,9 @@
     sipo-fast eval --run-dir runs/demo --methods sipo mod soups modpo dpo_lw --num-prompts 48
     sipo-fast eval --policies adapters/helpful adapters/harmless --model default --data demo --soups
 
+``--run-dir`` goes through :func:`sipo_fast.pipeline.compare.evaluate_run` (the run's config, artifacts and
+fingerprints); ``--policies`` needs no run directory: it loads the base model and the adapters by name
+(:mod:`sipo_fast.models`) and sweeps them with :mod:`sipo_fast.eval`'s functions.
 ``add_arguments(parser)`` and ``run(args)`` are what the main CLI wires in. Nothing heavy is imported until
 ``run``, so ``sipo-fast --help`` stays instant.
 """
@@ -13,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")
+METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")  # sipo_fast.pipeline.compare.METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -67,19 +70,19 @@ def _prompts(data: str, n: int) -> list[str]:
         if not prompts:
             raise ValueError(f"{path} holds no prompts (one per line)")
         return prompts[:n]
-    from .baselines import heldout_prompts
+    from sipo_fast.eval.inputs import heldout_prompts
 
     return heldout_prompts(data, n)
 
 
 def _own_policies(args) -> dict:
     """Sweep MOD (and soups) over --policies on --model; returns write_report's paths."""
-    from .baselines import DEFAULT_SCORERS, build_scorers
-    from .cache import ScoreCache
-    from .methods import mod_generator, soup_generator
-    from .report import write_report
-    from .stats import weight_grid
-    from .sweep import run_eval
+    from sipo_fast.eval.cache import ScoreCache
+    from sipo_fast.eval.inputs import DEFAULT_SCORERS, build_scorers
+    from sipo_fast.eval.methods import mod_generator, soup_generator
+    from sipo_fast.eval.report import write_report
+    from sipo_fast.eval.stats import weight_grid
+    from sipo_fast.eval.sweep import run_eval
 
     n = len(args.policies)
     if n < 2:
@@ -90,27 +93,21 @@ def _own_policies(args) -> dict:
     lora = [(Path(d) / "adapter_config.json").exists() for d in args.policies]
     if len(set(lora)) != 1:
         raise ValueError("--policies mixes LoRA adapters and full models; give one kind")
+    import torch
+
     from sipo_fast.decoding import MODDecoder
-    from sipo_fast.pipeline import PipelineConfig
-    from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.models import auto_dtype, load_adapters, load_base, load_full_models, tokenizer_for
 
-    ctx = Context(PipelineConfig.from_dict({"model": {"name": args.model, "template": args.template}}), RunDir("."),
-                  progress=not args.no_progress)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = auto_dtype(device)
+    tok = tokenizer_for(args.model)
     if lora[0]:
-        from peft import PeftModel
-
         names = [f"p{i}" for i in range(n)]
-        model = PeftModel.from_pretrained(ctx.load_base(), args.policies[0], adapter_name=names[0])
-        for name, d in zip(names[1:], args.policies[1:]):
-            model.load_adapter(d, adapter_name=name)
-        model.eval()
-        decoder, soups = MODDecoder(model, ctx.tokenizer, adapter_names=names), (model, names)
+        model = load_adapters(load_base(args.model, dtype=dtype, device=device, tokenizer=tok), args.policies, names)
+        decoder, soups = MODDecoder(model, tok, adapter_names=names), (model, names)
     else:
-        from transformers import AutoModelForCausalLM
-
-        models = [AutoModelForCausalLM.from_pretrained(d, dtype=ctx.dtype).to(ctx.device).eval() for d in args.policies]
-        decoder, soups = MODDecoder(models, ctx.tokenizer), (models, None)
+        models = load_full_models(args.policies, dtype=dtype, device=device)
+        decoder, soups = MODDecoder(models, tok), (models, None)
     w = _weights(args.weights)
     w = weight_grid(n) if w is None and n == 2 else w
     if w is None:
@@ -124,7 +121,7 @@ def _own_policies(args) -> dict:
     results = [run_eval(mod_generator(decoder, **kw), prompts, scorers, w, f"{args.name} (MOD)", cache=cache,
                         seed=args.seed)]
     if args.soups:
-        gen = soup_generator(soups[0], ctx.tokenizer, adapter_names=soups[1], **kw)
+        gen = soup_generator(soups[0], tok, adapter_names=soups[1], **kw)
         results.append(run_eval(gen, prompts, scorers, w, f"{args.name} (soups)", cache=cache, seed=args.seed))
     for r in results:
         r.save(out / "sweeps" / f"{r.method.replace(' ', '_').replace('(', '').replace(')', '')}.json")
@@ -136,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     if bool(args.run_dir) == bool(args.policies):
         print("sipo-fast eval: give exactly one of --run-dir DIR or --policies DIR [DIR ...]", file=sys.stderr)
         return 2
-    from sipo_fast.pipeline.distributed import current
+    from sipo_fast.distributed import current
 
     dist = current()
     if dist.enabled and args.policies:
@@ -144,10 +141,9 @@ def run(args: argparse.Namespace) -> int:
               "directory (--run-dir), whose sweeps are split over the processes", file=sys.stderr)
         return 2
     if args.run_dir:
+        from sipo_fast.pipeline.compare import DEFAULT_METHODS, evaluate_run
         from sipo_fast.pipeline.lock import RunLock
         from sipo_fast.pipeline.rundir import RunDir
-
-        from .baselines import DEFAULT_METHODS, evaluate_run
 
         # It writes into the run directory (comparison/, by default): one writer at a time, as for `run`.
         lock = RunLock(args.run_dir) if dist.is_main and RunDir(args.run_dir).is_run_dir() else None

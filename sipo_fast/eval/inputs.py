@@ -1,0 +1,27 @@
+"""What an evaluation sweeps over: held-out prompts and ground-truth scorers, by name."""
+from __future__ import annotations
+
+from typing import Sequence
+
+# Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
+# beaver_reward:/path beaver_cost:/path), so other sources have no default.
+DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
+
+
+def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", select: str = "first") -> list[str]:
+    """``num_prompts`` distinct prompts of ``source``'s ``split`` chosen by ``select`` (never trained on);
+    :func:`sipo_fast.data.prompts.heldout_prompts`."""
+    from sipo_fast.data.prompts import heldout_prompts as load
+
+    return load(source, num_prompts, split=split, select=select)
+
+
+def build_scorers(specs: Sequence[str]):
+    """Scorers from ``name`` or ``name:path`` specs (``sipo_fast.scoring.get_scorer``)."""
+    from sipo_fast.scoring import get_scorer
+
+    out = []
+    for spec in specs:
+        name, _, path = str(spec).partition(":")
+        out.append(get_scorer(name, path=path) if path else get_scorer(name))
+    return out
