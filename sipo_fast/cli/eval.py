@@ -41,15 +41,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", metavar="DIR", help="where sweeps, cache and report go (default: <run-dir>/comparison "
                    "or eval-out/)")
     own = p.add_argument_group("with --policies")
-    own.add_argument("--model", default="default", help="base model of LoRA policies: default (embedded SmolLM2), "
-                     "tiny, or a Hugging Face name/path")
-    own.add_argument("--data", default="demo", help="held-out prompts: a data source's test split (demo, a PKU "
-                     "path, ...) or a .txt file with one prompt per line")
-    own.add_argument("--template", default="chat", help="prompt template: chat, none, or a format string with {prompt}")
-    own.add_argument("--name", default="policies", help="method name for your policies in the report")
-    own.add_argument("--soups", action="store_true", help="also sweep the DPO soups of your LoRA policies")
-    own.add_argument("--seed", type=int, default=0, help="seed recorded with the sweep (decoding is greedy)")
+    for flag, kw in _OWN_POLICY_ARGS:
+        own.add_argument(flag, **kw)
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+_OWN_POLICY_ARGS = (
+    ("--model", dict(default="default", help="base model of LoRA policies: default (embedded SmolLM2), tiny, or a "
+                                             "Hugging Face name/path")),
+    ("--data", dict(default="demo", help="held-out prompts: a data source's test split (demo, a PKU path, ...) or a "
+                                         ".txt file with one prompt per line")),
+    ("--template", dict(default="chat", help="prompt template: chat, none, or a format string with {prompt}")),
+    ("--name", dict(default="policies", help="method name for your policies in the report")),
+    ("--soups", dict(action="store_true", help="also sweep the DPO soups of your LoRA policies")),
+    ("--seed", dict(type=int, default=0, help="seed recorded with the sweep (decoding is greedy)")),
+)
 
 
 def _weights(values: list[str] | None):

@@ -17,7 +17,6 @@ from typing import Any
 import yaml
 
 from .config_checks import SIMPLEX_TOL, check_max_steps, check_str_list, check_types, coerce  # noqa: F401
-from .config_checks import positive as _positive
 from .config_checks import SECTION_NAMES
 from .config_checks import Section as _Section
 from .config_checks import resolve_weights  # noqa: F401 - re-exported
@@ -87,8 +86,7 @@ class DataConfig(_Section):
         if len(set(self.objectives)) != len(self.objectives):
             raise ValueError(f"data.objectives={self.objectives!r} repeats a name; list each objective once")
         check_str_list("data.objectives", self.objectives)
-        _positive("data.max_rows", self.max_rows, allow_none=True)
-        _positive("data.max_conflict_prompts", self.max_conflict_prompts, allow_none=True)
+        self.check_positive("max_rows", "max_conflict_prompts", allow_none=True)
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
         if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:

@@ -140,5 +140,11 @@ class Section:
             raise ValueError(f"unknown key(s) {unknown} in section '{where}'; valid keys: {sorted(known)}")
         return cls(**data)
 
+    def check_positive(self, *names: str, allow_none: bool = False, allow_zero: bool = False) -> None:
+        """:func:`positive` on each named field, the error naming it ``<section>.<field>``."""
+        section = SECTION_NAMES.get(type(self).__name__, type(self).__name__)
+        for name in names:
+            positive(f"{section}.{name}", getattr(self, name), allow_none=allow_none, allow_zero=allow_zero)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

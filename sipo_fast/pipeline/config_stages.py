@@ -7,7 +7,6 @@ from dataclasses import dataclass, field
 
 from .config_checks import Section as _Section
 from .config_checks import check_max_steps, check_str_list, coerce  # noqa: F401
-from .config_checks import positive as _positive
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -15,17 +14,41 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts", "polynomial")
 
 
-def _check_optimiser(section: str, scheduler: str, warmup_ratio: float, weight_decay: float) -> None:
-    """The optimiser recipe fields shared by align and finetune (transformers' names and meanings)."""
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"{section}.lr_scheduler={scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
-    if not 0 <= warmup_ratio < 1:
-        raise ValueError(f"{section}.warmup_ratio={warmup_ratio} must be in [0, 1) (a share of the steps)")
-    _positive(f"{section}.weight_decay", weight_decay, allow_zero=True)
+@dataclass
+class _Training(_Section):
+    """The training recipe align and finetune share (transformers' names and meanings); each stage adds its own
+    learning rate, checkpoint choice and extras. Not a section of its own."""
+
+    beta: float = 0.1
+    epochs: float = 3.0
+    max_steps: int = -1
+    """Stop after this many optimiser steps (-1: run all epochs)."""
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 512
+    """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
+    eval_steps: float | None = None
+    """Evaluate (and checkpoint) every this many steps, or this share of the steps if below 1 (None: per epoch)."""
+    lr_scheduler: str = "linear"
+    """Learning-rate schedule (transformers' lr_scheduler_type); the paper presets use the authors' "cosine"."""
+    warmup_ratio: float = 0.0
+    """Share of the optimiser steps spent warming the learning rate up from 0."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (the authors use 0.05)."""
+
+    def check_training(self, section: str) -> None:
+        self.check_positive("learning_rate", "beta", "epochs", "batch_size", "grad_accum", "max_length")
+        self.check_positive("eval_steps", allow_none=True)
+        self.check_positive("weight_decay", allow_zero=True)
+        check_max_steps(f"{section}.max_steps", self.max_steps)
+        if self.lr_scheduler not in SCHEDULERS:
+            raise ValueError(f"{section}.lr_scheduler={self.lr_scheduler!r}: choose one of {', '.join(SCHEDULERS)}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"{section}.warmup_ratio={self.warmup_ratio} must be in [0, 1) (a share of the steps)")
 
 
 @dataclass
-class AlignConfig(_Section):
+class AlignConfig(_Training):
     """Stage 1: one DPO run per objective from π_ref (SIPO.md §3 defaults)."""
 
     use_lora: bool = True
@@ -36,44 +59,19 @@ class AlignConfig(_Section):
     lora_dropout: float = 0.0
     target_modules: list = field(default_factory=lambda: list(LORA_TARGETS))
     learning_rate: float = 5e-4
-    beta: float = 0.1
-    epochs: float = 3.0
-    max_steps: int = -1
-    """Stop after this many optimiser steps (-1: run all epochs)."""
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
-    """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
     select_best: bool = True
     """Keep the checkpoint with the best eval loss (needs data.eval_fraction > 0 or data.eval_split)."""
-    eval_steps: float | None = None
-    """Evaluate (and checkpoint) every this many steps, or this share of the steps if below 1 (None: per epoch)."""
-    lr_scheduler: str = "linear"
-    """Learning-rate schedule (transformers' lr_scheduler_type); the paper presets use the authors' "cosine"."""
-    warmup_ratio: float = 0.0
-    """Share of the optimiser steps spent warming the learning rate up from 0."""
-    weight_decay: float = 0.0
-    """AdamW weight decay (the authors use 0.05)."""
     policies: list | None = None
     """Adopt these already-aligned per-objective policies (one per objective: LoRA adapter dirs, or full
     model paths) instead of training; their tokenizers must equal π_ref's."""
 
     def __post_init__(self):
-        _positive("align.lora_r", self.lora_r)
-        _positive("align.lora_alpha", self.lora_alpha)
-        _positive("align.learning_rate", self.learning_rate)
-        _positive("align.beta", self.beta)
-        _positive("align.epochs", self.epochs)
-        _positive("align.batch_size", self.batch_size)
-        _positive("align.grad_accum", self.grad_accum)
-        _positive("align.max_length", self.max_length)
-        _positive("align.eval_steps", self.eval_steps, allow_none=True)
-        check_max_steps("align.max_steps", self.max_steps)
+        self.check_positive("lora_r", "lora_alpha")
+        self.check_training("align")
         check_str_list("align.target_modules", self.target_modules)
         check_str_list("align.policies", self.policies, allow_none=True)
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"align.lora_dropout={self.lora_dropout} must be in [0, 1)")
-        _check_optimiser("align", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
 
 
 @dataclass
@@ -90,9 +88,7 @@ class SampleConfig(_Section):
     batch_size: int = 8
 
     def __post_init__(self):
-        _positive("sample.max_new_tokens", self.max_new_tokens)
-        _positive("sample.batch_size", self.batch_size)
-        _positive("sample.temperature", self.temperature)
+        self.check_positive("max_new_tokens", "batch_size", "temperature")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"sample.top_p={self.top_p} must be in (0, 1]")
 
@@ -116,9 +112,7 @@ class RefineConfig(_Section):
     batch_size: int = 8
 
     def __post_init__(self):
-        _positive("refine.review_max_new_tokens", self.review_max_new_tokens)
-        _positive("refine.rewrite_max_new_tokens", self.rewrite_max_new_tokens)
-        _positive("refine.batch_size", self.batch_size)
+        self.check_positive("review_max_new_tokens", "rewrite_max_new_tokens", "batch_size")
         from .templates import REFINE_TEMPLATES
 
         if self.template not in REFINE_TEMPLATES:
@@ -144,48 +138,26 @@ class FilterConfig(_Section):
     max_length: int = 512
 
     def __post_init__(self):
-        _positive("filter.beta", self.beta)
-        _positive("filter.batch_size", self.batch_size)
-        _positive("filter.max_length", self.max_length)
+        self.check_positive("beta", "batch_size", "max_length")
 
 
 @dataclass
-class FinetuneConfig(_Section):
+class FinetuneConfig(_Training):
     """Stage 3: each stage-1 policy (adapter merged) fine-tuned on D_c with the SIPO loss, itself as reference."""
 
     loss: str = "sipo"
     """"sipo" (DPO + α·NLL/|y_c|, SIPO.md §2) or "sigmoid" (plain DPO, for ablations)."""
     alpha: float = 0.1
-    beta: float = 0.1
     learning_rate: float = 5e-6
-    epochs: float = 3.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_length: int = 512
     select_best: bool = False
     """Keep the checkpoint with the best loss on stage 1's held-out pairs of the objective (the authors'
     Iterative_DPO.py); needs held-out data (data.eval_fraction > 0 or data.eval_split)."""
-    eval_steps: float | None = None
-    """As align.eval_steps, for select_best."""
-    lr_scheduler: str = "linear"
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    """lr_scheduler, warmup_ratio, weight_decay: as in align."""
 
     def __post_init__(self):
         if self.loss not in ("sipo", "sigmoid"):
             raise ValueError(f"finetune.loss={self.loss!r}: choose 'sipo' or 'sigmoid'")
-        _positive("finetune.alpha", self.alpha, allow_zero=True)
-        _positive("finetune.beta", self.beta)
-        _positive("finetune.learning_rate", self.learning_rate)
-        _positive("finetune.epochs", self.epochs)
-        _positive("finetune.batch_size", self.batch_size)
-        _positive("finetune.grad_accum", self.grad_accum)
-        _positive("finetune.max_length", self.max_length)
-        _positive("finetune.eval_steps", self.eval_steps, allow_none=True)
-        _check_optimiser("finetune", self.lr_scheduler, self.warmup_ratio, self.weight_decay)
-        check_max_steps("finetune.max_steps", self.max_steps)
+        self.check_positive("alpha", allow_zero=True)
+        self.check_training("finetune")
 
 
 EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")
@@ -218,9 +190,7 @@ class EvalConfig(_Section):
     """Ground-truth scorer per objective, "name" or "name:path" (sipo_fast.scoring); None = the data's defaults."""
 
     def __post_init__(self):
-        _positive("eval.num_prompts", self.num_prompts)
-        _positive("eval.max_new_tokens", self.max_new_tokens)
-        _positive("eval.batch_size", self.batch_size)
+        self.check_positive("num_prompts", "max_new_tokens", "batch_size")
         check_str_list("eval.baselines", self.baselines, allow_empty=True)
         check_str_list("eval.scorers", self.scorers, allow_none=True)
         bad = [b for b in self.baselines if b not in EVAL_BASELINES]

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from .context import Context
-from .rundir import Parts
+from .rundir import Parts, read_jsonl
 
 log = logging.getLogger("sipo_fast.pipeline")
 # Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
@@ -75,6 +75,27 @@ def load_policies(ctx: Context, policy_dir: Path) -> Policies:
 
     models = load_full_models([policy_dir / o for o in objectives], dtype=ctx.dtype, device=ctx.device)
     return Policies(model=base, models=models, reference=base)
+
+
+def per_weight_parts(ctx, parts, weight_indices, load, work) -> list[dict]:
+    """Sample's and refine's loop: ``work(policies, decoder, wi)`` -> rows for each weight index whose part
+    (``parts/w<wi>.jsonl``) is not done yet, the policies (``load()``) and their decoder loaded once, by the first
+    part that needs them (a resumed stage with every part done loads nothing). Writes all parts' rows, sorted by (pid,
+    weight index), to ``candidates.jsonl`` and returns them."""
+    weight_indices, loaded = list(weight_indices), []
+    for wi in weight_indices:
+        part = f"parts/w{wi}.jsonl"
+        if parts.done(part):
+            continue
+        if not loaded:
+            policies = load()
+            loaded += [policies, policies.decoder(ctx)]
+        parts.save_jsonl(part, work(*loaded, wi))
+    rows = [r for wi in weight_indices for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
+    rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
+    parts.write_jsonl("candidates.jsonl", rows)
+    parts.remove("parts")
+    return rows
 
 
 def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *, max_new_tokens: int,

@@ -25,15 +25,13 @@ from pathlib import Path
 import torch
 
 from .context import Context
-# lora_config is re-exported for sipo_fast.eval, which builds on the same policy helpers.
-from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,  # noqa: F401
-                       lora_config, optimiser_args, preference_pairs, rewards, save_combined, save_model, train)
+from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,
+                       optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined, save_model, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
 from .templates import RefinePrompts
 
 log = logging.getLogger("sipo_fast.pipeline")
-# Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
 
 
 class Stage:
@@ -106,25 +104,17 @@ class SampleStage(Stage):
         prompts = [{"pid": i, **r} for i, r in enumerate(conflicts)]
         parts.write_jsonl("prompts.jsonl", prompts)
         texts = [p["prompt"] for p in prompts]
-        policies = decoder = None
-        for wi, w in enumerate(cfg.sample.weights):
-            part = f"parts/w{wi}.jsonl"
-            if parts.done(part):
-                continue
-            if decoder is None:
-                policies = load_policies(ctx, inputs["align"] / "policies")
-                decoder = policies.decoder(ctx)
+
+        def sample(policies, decoder, wi):
+            w = cfg.sample.weights[wi]
             # Seeded per part, so a resumed run samples exactly what an uninterrupted one would.
             outs = generate(ctx, decoder, texts, w, max_new_tokens=cfg.sample.max_new_tokens,
                             batch_size=cfg.sample.batch_size, do_sample=cfg.sample.do_sample,
                             temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, seed=cfg.seed + wi,
                             desc=f"sample w={w}")
-            parts.save_jsonl(part, [{"pid": p["pid"], "weight_index": wi, "weight": w, "candidate": t}
-                                    for p, t in zip(prompts, outs)])
-        rows = [r for wi in range(len(cfg.sample.weights)) for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
-        rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
-        parts.write_jsonl("candidates.jsonl", rows)
-        parts.remove("parts")
+            return [{"pid": p["pid"], "weight_index": wi, "weight": w, "candidate": t} for p, t in zip(prompts, outs)]
+        rows = per_weight_parts(ctx, parts, range(len(cfg.sample.weights)),
+                                lambda: load_policies(ctx, inputs["align"] / "policies"), sample)
         return {"conflicting_prompts": len(prompts), "weights": len(cfg.sample.weights), "candidates": len(rows)}
 
 
@@ -152,21 +142,12 @@ class RefineStage(Stage):
                                              cfg.refine.rewrite_template, cfg.refine.template)
         e = cfg.data.objectives.index(cfg.review_objective)
         w_e = one_hot(e, len(cfg.data.objectives))
-        policies = decoder = None
-        for wi in sorted({c["weight_index"] for c in cands}):
-            part = f"parts/w{wi}.jsonl"
-            if parts.done(part):
-                continue
-            if decoder is None:
-                policies = load_policies(ctx, inputs["align"] / "policies")
-                decoder = policies.decoder(ctx)
+
+        def refine(policies, decoder, wi):
             group = [c for c in cands if c["weight_index"] == wi]
-            parts.save_jsonl(part, self._refine(ctx, policies, decoder, templates, prompts, group, w_e, wi))
-        rows = [r for wi in sorted({c["weight_index"] for c in cands})
-                for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
-        rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
-        parts.write_jsonl("candidates.jsonl", rows)
-        parts.remove("parts")
+            return self._refine(ctx, policies, decoder, templates, prompts, group, w_e, wi)
+        rows = per_weight_parts(ctx, parts, sorted({c["weight_index"] for c in cands}),
+                                lambda: load_policies(ctx, inputs["align"] / "policies"), refine)
         kept = sum(r["rewritten"] for r in rows)
         log.info("refine: kept %d of %d rewrites", kept, len(rows))
         return {"enabled": True, "candidates": len(rows), "rewrites_kept": kept,
