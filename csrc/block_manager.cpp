@@ -84,18 +84,13 @@ class BlockManager {
   int64_t add_sequence(int64_t num_tokens) {
     std::lock_guard<std::mutex> lock(mu_);
     check_count("add_sequence", "num_tokens", num_tokens);
-    const int64_t need = blocks_for(num_tokens);
-    require_free(need, "add_sequence(" + std::to_string(num_tokens) + ")");
-    Sequence seq;
-    seq.num_tokens = num_tokens;
-    for (int64_t i = 0; i < need; ++i) seq.blocks.push_back(take_block());
-    return insert(std::move(seq));
+    return new_sequence(num_tokens, "add_sequence(" + std::to_string(num_tokens) + ")");
   }
 
   int64_t add_prompt(const std::vector<int64_t>& tokens) {
     std::lock_guard<std::mutex> lock(mu_);
     const int64_t n = static_cast<int64_t>(tokens.size());
-    if (!prefix_caching_) return add_sequence_unlocked(n);
+    if (!prefix_caching_) return new_sequence(n, "add_prompt(" + std::to_string(n) + " tokens)");
     // Walk the full blocks that end before the last token; stop sharing at the first miss (a chain hash only
     // means something when every earlier block matched too).
     const int64_t shareable = n > 0 ? (n - 1) / block_size_ : 0;
@@ -290,9 +285,10 @@ class BlockManager {
     seq.num_tokens += n;
   }
 
-  int64_t add_sequence_unlocked(int64_t num_tokens) {
+  // A sequence of fresh blocks for num_tokens tokens (caller holds mu_); `what` names the call in the error.
+  int64_t new_sequence(int64_t num_tokens, const std::string& what) {
     const int64_t need = blocks_for(num_tokens);
-    require_free(need, "add_prompt(" + std::to_string(num_tokens) + " tokens)");
+    require_free(need, what);
     Sequence seq;
     seq.num_tokens = num_tokens;
     for (int64_t i = 0; i < need; ++i) seq.blocks.push_back(take_block());

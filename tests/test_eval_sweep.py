@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from sipo_fast.eval.cache import CachedScorer, ScoreCache
-from sipo_fast.eval.sweep import SweepResult, check_weights, pooled, run_eval, score_responses
+from sipo_fast.eval.sweep import SweepResult, pooled, run_eval, score_responses, sweep_weights
 
 WORDS = ["sun", "tree", "cat", "river", "stone", "cloud", "bird", "lamp"]
 
@@ -126,10 +126,10 @@ def test_run_eval_bad_input():
 
 
 def test_check_weights_forms():
-    np.testing.assert_allclose(check_weights([0.2, 0.8], 2), [[0.2, 0.8], [0.8, 0.2]])
-    np.testing.assert_allclose(check_weights([[1, 0, 0], [0.2, 0.3, 0.5]], 3), [[1, 0, 0], [0.2, 0.3, 0.5]])
+    np.testing.assert_allclose(sweep_weights([0.2, 0.8], 2), [[0.2, 0.8], [0.8, 0.2]])
+    np.testing.assert_allclose(sweep_weights([[1, 0, 0], [0.2, 0.3, 0.5]], 3), [[1, 0, 0], [0.2, 0.3, 0.5]])
     with pytest.raises(ValueError, match="non-negative"):
-        check_weights([[1.2, -0.2]], 2)
+        sweep_weights([[1.2, -0.2]], 2)
 
 
 def test_sweep_result_roundtrip_and_pooling(tmp_path):

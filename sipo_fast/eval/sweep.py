@@ -88,7 +88,7 @@ class SweepResult:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def check_weights(weights, n_objectives: int) -> np.ndarray:
+def sweep_weights(weights, n_objectives: int) -> np.ndarray:
     """Weights as a [W, N] float64 array on the simplex; a bare list of numbers w means rows [w, 1 − w]."""
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim == 1 and n_objectives == 2:
@@ -138,7 +138,7 @@ def run_eval(generate: Generator, prompts: Sequence[str], scorers, weights, meth
     if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) and p.strip() for p in prompts):
         raise ValueError("run_eval: prompts must be a non-empty list of non-empty strings")
     scorers = _check_scorers(scorers)
-    w = check_weights(weights, len(scorers))
+    w = sweep_weights(weights, len(scorers))
     if not method_name:
         raise ValueError("run_eval: give the method a name (it labels the table and the plot)")
     if cache is not None and not isinstance(cache, ScoreCache):

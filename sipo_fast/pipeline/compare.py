@@ -40,7 +40,7 @@ from sipo_fast.eval.cache import ScoreCache, TextCache
 from sipo_fast.eval.inputs import DEFAULT_SCORERS, build_scorers, heldout_prompts
 from sipo_fast.eval.report import diagnostics_markdown, write_report
 from sipo_fast.eval.stats import to_maximisation, weight_grid
-from sipo_fast.eval.sweep import SweepResult, check_weights, run_eval, score_responses
+from sipo_fast.eval.sweep import SweepResult, run_eval, score_responses, sweep_weights
 
 from .rundir import RunDir, dir_hash, read_jsonl, stable_hash
 from .trained import TRAINED, train_modpo, trained_key, trained_policy_for  # noqa: F401 (train_modpo: re-export)
@@ -237,7 +237,7 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     n = len(config.data.objectives)
     if ref is not None and len(ref) != n:
         raise ValueError(f"ref has {len(ref)} values; give one per objective {config.data.objectives}")
-    w = check_weights(weights, n) if weights is not None else default_weights(config)
+    w = sweep_weights(weights, n) if weights is not None else default_weights(config)
     specs = list(scorers) if scorers is not None else (config.eval.scorers or DEFAULT_SCORERS.get(config.data.source))
     if not specs or len(specs) != n:
         raise ValueError(f"give one scorer per objective {config.data.objectives} (e.g. --scorers relevance "
