@@ -103,15 +103,23 @@ def _policies(kind: str, dtype: torch.dtype):
     return pm, [run("helpful"), run("harmless")], tok
 
 
-def _rows(tok, num_prompts: int):
+def _prompt_texts(num_prompts: int) -> list[str]:
+    """The first prompts of PROMPTS, then distinct prompts of the shipped demo data (the pipeline's own)."""
+    from sipo_fast.data.demo_prompts import prompts as demo_prompts
+
+    pool = PROMPTS + [p["prompt"] for p in demo_prompts() if p["prompt"] not in PROMPTS]
+    if not 1 <= num_prompts <= len(pool):
+        raise SystemExit(f"--prompts must be between 1 and {len(pool)}, got {num_prompts}")
+    return pool[:num_prompts]
+
+
+def _rows(tok, num_prompts: int, weights=W):
     from sipo_fast.data.formatting import encode_prompts, left_pad
 
-    if not 1 <= num_prompts <= len(PROMPTS):
-        raise SystemExit(f"--prompts must be between 1 and {len(PROMPTS)}, got {num_prompts}")
-    prompts = PROMPTS[:num_prompts]
+    prompts = _prompt_texts(num_prompts)
     ids, mask = left_pad(encode_prompts(tok, prompts, "chat"), tok.pad_token_id)
-    rep = len(W)
-    w = torch.tensor([[x, 1 - x] for _ in prompts for x in W])  # [P·|W|, 2], prompt-major
+    rep = len(weights)
+    w = torch.tensor([[x, 1 - x] for _ in prompts for x in weights])  # [P·|W|, 2], prompt-major
     return ids.repeat_interleave(rep, 0), mask.repeat_interleave(rep, 0), w
 
 
@@ -168,18 +176,18 @@ def authors_generate(fwds, ids, mask, w, max_new_tokens, eos, cache_key):
 
 
 def _prepare(variant: str, policies: str, dtype: str, num_prompts: int, max_new_tokens: int,
-             authors_rows: int, authors_tokens: int):
+             authors_rows: int, authors_tokens: int, weights=W):
     """Load one variant and warm it up; return ``run() -> dict`` (one full generation) and a summary hook."""
     from sipo_fast import MODDecoder
     from sipo_fast.kv.hf import cache_kwarg
 
     torch.set_num_threads(2)
     pol, fwds, tok = _policies(policies, DTYPES[dtype])
-    ids, mask, w = _rows(tok, num_prompts)
+    ids, mask, w = _rows(tok, num_prompts, weights)
     eos = tok.eos_token_id
     key = cache_kwarg(pol[0] if isinstance(pol, list) else pol)  # `cache` or `past_key_values`, by version
     if variant == "authors":
-        pick = slice(0, authors_rows * len(W), len(W))  # one row per prompt, at w = W[0]
+        pick = slice(0, authors_rows * len(weights), len(weights))  # one row per prompt, at its first weight
         ids, mask, w = ids[pick], mask[pick], w[pick]
         authors_generate(fwds, ids[:1], mask[:1], w[:1], 2, eos, key)
         return lambda: {"tokens": authors_generate(fwds, ids, mask, w, authors_tokens, eos, key)[1]}
@@ -298,7 +306,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--policies", choices=["models", "lora", "tiny"], default="models",
                     help="tiny: two 2-layer, hidden-64 random Llamas with the full vocabulary (host overhead)")
-    ap.add_argument("--prompts", type=int, default=4, help=f"prompts (≤ {len(PROMPTS)}); rows = prompts × |W|")
+    ap.add_argument("--prompts", type=int, default=4, help="prompts (the first 16 are this file's, then the demo "
+                    "data's); rows = prompts × |W|")
+    ap.add_argument("--weights", type=float, nargs="+", default=W, metavar="w",
+                    help=f"W, rows [w, 1-w] (default {W}, the SIPO sampling call; one weight is the shape of the "
+                         "pipeline's per-weight sample and evaluation calls)")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--authors-rows", type=int, default=1, help="rows (a) decodes (it is slow)")
     ap.add_argument("--authors-tokens", type=int, default=16, help="max new tokens per row for (a)")
@@ -312,7 +324,7 @@ def main() -> None:
     if args.variants:
         variants = args.variants.split(",")
     common = dict(policies=args.policies, num_prompts=args.prompts, max_new_tokens=args.max_new_tokens,
-                  authors_rows=args.authors_rows, authors_tokens=args.authors_tokens)
+                  authors_rows=args.authors_rows, authors_tokens=args.authors_tokens, weights=args.weights)
     results = {}
     load_before = os.getloadavg()[0]
     for dtype in args.dtypes.split(","):
@@ -343,7 +355,7 @@ def main() -> None:
             "RSS ÷ (b)": r["peak_rss_mb"] / b["peak_rss_mb"] if b else "",
             "states/step": f"{r['mean_states']:.1f}" if "mean_states" in r else "",
         })
-    notes = [f"Workload: {args.prompts} prompts × W={W} = {args.prompts * len(W)} rows, greedy, "
+    notes = [f"Workload: {args.prompts} prompts × W={args.weights} = {args.prompts * len(args.weights)} rows, greedy, "
              f"max_new_tokens={args.max_new_tokens}, policies={args.policies}; (a) on {args.authors_rows} rows × "
              f"≤{args.authors_tokens} tokens. tokens/s counts generated tokens through EOS. states/step: distinct "
              "(prompt, prefix) states forwarded per decode step (rows sharing a prefix count once)."]

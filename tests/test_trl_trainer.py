@@ -235,3 +235,53 @@ def test_config_validation(kwargs, match, tmp_path):
 def test_train_preference_rejects_bad_dataset(tokenizer, policy, tmp_path):
     with pytest.raises(ValueError, match="prompt, chosen and rejected"):
         train_preference(policy, None, [{"prompt": "x", "chosen": "y"}], tokenizer, output_dir=str(tmp_path))
+
+
+def test_reference_table_equals_the_trainers_own_reference_and_skips_its_forward(tokenizer, policy, tmp_path,
+                                                                                monkeypatch):
+    """reference_table gives, per (prompt, response), the log π_ref the trainer computes in its loop (same
+    tokenisation, EOS, truncation at max_length, fused path): checked against sequence_logprobs_ref on the
+    trainer's own collated batch, for pairs in both orders (stage 1's second objective flips some pairs).
+    A trainer given those columns computes the same loss and never runs its reference forward."""
+    from sipo_fast.training import reference_table, with_reference
+    from sipo_fast.training.trainer import build_preference_trainer
+
+    long = {"prompt": "Tell me a story.", "chosen": "Once upon a time " * 30, "rejected": "No."}  # truncated at 40
+    pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in ROWS] + [long]
+    ref = _perturbed(policy)
+    table = reference_table(ref, pairs, tokenizer, max_length=40, batch_size=2, output_dir=str(tmp_path / "t"))
+    assert len(table) == 2 * len(pairs)
+    flipped = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
+    for rows in (pairs, flipped):
+        plain = build_preference_trainer(copy.deepcopy(policy), ref, rows, tokenizer, max_length=40, batch_size=4,
+                                         output_dir=str(tmp_path / "plain"))
+        batch = plain.data_collator([plain.train_dataset[i] for i in range(len(rows))])
+        args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        with torch.no_grad():
+            rc, rr = sequence_logprobs_ref(ref, *args).chunk(2)
+        given = with_reference(rows, table)
+        torch.testing.assert_close(torch.tensor([g["ref_chosen_logps"] for g in given]), rc, rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(torch.tensor([g["ref_rejected_logps"] for g in given]), rr, rtol=1e-5, atol=1e-4)
+
+        fast = build_preference_trainer(copy.deepcopy(policy), ref, given, tokenizer, max_length=40, batch_size=4,
+                                        output_dir=str(tmp_path / "fast"))
+        fast_batch = fast.data_collator([fast.train_dataset[i] for i in range(len(rows))])
+        calls = []
+        monkeypatch.setattr(type(fast), "_ref_logps", lambda self, inputs: calls.append(1) or (_ for _ in ()).throw(
+            AssertionError("reference forward ran")))
+        with torch.no_grad():
+            loss_fast = fast.compute_loss(fast.model, fast_batch)
+        monkeypatch.undo()
+        with torch.no_grad():
+            loss_plain = plain.compute_loss(plain.model, batch)
+        assert calls == []
+        torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-6)
+
+
+def test_with_reference_leaves_rows_alone_without_a_table():
+    from sipo_fast.training import with_reference
+
+    rows = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+    assert with_reference(rows, None) is rows
+    out = with_reference(rows, {("p", "a"): -1.0})
+    assert out[0]["ref_chosen_logps"] == -1.0 and out[0]["ref_rejected_logps"] != out[0]["ref_rejected_logps"]  # NaN

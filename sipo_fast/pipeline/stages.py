@@ -26,7 +26,8 @@ import torch
 
 from .context import Context
 from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,
-                       optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined, save_model, train)
+                       optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined, save_model,
+                       stage1_reference, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
 from .templates import RefinePrompts
@@ -64,6 +65,9 @@ class AlignStage(Stage):
         rows, held = read_jsonl(parts.path("train.jsonl")), read_jsonl(parts.path("eval.jsonl"))
         summary = {"train_pairs": len(rows), "eval_pairs": len(held),
                    "conflicting_train_pairs": len(ctx.conflicting(rows)), "metrics": {}}
+        from sipo_fast.training import with_reference
+
+        ref = None  # π_ref's log-probs, computed once for both objectives' runs
         for i, obj in enumerate(cfg.data.objectives):
             part = f"policies/{obj}"
             if not parts.done(part) and a.policies is not None:
@@ -71,12 +75,13 @@ class AlignStage(Stage):
             elif not parts.done(part):
                 log.info("align: DPO for objective %r on %d pairs", obj, len(rows))
                 scratch = parts.work.parent / f"scratch-align-{obj}"
+                ref = ref or stage1_reference(ctx, rows + held, parts.work.parent / "scratch-align-reference")
                 model, history = train(
-                    ctx, ctx.load_base(), preference_pairs(rows, obj), objective=obj, loss="sigmoid", beta=a.beta,
-                    alpha=0.0, lr=a.learning_rate, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
-                    grad_accum=a.grad_accum, max_length=a.max_length, use_lora=a.use_lora,
-                    eval_pairs=preference_pairs(held, obj), select_best=a.select_best, eval_steps=a.eval_steps,
-                    scratch=scratch, optim=optimiser_args(a))
+                    ctx, ctx.load_base(), with_reference(preference_pairs(rows, obj), ref), objective=obj,
+                    loss="sigmoid", beta=a.beta, alpha=0.0, lr=a.learning_rate, epochs=a.epochs,
+                    max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, max_length=a.max_length,
+                    use_lora=a.use_lora, eval_pairs=with_reference(preference_pairs(held, obj), ref),
+                    select_best=a.select_best, eval_steps=a.eval_steps, scratch=scratch, optim=optimiser_args(a))
                 log_metrics(parts, obj, history)
                 parts.save_dir(part, save_model(model, history))
                 parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))

@@ -38,12 +38,12 @@ def _modpo_split(w: Sequence[float]) -> tuple[int, list[int]]:
 def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, list[dict]]:
     """Objective k's preference pairs ("train" and "eval" splits of stage 1) with the margin rewards r_φ of
     every other objective: r_j(x, y) = β (log π_j(y|x) − log π_ref(y|x)) on chosen and rejected, under the
-    stage-1 policies. They do not depend on the weight, so they are computed once per k and kept in
-    ``cache_dir/margins_k<k>.json`` for every MODPO weight."""
+    stage-1 policies, and π_ref's log-probs of both (the trainer's reference columns). They do not depend on the
+    weight, so they are computed once per k and kept in ``cache_dir/margins_k<k>.json`` for every MODPO weight."""
     from sipo_fast.data.formatting import encode_pairs
-    from sipo_fast.training import implicit_rewards
+    from sipo_fast.training import implicit_rewards, with_reference
 
-    from .policies import load_policies, preference_pairs
+    from .policies import load_policies, preference_pairs, stage1_reference
     from .rundir import atomic_write_json, read_jsonl
 
     path = cache_dir / f"margins_k{k}.json"
@@ -66,6 +66,9 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
                          progress=ctx.progress)                                   # (2·pairs, N−1)
     rows = [{**p, "chosen_margin_rewards": r[i].tolist(), "rejected_margin_rewards": r[len(pairs) + i].tolist()}
             for i, p in enumerate(pairs)]
+    # π_ref's log-probs too: every MODPO weight trains from π_ref on these pairs, so they are computed once here.
+    rows = with_reference(rows, stage1_reference(ctx, read_jsonl(align_dir / "train.jsonl") +
+                                                 read_jsonl(align_dir / "eval.jsonl"), cache_dir / ".scratch-reference"))
     out = {"train": rows[: len(splits["train"])], "eval": rows[len(splits["train"]):]}
     current().on_main(lambda: atomic_write_json(path, out))
     return out

@@ -45,6 +45,8 @@ logger = logging.getLogger(__name__)
 LOSS_TYPES = ("sigmoid", "sipo", "modpo", "dpo_lw")
 MARGIN_COLUMNS = ("chosen_margin_rewards", "rejected_margin_rewards")
 SIGNS_COLUMN = "objective_signs"
+# TRL's names for precomputed reference log-probs: its collator stacks them, its dataset pass keeps them.
+REF_COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 @dataclass
@@ -189,8 +191,8 @@ class FusedDPOTrainer(DPOTrainer):
     def _compute_loss(self, model, inputs, return_outputs):
         mode = "train" if self.model.training else "eval"
         chosen_logps, rejected_logps = self._logps(model, inputs).chunk(2, dim=0)  # batch is [chosen; rejected]
-        if self.precompute_ref_logps:
-            ref_chosen, ref_rejected = inputs["ref_chosen_logps"], inputs["ref_rejected_logps"]
+        if self.precompute_ref_logps or REF_COLUMNS[0] in inputs:  # TRL's pass, or reference_table's columns
+            ref_chosen, ref_rejected = inputs[REF_COLUMNS[0]], inputs[REF_COLUMNS[1]]
         else:
             ref_chosen, ref_rejected = self._ref_logps(inputs).chunk(2, dim=0)
         ref_chosen, ref_rejected = ref_chosen.to(chosen_logps), ref_rejected.to(chosen_logps)
@@ -302,6 +304,39 @@ def build_preference_trainer(model, ref_model, dataset, tokenizer, *, loss_type:
     args = FusedDPOConfig(**cfg)
     return FusedDPOTrainer(model, ref_model, args, train_dataset=train, eval_dataset=evals,
                            processing_class=tokenizer, peft_config=lora_config)
+
+
+def reference_table(model, pairs: list[dict], tokenizer, *, template: str = "chat", max_length: int = 512,
+                    batch_size: int = 16, output_dir: str) -> dict[tuple[str, str], float]:
+    """log π_ref(y|x) of every (prompt, response) in ``pairs`` (rows with prompt, chosen, rejected), with ``model``
+    as π_ref, through exactly the tokenisation, truncation and fused log-prob path a :class:`FusedDPOTrainer`
+    with these settings uses for its reference (TRL's own ``precompute_ref_log_probs`` pass runs it, in fixed
+    batches, so the numbers do not depend on the training batches).
+
+    Preference runs that share π_ref and their sequences (stage 1's objectives: the same pairs, ordered by
+    another preference; MODPO's weights) compute it once: :func:`with_reference` puts it in each run's rows,
+    and the trainer then skips its reference forward. Pairs the trainer would drop (a prompt that fills
+    ``max_length``) are absent from the table."""
+    rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
+    trainer = build_preference_trainer(model, None, rows, tokenizer, template=template, max_length=max_length,
+                                       batch_size=batch_size, output_dir=output_dir, precompute_ref_log_probs=True,
+                                       precompute_ref_batch_size=batch_size, disable_tqdm=True)
+    done = trainer.train_dataset
+    table = {}
+    for prompt, chosen, rejected, rc, rr in zip(done["prompt"], done["chosen"], done["rejected"],
+                                                done[REF_COLUMNS[0]], done[REF_COLUMNS[1]]):
+        table[(prompt, chosen)], table[(prompt, rejected)] = float(rc), float(rr)
+    return table
+
+
+def with_reference(pairs: list[dict], table: dict[tuple[str, str], float] | None) -> list[dict]:
+    """``pairs`` with the reference columns from :func:`reference_table` (unchanged if ``table`` is None). A pair
+    the table lacks (one the trainer drops for its prompt length) gets NaN, which no loss ever reads."""
+    if table is None:
+        return pairs
+    nan = float("nan")
+    return [{**p, REF_COLUMNS[0]: table.get((p["prompt"], p["chosen"]), nan),
+             REF_COLUMNS[1]: table.get((p["prompt"], p["rejected"]), nan)} for p in pairs]
 
 
 def train_preference(model, ref_model, dataset, tokenizer, *, loss_type: str = "sigmoid", beta: float = 0.1,
