@@ -7,9 +7,10 @@ Three pipelines, all training their policies the way the preset says (LoRA shape
 1. **SIPO (sipo_fast)**, measured: the pipeline of the preset (its evaluation off) in a fresh run directory,
    wall and CPU seconds of each stage (align, sample, refine, filter, finetune) from ``<stage>/logs/timing.json``.
 2. **MODPO as the paper trains it**, measured: the stage-1 DPO of the margin objective (the second objective's
-   policy supplies the margin reward; its time is its share of the align stage, by the trainer's own
-   ``train_runtime``), then one MODPO run per weight w in W (``sipo_fast.pipeline.trained.train_modpo``, first objective
-   trained, margins scored once), each timed.
+   policy supplies the margin reward; its time is the trainer's own ``train_runtime`` in the align stage), then
+   one MODPO run per weight w in W (``sipo_fast.pipeline.trained.train_modpo``, first objective trained, margins
+   and π_ref's log-probs computed once, in the first run, for every weight), each timed. Both pipelines
+   therefore pay for π_ref's log-probs once.
 3. **The authors' SIPO pipeline, projected** from rates measured here: training as in (1) (their trainer is
    TRL's DPOTrainer without fused log-probs, so this is generous to them); sampling at the rate of their
    decoding loop (batch 1, one forward per policy plus an unused reference forward per token, separate KV
@@ -61,14 +62,14 @@ def run_sipo(config, run_dir: Path, progress: bool) -> dict[str, tuple[float, fl
     return out
 
 
-def objective_share(run_dir: Path, objective: str) -> float:
-    """Share of the align stage spent on one objective's DPO: its ``train_runtime`` over all objectives'."""
-    runtimes = {}
+def objective_runtime(run_dir: Path, objective: str) -> float:
+    """Wall seconds of one objective's DPO in the align stage: the trainer's own ``train_runtime`` (training and
+    its held-out evaluations; π_ref's log-probs, computed once before the objectives, are not in it)."""
     for line in (run_dir / "align" / "logs" / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        if "train_runtime" in row:
-            runtimes[row["objective"]] = row["train_runtime"]
-    return runtimes[objective] / sum(runtimes.values())
+        if "train_runtime" in row and row["objective"] == objective:
+            return row["train_runtime"]
+    raise ValueError(f"{run_dir}: no train_runtime for objective {objective!r} in align/logs/metrics.jsonl")
 
 
 # ------------------------------------------------------------------------------------------------ 2. MODPO
@@ -207,13 +208,14 @@ def build_rows(config, run_dir: Path, args) -> tuple[list[dict], float, float, f
     rows.append({"pipeline": "SIPO (sipo_fast)", "part": "total", "wall_s": sipo_wall,
                  "cpu_s": sum(c for _, c in sipo.values()), "how": "sum of the stages"})
     margin_obj = config.data.objectives[1]
-    share = objective_share(run_dir, margin_obj)
-    dpo = (sipo["align"][0] * share, sipo["align"][1] * share)
+    runtime = objective_runtime(run_dir, margin_obj)
+    dpo = (runtime, runtime * sipo["align"][1] / sipo["align"][0])  # CPU s at the align stage's CPU/wall ratio
     rows.append({"pipeline": "MODPO", "part": f"DPO ({margin_obj}, margin reward)", "wall_s": dpo[0], "cpu_s": dpo[1],
-                 "how": f"{share:.0%} of the measured align stage (its train_runtime share)"})
+                 "how": "its train_runtime in the measured align stage (π_ref's log-probs: in the first MODPO run)"})
     modpo = run_modpo(config, run_dir, not args.no_progress)
     rows += [{"pipeline": "MODPO", "part": f"MODPO w={w}", "wall_s": wall, "cpu_s": cpu,
-              "how": "measured (the first includes scoring the margins)" if i == 0 else "measured"}
+              "how": "measured (the first includes scoring the margins and π_ref's log-probs, shared by every weight)"
+              if i == 0 else "measured"}
              for i, (w, wall, cpu) in enumerate(modpo)]
     modpo_wall = dpo[0] + sum(w for _, w, _ in modpo)
     rows.append({"pipeline": "MODPO", "part": "total", "wall_s": modpo_wall,

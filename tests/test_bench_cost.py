@@ -17,14 +17,19 @@ def _load():
     return mod
 
 
-def test_objective_share_from_train_runtime(tmp_path):
-    """train_runtime 30 s (helpful) and 10 s (harmless): harmless's share of the align stage is 10 / 40."""
+def test_objective_runtime_from_train_runtime(tmp_path):
+    """train_runtime 30 s (helpful) and 10 s (harmless): harmless's DPO took 10 s; an objective that never
+    logged a train_runtime is an error, not a zero."""
     logs = tmp_path / "align" / "logs"
     logs.mkdir(parents=True)
     rows = [{"objective": "helpful", "loss": 0.7}, {"objective": "helpful", "train_runtime": 30.0},
             {"objective": "harmless", "loss": 0.6}, {"objective": "harmless", "train_runtime": 10.0}]
     (logs / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert _load().objective_share(tmp_path, "harmless") == pytest.approx(0.25)
+    bench = _load()
+    assert bench.objective_runtime(tmp_path, "harmless") == pytest.approx(10.0)
+    assert bench.objective_runtime(tmp_path, "helpful") == pytest.approx(30.0)
+    with pytest.raises(ValueError, match="no train_runtime"):
+        bench.objective_runtime(tmp_path, "honest")
 
 
 def test_generated_tokens_counts_every_candidate_plus_eos(tmp_path, tokenizer):
