@@ -23,7 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from sipo_fast.ops.backend import BACKENDS, resolve  # noqa: F401 - BACKENDS: the accepted names
+from sipo_fast.ops.backend import resolve
 
 # Default row chunk: about 2**25 logits (128 MiB in float32) per chunk; 682 rows at V = 49152. Larger chunks
 # amortise streaming W through the cache over more rows; the chunked CPU path holds one such block.

@@ -199,7 +199,8 @@ class PipelineConfig:
         return cls(**{k: data.get(k, default) for k, default in _TOP_LEVEL.items()}, **sections)
 
     def to_dict(self) -> dict:
-        return {**{k: getattr(self, k) for k in _TOP_LEVEL}, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
+        top = {k: getattr(self, k) for k in _TOP_LEVEL}
+        return {**top, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
 
     def to_yaml(self) -> str:
         """Block-style sections with one field per line and lists inline: easy to read and to diff."""
