@@ -385,3 +385,19 @@ def test_smoke_pipeline_with_backend_ref_matches_the_default_run(tmp_path, monke
     assert {r["stage"]: r["state"] for r in switched.status()
             if r["stage"] in ("align", "sample", "refine", "filter")} == dict.fromkeys(STAGES, "done")
     assert fast["manifest"]["stages"]["align"]["config"] == ref["manifest"]["stages"]["align"]["config"]
+
+
+# ------------------------------------------------------------------------------------------------ GPU
+@pytest.mark.gpu
+def test_cuda_auto_is_triton_and_cpu_default_keeps_cuda_tensors_off_triton(monkeypatch):
+    logits, w, u = (t.cuda() for t in _mod_inputs())
+    assert resolve(None, logits, "op") == "triton"
+    want = mod_ops.mod_sample_ref(logits.cpu(), w.cpu(), uniform=u.cpu())
+    spy = Spy(monkeypatch, mod_ops, "_mod_sample_torch")
+    with use_backend("cpu"):
+        tok, lp = mod_ops.mod_sample(logits, w, uniform=u)  # the torch fast path runs on CUDA tensors
+        assert spy.calls == 1 and torch.equal(tok.cpu(), want[0])
+        torch.testing.assert_close(lp.cpu(), want[1])
+        q, kc, vc, tables, clens = (t.cuda() for t in _paged_inputs())
+        with pytest.raises(ValueError, match="paged_attention: backend 'cpu' \\(the C\\+\\+ kernel\\) runs on CPU"):
+            pa_ops.paged_attention(q, kc, vc, tables, clens)
