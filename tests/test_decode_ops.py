@@ -31,7 +31,7 @@ def test_rms_norm_triton_and_torch_match_transformers(rows, cols, residual, dtyp
         hf.weight.copy_(torch.rand(cols, generator=g) + 0.5)
     s = x + r if residual else x
     want = hf(s)
-    for backend in ("torch", "triton"):
+    for backend in ("cpu", "triton"):
         got = rms_norm(x, hf.weight, 1e-5, r, backend=backend)
         y = got[0] if residual else got
         torch.testing.assert_close(y, want, **_tol(dtype))
@@ -46,7 +46,7 @@ def test_silu_mul_matches_eager(rows, cols, dtype):
     gate, up = (torch.randn(rows, cols, generator=g).to(dtype) for _ in range(2))
     want = torch.nn.functional.silu(gate) * up
     torch.testing.assert_close(silu_mul(gate, up, backend="triton"), want, **_tol(dtype))
-    assert torch.equal(silu_mul(gate, up, backend="torch"), want)
+    assert torch.equal(silu_mul(gate, up, backend="cpu"), want)
 
 
 def _rope_tables(positions, dim, dtype):
@@ -68,7 +68,7 @@ def test_rope_kv_rotates_like_transformers_and_writes_only_column_cur(heads, kv_
     pos = torch.tensor([0, 3, 17, 39, 8])
     want_q, want_k = apply_rotary_pos_emb(q.view(rows, heads, 1, dim), k.view(rows, kv_heads, 1, dim),
                                           cos[pos][:, None], sin[pos][:, None], unsqueeze_dim=1)
-    for backend in ("torch", "triton"):
+    for backend in ("cpu", "triton"):
         poison = torch.full((rows, kv_heads, width, dim), 123.0, dtype=dtype)
         kc, vc = poison.clone(), poison.clone()
         got = rope_kv(q, k, v, cos, sin, pos, kc, vc, torch.tensor([cur]), backend=backend)
@@ -86,7 +86,7 @@ def test_decode_attention_hand_computed():
     q = torch.tensor([[[1.0]]])
     kc = torch.tensor([0.0, math.log(3.0), 99.0]).view(1, 1, 3, 1)
     vc = torch.tensor([4.0, 8.0, -99.0]).view(1, 1, 3, 1)
-    for backend in ("ref", "torch", "triton"):
+    for backend in ("ref", "cpu", "triton"):
         out = decode_attention(q, kc, vc, torch.tensor([0]), torch.tensor([2]), 1.0, backend=backend)
         torch.testing.assert_close(out, torch.tensor([[[7.0]]]))
         out = decode_attention(q, kc, vc, torch.tensor([1]), torch.tensor([2]), 1.0, backend=backend)
@@ -110,7 +110,7 @@ def test_decode_attention_matches_float64_reference(heads, kv_heads, dim, width,
     starts = torch.tensor([0, 1, 5, length - 1, length, 2])  # row 4: nothing to attend → zeros
     ln = torch.tensor([length])
     want = decode_attention_ref(q.double(), kc.double(), vc.double(), starts, ln, dim ** -0.5, window)
-    for backend in ("triton", "torch"):
+    for backend in ("triton", "cpu"):
         got = decode_attention(q, kc, vc, starts, ln, dim ** -0.5, window, backend=backend)
         assert got.dtype == dtype and torch.isfinite(got).all()
         torch.testing.assert_close(got.double(), want, **_tol(dtype))
@@ -126,11 +126,11 @@ def test_cuda_kernels_match_torch(dtype):
     x, r = (torch.randn(rows, 2048, generator=g).to(dtype) for _ in range(2))
     wt = (torch.rand(2048, generator=g) + 0.5).to(dtype)
     y, s = rms_norm(x.cuda(), wt.cuda(), 1e-5, r.cuda())
-    want_y, want_s = rms_norm(x, wt, 1e-5, r, backend="torch")
+    want_y, want_s = rms_norm(x, wt, 1e-5, r, backend="cpu")
     torch.testing.assert_close(y.cpu(), want_y, **_tol(dtype))
     assert torch.equal(s.cpu(), want_s)
     gate, up = (torch.randn(rows, 5504, generator=g).to(dtype) for _ in range(2))
-    torch.testing.assert_close(silu_mul(gate.cuda(), up.cuda()).cpu(), silu_mul(gate, up, backend="torch"), **_tol(dtype))
+    torch.testing.assert_close(silu_mul(gate.cuda(), up.cuda()).cpu(), silu_mul(gate, up, backend="cpu"), **_tol(dtype))
     q = torch.randn(rows, heads * dim, generator=g).to(dtype)
     k, v = (torch.randn(rows, kv_heads * dim, generator=g).to(dtype) for _ in range(2))
     cos, sin = _rope_tables(width, dim, dtype)
@@ -138,7 +138,7 @@ def test_cuda_kernels_match_torch(dtype):
     caches = [torch.randn(rows, kv_heads, width, dim, generator=g).to(dtype) for _ in range(2)]
     cur = torch.tensor([77])
     cuda_caches = [c.cuda().index_fill_(2, cur.cuda(), float("nan")) for c in caches]  # column 77: poisoned
-    want_q = rope_kv(q, k, v, cos, sin, pos, *caches, cur, backend="torch")
+    want_q = rope_kv(q, k, v, cos, sin, pos, *caches, cur, backend="cpu")
     got_q = rope_kv(q.cuda(), k.cuda(), v.cuda(), cos.cuda(), sin.cuda(), pos.cuda(), *cuda_caches, cur.cuda())
     torch.testing.assert_close(got_q.cpu(), want_q, **_tol(dtype))
     for got, want in zip(cuda_caches, caches):

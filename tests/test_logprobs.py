@@ -9,7 +9,7 @@ import torch
 
 from sipo_fast.ops.logprobs import default_chunk_size, token_logprobs, token_logprobs_ref
 
-BACKENDS = ["chunked", "triton"]
+BACKENDS = ["cpu", "triton"]
 SHAPES = [(1, 16, 17), (37, 48, 1003), (6, 32, 49152 + 3)]  # (M, H, V): tiny, odd, SmolLM2's vocabulary + 3
 
 
@@ -92,7 +92,7 @@ def test_gradcheck_float64(backend):
 def test_gradcheck_float64_frozen_head():
     """The chunked path's eager d/dhidden (frozen weight and bias) under gradcheck."""
     h, w, b, y = _inputs(5, 16, 23, torch.float64, bias=True, ignore_every=2)
-    fn = lambda h_: token_logprobs(h_, w, y, bias=b, backend="chunked", chunk_size=2)  # noqa: E731
+    fn = lambda h_: token_logprobs(h_, w, y, bias=b, backend="cpu", chunk_size=2)  # noqa: E731
     assert torch.autograd.gradcheck(fn, [h.requires_grad_()])
 
 
@@ -139,7 +139,7 @@ def test_non_contiguous_inputs(backend):
 @pytest.mark.parametrize("chunk", [1, 5, 64, None])
 def test_chunk_size_does_not_change_the_result(chunk):
     h, w, b, y = _inputs(37, 24, 1003, torch.float32, bias=True, ignore_every=6)
-    torch.testing.assert_close(token_logprobs(h, w, y, bias=b, chunk_size=chunk, backend="chunked"),
+    torch.testing.assert_close(token_logprobs(h, w, y, bias=b, chunk_size=chunk, backend="cpu"),
                                token_logprobs_ref(h, w, y, bias=b), rtol=1e-5, atol=1e-5)
 
 
@@ -158,13 +158,13 @@ def test_chunked_path_never_builds_more_than_chunk_rows_of_logits(monkeypatch):
     monkeypatch.setattr(mod, "_logits_into", spy)
     h, w, _, y = _inputs(50, 16, 999, torch.float32)
     h.requires_grad_(), w.requires_grad_()
-    token_logprobs(h, w, y, chunk_size=8, backend="chunked").sum().backward()
+    token_logprobs(h, w, y, chunk_size=8, backend="cpu").sum().backward()
     assert len(seen) == 2 * 7  # 7 chunks of <= 8 rows, forward and backward (recomputed)
     assert all(buf_rows == 8 and rows <= 8 for buf_rows, rows, _ in seen)
     assert len({ptr for *_, ptr in seen[:7]}) == 1  # one buffer for the whole forward
     seen.clear()
     w.requires_grad_(False)  # frozen head: d/dh is formed in the forward, the backward recomputes nothing
-    token_logprobs(h, w, y, chunk_size=8, backend="chunked").sum().backward()
+    token_logprobs(h, w, y, chunk_size=8, backend="cpu").sum().backward()
     assert len(seen) == 7 and all(rows <= 8 for _, rows, _ in seen)
 
 

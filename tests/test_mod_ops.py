@@ -12,7 +12,7 @@ import torch
 
 from sipo_fast.ops import mod_filter_threshold, mod_mix, mod_mix_ref, mod_sample, mod_sample_ref
 
-BACKENDS = ["torch", "triton"]
+BACKENDS = ["cpu", "triton"]
 V_ODD = 49152 + 3
 
 
@@ -70,7 +70,7 @@ def test_mix_torch_path_is_bit_identical_to_ref(dtype):
     logits, w = _inputs(3, 9, 777, dtype)
     w[2] = torch.tensor([0.0, 0.25, 0.75])
     logits[0, 2, :10] = float("-inf")
-    assert torch.equal(mod_mix(logits, w, backend="torch"), mod_mix_ref(logits, w))
+    assert torch.equal(mod_mix(logits, w, backend="cpu"), mod_mix_ref(logits, w))
 
 
 def test_mix_triton_multi_block_merge():
@@ -225,7 +225,7 @@ LAWS = [(1.0, 0, 1.0), (0.6, 0, 1.0), (1.5, 4, 1.0), (1.0, 0, 0.75), (0.8, 6, 0.
 
 
 # The interpreter runs one Triton program per row, about 50 ms each: one law with fewer draws there.
-LAW_CASES = [(b, *law) for b in ("torch", "ref") for law in LAWS] + [("triton", *LAWS[3])]
+LAW_CASES = [(b, *law) for b in ("cpu", "ref") for law in LAWS] + [("triton", *LAWS[3])]
 
 
 @pytest.mark.parametrize("backend,temperature,top_k,top_p", LAW_CASES)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from sipo_fast.ops.paged_attention import paged_attention, paged_attention_ref
 
-CPU_BACKENDS = ["cpp", "triton", "ref"]
+CPU_BACKENDS = ["cpu", "triton", "ref"]
 
 
 def make_case(lens, heads, kv_heads, head_dim, block_size, dtype, *, seed=0, extra_blocks=3, device="cpu"):
@@ -128,7 +128,7 @@ def test_auto_backend_on_cpu_is_cpp_and_agrees_with_ref():
     from sipo_fast.ops.paged_attention import select_backend
 
     q, kc, vc, tables, clens, ks, vs = make_case([3, 8], 2, 1, 16, 4, torch.float32)
-    assert select_backend(q, kc) == "cpp"
+    assert select_backend(q, kc) == "cpu"
     torch.testing.assert_close(paged_attention(q, kc, vc, tables, clens),
                                paged_attention_ref(q, kc, vc, tables, clens), rtol=1e-5, atol=1e-6)
 
@@ -136,9 +136,9 @@ def test_auto_backend_on_cpu_is_cpp_and_agrees_with_ref():
 def test_pages_are_read_in_place():
     """Changing one page changes exactly the rows whose tables hold it (the kernel reads the pool itself)."""
     q, kc, vc, tables, clens, ks, vs = make_case([8, 8], 2, 2, 8, 4, torch.float32, seed=5)
-    before = paged_attention(q, kc, vc, tables, clens, backend="cpp")
+    before = paged_attention(q, kc, vc, tables, clens, backend="cpu")
     vc[tables[1, 0]] += 1.0
-    after = paged_attention(q, kc, vc, tables, clens, backend="cpp")
+    after = paged_attention(q, kc, vc, tables, clens, backend="cpu")
     torch.testing.assert_close(after[0], before[0])
     assert (after[1] - before[1]).abs().min() > 1e-3
 
@@ -162,13 +162,13 @@ def test_bad_inputs_raise_value_errors():
     args = dict(query=q, k_cache=kc, v_cache=vc, block_tables=tables, context_lens=clens)
     for override in bad:
         kw = {**args, **override}
-        backend = kw.pop("backend", "cpp")
+        backend = kw.pop("backend", "cpu")
         window = kw.pop("sliding_window", None)
         with pytest.raises(ValueError):
             paged_attention(kw["query"], kw["k_cache"], kw["v_cache"], kw["block_tables"], kw["context_lens"],
                             sliding_window=window, backend=backend)
     with pytest.raises(ValueError, match="unit-stride"):
-        paged_attention(q, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, tables, clens, backend="cpp")
+        paged_attention(q, kc.transpose(2, 3).contiguous().transpose(2, 3), vc, tables, clens, backend="cpu")
 
 
 @pytest.mark.gpu

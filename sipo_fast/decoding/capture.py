@@ -20,7 +20,13 @@ from __future__ import annotations
 import torch
 
 from sipo_fast.decoding.static import LeanPolicies
+from sipo_fast.ops.backend import requested
 from sipo_fast.ops.mod import mod_sample_checked
+
+
+def _triton(backend) -> bool:
+    """Whether ops given ``backend`` run their Triton kernels on CUDA tensors (the process default included)."""
+    return requested(backend) in ("auto", "triton")
 
 
 def bucket(rows: int) -> int:
@@ -68,7 +74,7 @@ class CapturedStep:
     def device_seeds(self) -> bool:
         """Sampling draws its per-step seed from ``state.seeds`` on the device (the Triton sampler on CUDA);
         otherwise the eager sampler draws from the generator, exactly as the other decode paths do."""
-        return self.sampled and self.device.type == "cuda" and self.backend in (None, "auto", "triton")
+        return self.sampled and self.device.type == "cuda" and _triton(self.backend)
 
     def sample_append(self, logits: torch.Tensor, generator=None) -> None:
         """Choose each row's token from ``logits [N, R, V]`` and record it (see the module docstring)."""
@@ -127,7 +133,9 @@ class CapturedDecoding:
                  sample_backend: str | None = None, pad_rows: bool | None = None):
         self.policies, self.sample_backend = policies, sample_backend
         dev = policies.lean[0].device
-        self.capture = bool(capture) and dev.type == "cuda" and sample_backend in (None, "auto", "triton")
+        # A graph needs host-sync-free ops: the Triton sampler and decode ops (the torch paths read values on the host)
+        self.capture = (bool(capture) and dev.type == "cuda" and _triton(sample_backend)
+                        and _triton(policies.lean[0].backend))
         self.check_every = int(check_every) if check_every is not None else (16 if self.capture else 1)
         if self.check_every < 1:
             raise ValueError(f"check_every must be >= 1, got {check_every!r}")

@@ -47,13 +47,16 @@ class MODDecoder:
         adapter_names: for a PEFT model, which adapters are the N policies, in objective order
             (default: all adapters, in insertion order).
         dedupe: share one forward and cache row among rows with the same prompt and prefix (exact).
-        lora_impl: "bmm" (batched LoRA, default) or "peft" (PEFT's mixed-adapter batches).
-        sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None: auto).
+        lora_impl: "bmm" (batched LoRA), "peft" (PEFT's mixed-adapter batches) or "auto" (bmm; peft under the
+            process-wide "ref" backend default, :mod:`sipo_fast.ops.backend`).
+        sample_backend: backend of :func:`sipo_fast.ops.mod_sample` (None/"auto": the process default, else by
+            device; "ref" under the "ref" default).
         kv_cache: "static" (the captured decode step: a lean forward over a preallocated cache, fixed padded
             batch, replayed as a CUDA graph on GPU; Llama, Mistral, Qwen2), "paged" (the shared paged KV cache
             of :mod:`sipo_fast.kv`: each distinct prompt's KV stored once per policy and shared by every row
             that continues it, forks without copies), "dynamic" (transformers' DynamicCache, rows copied on
-            fork) or "auto" (static on CUDA, paged on CPU, where they apply: :mod:`sipo_fast.decoding.paths`).
+            fork) or "auto" (static on CUDA, paged on CPU, where they apply; dynamic under the "ref" default:
+            :mod:`sipo_fast.decoding.paths`).
         kv_block_size: tokens per KV block of the paged cache.
         cuda_graph: on the static path on CUDA, record each step once and replay it (False: run it eagerly).
         check_every: on the static path, look for all-finished rows every this many steps (default 16 when
@@ -61,22 +64,21 @@ class MODDecoder:
     """
 
     def __init__(self, policies, tokenizer=None, *, compute_dtype: torch.dtype | None = None,
-                 adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "bmm",
+                 adapter_names: Sequence[str] | None = None, dedupe: bool = True, lora_impl: str = "auto",
                  sample_backend: str | None = None, kv_cache: str = "auto", kv_block_size: int = 16,
                  cuda_graph: bool = True, check_every: int | None = None):
         tokenizers = list(tokenizer) if isinstance(tokenizer, (list, tuple)) else None
         self.tokenizer = tokenizers[0] if tokenizers else tokenizer
         if compute_dtype is not None and not (isinstance(compute_dtype, torch.dtype) and compute_dtype.is_floating_point):
             raise ValueError(f"compute_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {compute_dtype!r}")
-        if lora_impl not in ("bmm", "peft"):
-            raise ValueError(f"lora_impl must be 'bmm' or 'peft', got {lora_impl!r}")
+        from sipo_fast.decoding.paths import resolve_kv_cache, resolve_lora_impl, resolve_sampler
+
+        lora_impl = resolve_lora_impl(lora_impl)  # these read the process-wide backend default once, here
         self.dedupe = bool(dedupe)
-        self.sample_backend = sample_backend
+        self.sample_backend = resolve_sampler(sample_backend)
         models = self._policy_models(policies, adapter_names)
         self._check_vocab(models, tokenizers)
         cast = lambda m: m if compute_dtype in (None, m.dtype) else copy.deepcopy(m).to(compute_dtype)  # noqa: E731
-        from sipo_fast.decoding.paths import resolve_kv_cache
-
         device = next(models[0].parameters()).device
         self._requested_kv = kv_cache
         self._static_ran = False  # a captured step that ran once is trusted: later failures raise

@@ -9,12 +9,20 @@
     the captured step (the GPU is host-bound without it); on CPU the paged cache, whose state sharing and
     dropping of finished rows save compute where compute is the cost. When a preferred path does not apply,
     one warning says why and the next path is used; an explicit choice that cannot apply raises.
+
+Under the process-wide ``"ref"`` default (:mod:`sipo_fast.ops.backend`, e.g. the pipeline's ``backend: ref``) the
+decoder's automatic choices are its reference-like ones: ``"auto"`` -> ``"dynamic"`` (transformers' own forward
+and cache), LoRA ``lora_impl="auto"`` -> ``"peft"`` (PEFT's own mixed-adapter batches) and the sampler ->
+``"ref"``. Under any other default they are the fast ones (``lora_impl`` ``"bmm"``; the sampler follows the default).
 """
 from __future__ import annotations
 
 import warnings
 
+from sipo_fast.ops.backend import canonical, get_default_backend
+
 KV_CACHES = ("auto", "static", "paged", "dynamic")
+LORA_IMPLS = ("auto", "bmm", "peft")
 AUTO_ORDER = {"cuda": ("static", "paged", "dynamic"), "cpu": ("paged", "dynamic")}
 _warned: set[str] = set()
 
@@ -47,10 +55,30 @@ def fallback_after(path: str, model, device) -> str:
     return next((p for p in _order(device) if p != path and problem(p, model) is None), "dynamic")
 
 
+def resolve_lora_impl(lora_impl: str) -> str:
+    """``"bmm"`` (batched LoRA) or ``"peft"``; ``"auto"``: peft under the ``"ref"`` default, else bmm."""
+    if lora_impl not in LORA_IMPLS:
+        raise ValueError(f"lora_impl must be one of {LORA_IMPLS}, got {lora_impl!r}")
+    if lora_impl == "auto":
+        return "peft" if get_default_backend() == "ref" else "bmm"
+    return lora_impl
+
+
+def resolve_sampler(sample_backend) -> str | None:
+    """The sampler's backend: the name given (checked), or ``"ref"`` for None/"auto" under the ``"ref"`` default
+    (other defaults are left to :func:`sipo_fast.ops.mod_sample` at each call)."""
+    name = canonical(sample_backend, "MODDecoder(sample_backend=...)")
+    if name == "auto":
+        return "ref" if get_default_backend() == "ref" else sample_backend
+    return name
+
+
 def resolve_kv_cache(kv_cache: str, model, device) -> str:
     """The path to use for ``kv_cache`` on ``device`` (see the module docstring)."""
     if kv_cache not in KV_CACHES:
         raise ValueError(f"kv_cache must be one of {KV_CACHES}, got {kv_cache!r}")
+    if kv_cache == "auto" and get_default_backend() == "ref":
+        return "dynamic"
     if kv_cache != "auto":
         why = problem(kv_cache, model)
         if why:

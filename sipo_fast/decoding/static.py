@@ -74,7 +74,8 @@ class LeanModel:
     """The weights of one Llama-family causal LM, arranged for :meth:`prefill` and :meth:`decode`.
 
     ``lora``: for a PEFT base with N adapters, ``{module: stacked}`` from :mod:`sipo_fast.decoding.lora`.
-    ``backend`` goes to every op of :mod:`sipo_fast.ops.decode` (None: Triton on CUDA, torch on CPU).
+    ``backend`` goes to every op of :mod:`sipo_fast.ops.decode` (None: the process default, else Triton on CUDA,
+    cpu otherwise).
     """
 
     def __init__(self, model, lora: dict | None = None, backend: str | None = None):

@@ -1,5 +1,7 @@
 """Fused ops: one functional API each, dispatching to Triton (CUDA tensors), a C++/torch CPU fast path,
-or the plain-torch ``<op>_ref`` reference that sits beside them and defines the semantics.
+or the plain-torch ``<op>_ref`` reference that sits beside them and defines the semantics. Every op's
+``backend=`` speaks one vocabulary (``"auto"``, ``"triton"``, ``"cpu"``, ``"ref"``) with one process-wide
+default (``set_default_backend``, ``use_backend``): :mod:`sipo_fast.ops.backend`.
 
 Names resolve lazily from the submodules below, so ``import sipo_fast.ops`` stays cheap and an op
 module that needs an optional backend fails only when that op is used.
@@ -8,10 +10,10 @@ from __future__ import annotations
 
 import importlib
 
-# Submodules searched, in order, for a public name: mod (MOD mix/sample), logprobs (fused token
-# log-probs), paged_attention (decode attention over the shared paged KV cache), decode (the fused
-# per-layer ops of the captured decode step).
-_SUBMODULES = ("mod", "logprobs", "paged_attention", "decode")
+# Submodules searched, in order, for a public name: backend (the backend vocabulary and default), mod (MOD
+# mix/sample), logprobs (fused token log-probs), paged_attention (decode attention over the shared paged KV
+# cache), decode (the fused per-layer ops of the captured decode step).
+_SUBMODULES = ("backend", "mod", "logprobs", "paged_attention", "decode")
 
 
 def __getattr__(name: str):

@@ -14,29 +14,24 @@ For a Llama-family layer, in the model's dtype (``dt``), as transformers' eager 
     ``out[r, h] = Σ_t softmax_t(scale · q[r, h] · K[r, g, t]) · V[r, g, t]`` (zeros for an empty range).
 
 ``length`` and ``cur`` are one-element device tensors, not Python ints, so a CUDA graph can replay a step
-whose cache column advances. Backends: ``"triton"`` (CUDA; CPU only under ``TRITON_INTERPRET=1``, as the tests
-run it), ``"torch"`` (plain torch, the CPU path), ``"ref"`` (:func:`decode_attention_ref`, the semantics in
-float32/64; the other ops' torch path *is* their reference), ``None``/``"auto"``: triton on CUDA, else torch.
+whose cache column advances. Backends (:mod:`sipo_fast.ops.backend`): ``"triton"`` (CUDA; CPU only under
+``TRITON_INTERPRET=1``, as the tests run it), ``"cpu"`` (plain torch, any device; old name ``"torch"``), ``"ref"``
+(:func:`decode_attention_ref`, the semantics in float32/64; the other ops' plain-torch path *is* their reference,
+so ``"ref"`` runs it), ``None``/``"auto"``: the process default, else triton on CUDA and cpu otherwise.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from sipo_fast.ops.backend import pick_backend
-
-BACKENDS = (None, "auto", "torch", "triton", "ref")
-
-
-def _pick(backend, x: torch.Tensor) -> str:
-    return pick_backend(backend, x, BACKENDS)
+from sipo_fast.ops.backend import resolve
 
 
 # ------------------------------------------------------------------------------------------------ norms
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None, *,
              backend: str | None = None):
     """RMSNorm of ``x (+ residual)`` over the last dim; rows ``[R, C]``. See the module docstring."""
-    if _pick(backend, x) == "triton":
+    if resolve(backend, x, "rms_norm") == "triton":
         from sipo_fast.kernels.decode import rms_norm_triton
 
         return rms_norm_triton(x, weight, eps, residual)
@@ -48,7 +43,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
     """``silu(gate) · up`` for the gated MLP, rows ``[R, C]``."""
-    if _pick(backend, gate) == "triton":
+    if resolve(backend, gate, "silu_mul") == "triton":
         from sipo_fast.kernels.decode import silu_mul_triton
 
         return silu_mul_triton(gate, up)
@@ -70,7 +65,7 @@ def rope_kv(q, k, v, cos, sin, pos, k_cache, v_cache, cur, *, backend: str | Non
     """Rotate q and k of one decode token per row, store k and v at cache column ``cur[0]``; returns q
     ``[R, H, D]``. q ``[R, H·D]``, k/v ``[R, Hkv·D]``, cos/sin ``[P, D]`` (position table), pos ``[R]``,
     caches ``[R, Hkv, T, D]``, cur ``[1]`` int64."""
-    if _pick(backend, q) == "triton":
+    if resolve(backend, q, "rope_kv") == "triton":
         from sipo_fast.kernels.decode import rope_kv_triton
 
         return rope_kv_triton(q, k, v, cos, sin, pos, k_cache, v_cache, cur)
@@ -109,14 +104,14 @@ def decode_attention(q, k_cache, v_cache, starts, length, scale: float, window: 
                      backend: str | None = None) -> torch.Tensor:
     """One query token per row against its cache columns; q ``[R, H, D]``, caches ``[R, Hkv, T, D]``,
     starts ``[R]``, length ``[1]``. Returns ``[R, H, D]`` in q's dtype."""
-    b = _pick(backend, q)
+    b = resolve(backend, q, "decode_attention")
     if b == "triton":
         from sipo_fast.kernels.decode import decode_attention_triton
 
         return decode_attention_triton(q, k_cache, v_cache, starts, length, scale, window)
     if b == "ref":
         return decode_attention_ref(q, k_cache, v_cache, starts, length, scale, window)
-    # torch: SDPA over the columns written so far (a host read of length: this path is never captured)
+    # cpu: SDPA over the columns written so far (a host read of length: this path is never captured)
     n = int(length)
     valid = _valid_columns(starts, n, window, n, q.device)
     out = F.scaled_dot_product_attention(q[:, :, None], k_cache[:, :, :n], v_cache[:, :, :n],

@@ -9,11 +9,12 @@ For hidden states h_m (rows of [M, H]), an LM head W [V, H] (optional bias b [V]
 Gradient, for an upstream gradient g_m:   dz_m = g_m · (onehot(y_m) - softmax(z_m)),
     dh_m = dz_m W,   dW = Σ_m dz_mᵀ h_m,   db = Σ_m dz_m.
 
-Backends (one place decides, :func:`token_logprobs`):
+Backends (the shared vocabulary of :mod:`sipo_fast.ops.backend`, which decides):
   * ``"triton"``: ``sipo_fast.kernels.logprobs`` (online logsumexp over vocabulary tiles; the default for CUDA
     tensors; runs on CPU tensors only under ``TRITON_INTERPRET=1``, which is how tests force it).
-  * ``"chunked"``: plain torch over row chunks (the CPU default): per chunk, one [chunk, V] logits matmul,
-    logsumexp and gather, then freed; the backward recomputes the chunk. Extra memory: chunk × V.
+  * ``"cpu"`` (old name ``"chunked"``): plain torch over row chunks (the CPU default; any device): per chunk, one
+    [chunk, V] logits matmul, logsumexp and gather, then freed; the backward recomputes the chunk. Extra memory:
+    chunk × V.
   * ``"ref"``: :func:`token_logprobs_ref`, the full-logits reference that defines the semantics.
 Ignored rows are dropped before any backend runs, so prompt and padding positions cost nothing.
 """
@@ -22,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-BACKENDS = ("auto", "triton", "chunked", "ref")
+from sipo_fast.ops.backend import resolve
+
 # Default row chunk: about 2**25 logits (128 MiB in float32) per chunk; 682 rows at V = 49152. Larger chunks
 # amortise streaming W through the cache over more rows; the chunked CPU path holds one such block.
 _CHUNK_ELEMENTS = 1 << 25
@@ -193,22 +195,6 @@ class TokenLogprobsFunction(torch.autograd.Function):
         return gh, gw, gb, None, None, None
 
 
-def _pick_backend(backend: str | None, device: torch.device) -> str:
-    backend = backend or "auto"
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r}: choose one of {', '.join(BACKENDS)}")
-    if backend == "auto":
-        from sipo_fast.kernels import HAS_TRITON
-
-        return "triton" if device.type == "cuda" and HAS_TRITON else "chunked"
-    if backend == "triton":
-        from sipo_fast.kernels import HAS_TRITON
-
-        if not HAS_TRITON:
-            raise ValueError("backend='triton' but triton is not importable; use backend='chunked'")
-    return backend
-
-
 def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
                    bias: torch.Tensor | None = None, chunk_size: int | None = None,
                    backend: str | None = None) -> torch.Tensor:
@@ -220,13 +206,14 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
         labels: [M] or [B, T] token ids in [0, V), or ``ignore_index`` for positions to skip.
         bias: optional [V] LM head bias.
         chunk_size: rows per chunk for the chunked paths (default: ~2**25 logits per chunk).
-        backend: "auto" (Triton for CUDA tensors, chunked torch otherwise), "triton", "chunked" or "ref".
+        backend: None/"auto" (the process default, else Triton for CUDA tensors, the chunked torch path
+            otherwise), "triton", "cpu" (chunked torch) or "ref" (:mod:`sipo_fast.ops.backend`).
     Returns:
         log p(label) with labels' shape, float32 (float64 for float64 inputs), 0 at ignored positions.
         Differentiable w.r.t. hidden, weight and bias; the backward also works chunk by chunk.
     """
     _validate(hidden, weight, labels, bias, ignore_index, chunk_size)
-    backend = _pick_backend(backend, hidden.device)
+    backend = resolve(backend, hidden, "token_logprobs")
     if backend == "ref":
         return token_logprobs_ref(hidden, weight, labels, ignore_index=ignore_index, bias=bias)
     H = hidden.shape[-1]

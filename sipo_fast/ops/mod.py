@@ -15,13 +15,13 @@ Each call also returns, per policy, the log-probability of the chosen token unde
 temperature 1 and without top-k/top-p: ``log π_i(tok) = l_i[tok] − logsumexp(l_i)``. Summed over a
 response, these are the log π_i(y|x) of implicit rewards (SIPO.md §2), obtained without another pass.
 
-Backends (one API, a switch for tests):
+Backends (the shared vocabulary of :mod:`sipo_fast.ops.backend`, which decides):
   * ``"triton"``: the fused kernels in :mod:`sipo_fast.kernels.mod_sample` (CUDA; CPU tensors only under
     ``TRITON_INTERPRET=1``, which is how tests exercise it).
-  * ``"torch"``: the CPU fast path. Plain torch ops, no interpreter; none of the N per-policy
-    log-softmax tensors is materialised.
+  * ``"cpu"`` (old name ``"torch"``): the CPU fast path. Plain torch ops, no interpreter; none of the N
+    per-policy log-softmax tensors is materialised.
   * ``"ref"``: :func:`mod_mix_ref` / :func:`mod_sample_ref`, the documented semantics and test oracle.
-  * ``None`` (default): triton for CUDA tensors, torch otherwise.
+  * ``None``/``"auto"`` (default): the process default, else triton for CUDA tensors and cpu otherwise.
 
 Top-k / top-p keep the set ``{v : z_v/τ ≥ t}`` for a per-row threshold t (:func:`mod_filter_threshold`):
 top-k keeps the k largest (ties with the k-th are kept, as in transformers); top-p then keeps the
@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import torch
 
-from sipo_fast.ops.backend import pick_backend
+from sipo_fast.ops.backend import resolve
 
-_BACKENDS = (None, "auto", "torch", "triton", "ref")
 WEIGHT_TOL = 1e-6
 
 
@@ -94,10 +93,6 @@ def _check_inputs(logits: torch.Tensor, weights, temperature=1.0, top_k=0, top_p
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
     return w.to(logits.device)
-
-
-def _pick_backend(backend, logits: torch.Tensor) -> str:
-    return pick_backend(backend, logits, _BACKENDS)
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -253,12 +248,12 @@ def mod_mix(logits: torch.Tensor, weights, *, backend: str | None = None) -> tor
     Args:
         logits: [N, B, V] raw next-token logits of N policies (any float dtype, any strides).
         weights: [N] for all rows or [B, N] per row; each row on the simplex.
-        backend: None (auto), "torch", "triton" or "ref".
+        backend: None/"auto", "triton", "cpu" or "ref" (:mod:`sipo_fast.ops.backend`).
     Returns:
         [B, V] float32 log-probabilities of the mixed distribution at temperature 1.
     """
     w = _check_inputs(logits, weights)
-    backend = _pick_backend(backend, logits)
+    backend = resolve(backend, logits, "mod_mix")
     if backend == "ref":
         return mod_mix_ref(logits, w)
     if backend == "triton":
@@ -280,7 +275,7 @@ def mod_sample(logits: torch.Tensor, weights, *, temperature: float = 1.0, top_k
         top_k: keep the k most likely mixed tokens (0 = off). top_p: nucleus mass (1 = off).
         generator: torch.Generator for reproducible sampling (the Triton path draws one seed from it).
         uniform: optional explicit noise U [B, V] in [0, 1) for the Gumbel-max draw (tests).
-        backend: None (auto: triton on CUDA, torch on CPU), "torch", "triton" or "ref".
+        backend: None/"auto" (the process default, else triton on CUDA, cpu on CPU), "triton", "cpu" or "ref".
     Returns:
         tokens [B] int64 and token_logprobs [B, N] float32, ``log_softmax(l_i)[tok]`` at temperature 1.
     """
@@ -300,7 +295,7 @@ def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperatu
     ``seed_tensor`` ([1] int64 on the device, Triton backend only) makes a sampling call free of host work,
     for the captured decode step. ``workspace`` (a dict kept by the caller) lets the CPU path reuse its
     scratch buffers between calls."""
-    backend = _pick_backend(backend, logits)
+    backend = resolve(backend, logits, "mod_sample")
     if backend == "ref":
         return mod_sample_ref(logits, weights, temperature=temperature, top_k=top_k, top_p=top_p,
                               generator=generator, do_sample=do_sample, uniform=uniform)

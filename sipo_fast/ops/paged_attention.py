@@ -11,14 +11,15 @@ grouped-query attention), context length L_b and, with a sliding window w, start
 A row with L_b = 0 gets zeros. The window follows transformers' convention: the query at position L_b - 1
 sees the last w keys (itself included).
 
-Backends (one place decides, :func:`paged_attention`):
-  * ``"cpp"``: the C++ kernel in ``csrc/paged_attention.cpp`` (OpenMP over (sequence, kv head), vectorised
-    inner loops). The CPU default.
-  * ``"flash"``: flash-attn's ``flash_attn_with_kvcache(..., block_table=...)``. The CUDA default when
-    flash-attn is installed, the dtype is fp16/bf16 and the block size is a multiple of 256 (its page rule).
+Backends (the shared vocabulary of :mod:`sipo_fast.ops.backend`, which decides, plus ``"flash"``):
+  * ``"cpu"`` (old name ``"cpp"``): the C++ kernel in ``csrc/paged_attention.cpp`` (OpenMP over (sequence,
+    kv head), vectorised inner loops); CPU tensors only. The CPU default.
+  * ``"flash"`` (this op only): flash-attn's ``flash_attn_with_kvcache(..., block_table=...)``. The CUDA default
+    when flash-attn is installed, the dtype is fp16/bf16 and the block size is a multiple of 256 (its page rule).
   * ``"triton"``: ``sipo_fast.kernels.paged_attention`` (online softmax, one page at a time). The CUDA default
     otherwise; runs on CPU tensors only under ``TRITON_INTERPRET=1``, which is how tests force it.
   * ``"ref"``: :func:`paged_attention_ref`, plain torch: gather every page, mask, softmax. The semantics.
+  * ``"auto"``/None: the process default, else the CUDA or CPU default above.
 """
 from __future__ import annotations
 
@@ -26,7 +27,11 @@ import importlib.util
 
 import torch
 
-BACKENDS = ("auto", "cpp", "triton", "flash", "ref")
+from sipo_fast.ops.backend import BACKENDS as _SHARED
+from sipo_fast.ops.backend import resolve, triton_available
+
+EXTRA = ("flash",)  # a distinct implementation only this op has
+BACKENDS = _SHARED + EXTRA
 _FLASH_PAGE = 256  # flash-attn 2 requires paged KV blocks to be a multiple of 256 tokens
 
 
@@ -107,24 +112,24 @@ def _has_flash_attn() -> bool:
     return importlib.util.find_spec("flash_attn") is not None
 
 
+def _gpu_choice(query: torch.Tensor, k_cache: torch.Tensor) -> str:
+    if _has_flash_attn() and query.dtype in (torch.float16, torch.bfloat16) and k_cache.shape[1] % _FLASH_PAGE == 0:
+        return "flash"
+    return "triton" if triton_available() else "ref"  # the C++ kernel cannot read CUDA tensors
+
+
 def select_backend(query: torch.Tensor, k_cache: torch.Tensor) -> str:
-    """The backend ``"auto"`` picks for these tensors (see the module docstring)."""
-    if query.device.type == "cuda":
-        if (_has_flash_attn() and query.dtype in (torch.float16, torch.bfloat16)
-                and k_cache.shape[1] % _FLASH_PAGE == 0):
-            return "flash"
-        return "triton"
-    return "cpp"
+    """The backend ``"auto"`` picks by device for these tensors (see the module docstring), ignoring the
+    process default."""
+    return _gpu_choice(query, k_cache) if query.device.type == "cuda" else "cpu"
 
 
 def paged_attention(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                     block_tables: torch.Tensor, context_lens: torch.Tensor, *, scale: float | None = None,
-                    sliding_window: int | None = None, backend: str = "auto") -> torch.Tensor:
+                    sliding_window: int | None = None, backend: str | None = "auto") -> torch.Tensor:
     """Decode attention reading K/V pages in place: query [B, H, D] -> [B, H, D] (formula in the module
-    docstring). ``backend`` in ``("auto", "cpp", "triton", "flash", "ref")``; ``"auto"``: CUDA -> flash-attn
-    if it applies, else Triton; CPU -> the C++ kernel."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    docstring). ``backend`` in ``("auto", "triton", "cpu", "ref", "flash")``; ``"auto"``: the process default,
+    else CUDA -> flash-attn if it applies, else Triton; CPU -> the C++ kernel."""
     _validate(query, k_cache, v_cache, block_tables, context_lens, sliding_window)
     return paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_lens, scale=scale,
                                      sliding_window=sliding_window, backend=backend)
@@ -137,8 +142,7 @@ def paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_len
     step and calls this once per layer; the checks would cost more than the CPU kernel on small batches).
     The C++ kernel still bounds-checks block ids and lengths."""
     scale = query.shape[-1] ** -0.5 if scale is None else float(scale)
-    if backend == "auto":
-        backend = select_backend(query, k_cache)
+    backend = resolve(backend, query, "paged_attention", gpu=lambda: _gpu_choice(query, k_cache), extra=EXTRA)
     if backend == "ref":
         return paged_attention_ref(query, k_cache, v_cache, block_tables, context_lens, scale=scale,
                                    sliding_window=sliding_window)
@@ -151,12 +155,13 @@ def paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_len
     tables = block_tables.to(torch.int32).contiguous()
     lens = context_lens.to(torch.int32).contiguous()
     window = sliding_window or 0
-    if backend == "cpp":
+    if backend == "cpu":
         if query.device.type != "cpu":
-            raise ValueError("backend='cpp' runs on CPU tensors; use 'triton' or 'flash' for CUDA tensors")
+            raise ValueError("paged_attention: backend 'cpu' (the C++ kernel) runs on CPU tensors; use 'triton', "
+                             "'flash' or 'ref' for CUDA tensors")
         from sipo_fast import _ext
 
-        return _ext.require("paged_attention(backend='cpp')").paged_attention_decode(
+        return _ext.require("paged_attention(backend='cpu')").paged_attention_decode(
             query, k_cache, v_cache, tables, lens, scale, window)
     if backend == "triton":
         from sipo_fast.kernels.paged_attention import paged_attention_decode

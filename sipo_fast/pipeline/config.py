@@ -121,11 +121,20 @@ _SECTIONS = {"model": ModelConfig, "data": DataConfig, "align": AlignConfig, "sa
 SECTION_NAMES.update({cls.__name__: name for name, cls in _SECTIONS.items()})
 
 
+BACKEND_CHOICES = ("auto", "triton", "cpu", "ref")
+
+
 @dataclass
 class PipelineConfig:
-    """The whole SIPO run: a seed plus one section per stage. Cross-section rules are checked here."""
+    """The whole SIPO run: a seed, the ops' backend, one section per stage. Cross-section rules are checked here."""
 
     seed: int = 0
+    backend: str = "auto"
+    """Which implementation every op runs for the length of the run (:mod:`sipo_fast.ops.backend`): "auto" (leave
+    the process default alone: Triton on CUDA, the CPU fast paths on CPU), "triton", "cpu" or "ref" (every op on
+    its plain-torch reference, the MOD decoder on transformers' own cache and PEFT's adapters: a check of the
+    fast paths). Not part of any stage's fingerprint: the paths agree to float tolerance, not bit for bit, so
+    switching a finished run's backend re-uses its stages (--rerun or --force to recompute them)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
@@ -137,6 +146,10 @@ class PipelineConfig:
 
     def __post_init__(self):
         self.seed = coerce("seed", "int", self.seed)
+        self.backend = coerce("backend", "str", self.backend)
+        if self.backend not in BACKEND_CHOICES:
+            raise ValueError(f"backend={self.backend!r}: choose {', '.join(BACKEND_CHOICES[:-1])} or "
+                             f"{BACKEND_CHOICES[-1]}")
         n = len(self.data.objectives)
         self.sample.weights = resolve_weights(self.sample.weights, n, "sample.weights")
         if self.filter.soup_weights is not None:
@@ -176,14 +189,16 @@ class PipelineConfig:
     @classmethod
     def from_dict(cls, data: dict | None) -> "PipelineConfig":
         data = dict(data or {})
-        unknown = sorted(set(data) - set(_SECTIONS) - {"seed"})
+        unknown = sorted(set(data) - set(_SECTIONS) - set(_TOP_LEVEL))
         if unknown:
-            raise ValueError(f"unknown top-level key(s) {unknown}; valid keys: seed, {', '.join(_SECTIONS)}")
+            raise ValueError(f"unknown top-level key(s) {unknown}; valid keys: {', '.join(_TOP_LEVEL)}, "
+                             f"{', '.join(_SECTIONS)}")
         sections = {name: sec.from_dict(data.get(name), name) for name, sec in _SECTIONS.items()}
-        return cls(seed=data.get("seed", 0), **sections)
+        return cls(**{k: data.get(k, default) for k, default in _TOP_LEVEL.items()}, **sections)
 
     def to_dict(self) -> dict:
-        return {"seed": self.seed, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
+        top = {k: getattr(self, k) for k in _TOP_LEVEL}
+        return {**top, **{name: getattr(self, name).to_dict() for name in _SECTIONS}}
 
     def to_yaml(self) -> str:
         """Block-style sections with one field per line and lists inline: easy to read and to diff."""
@@ -209,12 +224,12 @@ class PipelineConfig:
                 first = str(exc).splitlines()[0]
                 raise ValueError(f"override {item!r}: the value is not valid YAML ({first})") from None
             parts = key.strip().split(".")
-            if parts == ["seed"]:
-                data["seed"] = value
+            if len(parts) == 1 and parts[0] in _TOP_LEVEL:
+                data[parts[0]] = value
                 continue
             if len(parts) != 2 or parts[0] not in _SECTIONS:
-                raise ValueError(f"override {item!r}: the key must be seed or <section>.<field> with section one of "
-                                 f"{', '.join(_SECTIONS)}")
+                raise ValueError(f"override {item!r}: the key must be {' or '.join(_TOP_LEVEL)} or <section>.<field> "
+                                 f"with section one of {', '.join(_SECTIONS)}")
             section, name = parts
             if name not in {f.name for f in fields(_SECTIONS[section])}:
                 raise ValueError(f"override {item!r}: section '{section}' has no field '{name}'; valid: "
@@ -223,8 +238,12 @@ class PipelineConfig:
         return PipelineConfig.from_dict(data)
 
     def get(self, dotted: str) -> Any:
-        """Value at ``section.field`` (or ``seed``), used by stage fingerprints."""
+        """Value at ``section.field`` (or a top-level key such as ``seed``), used by stage fingerprints."""
         obj: Any = self
         for part in dotted.split("."):
             obj = getattr(obj, part)
         return obj.to_dict() if isinstance(obj, _Section) else obj
+
+
+# Top-level keys besides the sections, with their defaults (from_dict, to_dict and overrides read this).
+_TOP_LEVEL = {"seed": 0, "backend": "auto"}

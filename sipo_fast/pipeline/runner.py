@@ -148,7 +148,18 @@ class SIPOPipeline:
         return found.facts + out.facts
 
     def run(self, stages: list[str] | None = None, *, rerun: bool = False) -> dict:
-        """Run the pipeline (or only ``stages``); returns {stage: summary} of every enabled stage."""
+        """Run the pipeline (or only ``stages``); returns {stage: summary} of every enabled stage. Every op runs
+        on ``config.backend`` for the length of the run (the process-wide default is restored afterwards; "auto"
+        leaves it as it is)."""
+        if self.config.backend == "auto":
+            return self._run(stages, rerun=rerun)
+        from sipo_fast.ops.backend import use_backend
+
+        log.info("backend=%s: every op runs its %s path for this run", self.config.backend, self.config.backend)
+        with use_backend(self.config.backend):
+            return self._run(stages, rerun=rerun)
+
+    def _run(self, stages: list[str] | None, *, rerun: bool) -> dict:
         if stages is not None:
             unknown = [s for s in stages if s not in self.stages]
             if unknown:

@@ -16,6 +16,7 @@ import warnings
 import torch
 import torch.nn as nn
 
+from sipo_fast.ops.backend import canonical
 from sipo_fast.ops.logprobs import token_logprobs
 
 BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -129,9 +130,12 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     The logits at position t-1 score token t; prompt and padding are excluded and the EOS that ends the
     response is included (``response_mask`` from ``encode_pairs`` covers it). A response token at position 0
     has no context and is not scored. Models whose logits are soft-capped or scaled in an unknown way fall back
-    to the plain full-logits forward, with one warning. Extra ``forward_kwargs`` go to ``model(...)``.
+    to the plain full-logits forward (:func:`sequence_logprobs_ref`, whatever ``backend`` says), with one warning.
+    ``backend`` is :func:`sipo_fast.ops.token_logprobs`'s (None/"auto", "triton", "cpu", "ref"); it is checked
+    here, so a bad name fails on those models too. Extra ``forward_kwargs`` go to ``model(...)``.
     """
     _validate_batch(input_ids, attention_mask, response_mask)
+    canonical(backend, "sequence_logprobs")
     plan = lm_head_plan(model)
     if plan is None:
         _warn_once(f"fallback:{type(_unwrap(model)).__name__}",

@@ -62,7 +62,7 @@ class FusedDPOConfig(DPOConfig):
         objective_names: names for the per-objective metrics: [trained objective, margin objectives...].
         prompt_template: "chat", "none" or a format string with ``{prompt}`` (``sipo_fast.data.formatting``).
         logprobs_chunk_size: rows per chunk of the fused log-prob op (None: automatic).
-        logprobs_backend: "auto", "triton", "chunked" or "ref" for the fused log-prob op.
+        logprobs_backend: None/"auto" (the process default), "triton", "cpu" or "ref" for the fused log-prob op.
     """
 
     loss_type: list[str] = field(default_factory=lambda: ["sigmoid"],
@@ -74,7 +74,7 @@ class FusedDPOConfig(DPOConfig):
     objective_names: list[str] | None = field(default=None, metadata={"help": "Names for per-objective metrics."})
     prompt_template: str = field(default="chat", metadata={"help": "'chat', 'none' or a format string."})
     logprobs_chunk_size: int | None = field(default=None, metadata={"help": "Rows per fused log-prob chunk."})
-    logprobs_backend: str | None = field(default=None, metadata={"help": "auto, triton, chunked or ref."})
+    logprobs_backend: str | None = field(default=None, metadata={"help": "auto, triton, cpu or ref."})
 
     def __post_init__(self):
         super().__post_init__()
