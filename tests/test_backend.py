@@ -14,7 +14,7 @@ import sipo_fast._ext as ext
 import sipo_fast.ops.decode as dec_ops
 import sipo_fast.ops.logprobs as lp_ops
 import sipo_fast.ops.mod as mod_ops
-import sipo_fast.ops.paged_attention as pa_ops
+import sipo_fast.ops.attention as pa_ops
 from sipo_fast.ops.backend import (BACKENDS, canonical, get_default_backend, requested, resolve,
                                    set_default_backend, use_backend)
 

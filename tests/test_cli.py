@@ -375,3 +375,17 @@ def test_force_with_bad_data_keeps_the_finished_run(smoke_run, tmp_path, capsys)
                  "eval.enabled=false"]) == 2
     assert "error: data:" in capsys.readouterr().err
     assert manifest(run) == before and not list(tmp_path.glob("finished.old-*"))
+
+
+def test_eval_backend_flag_sets_the_default_for_the_whole_evaluation(monkeypatch):
+    """`sipo-fast eval --backend ref` evaluates under use_backend("ref") and restores the default after."""
+    from sipo_fast.cli import eval as eval_cli
+    from sipo_fast.ops.backend import get_default_backend
+
+    seen = []
+    monkeypatch.setattr(eval_cli, "_run", lambda args: seen.append(get_default_backend()) or 0)
+    before = get_default_backend()
+    assert main(["eval", "--backend", "ref", "--run-dir", "nowhere"]) == 0
+    assert seen == ["ref"] and get_default_backend() == before
+    with pytest.raises(SystemExit):
+        main(["eval", "--backend", "gpu", "--run-dir", "nowhere"])

@@ -64,7 +64,7 @@ W4 = torch.tensor([[0.2, 0.8], [0.4, 0.6], [0.6, 0.4], [1.0, 0.0]])
 
 
 # kv_cache="auto" is the paged cache (sipo_fast.kv) for llama/qwen2/mistral when the extension is built, and
-# transformers' DynamicCache with preallocated layers (sipo_fast.decoding.policies) otherwise; test both.
+# transformers' DynamicCache with preallocated layers (sipo_fast.decoding.runners) otherwise; test both.
 @pytest.mark.parametrize("arch,kv", [("llama", "auto"), ("llama", "dynamic"), ("qwen2", "auto"), ("mistral", "auto"),
                                      ("gpt2", "auto"), ("llama", "static"), ("qwen2", "static"),
                                      ("mistral", "static")])
@@ -231,7 +231,7 @@ def test_preallocated_layer_matches_dynamic_layer_and_grows():
     """Writes in place within capacity, grows past it, selects rows: always what concatenation gives."""
     from transformers.cache_utils import DynamicLayer
 
-    from sipo_fast.decoding.policies import PreallocatedLayer
+    from sipo_fast.decoding.runners import PreallocatedLayer
 
     g = torch.Generator().manual_seed(0)
     ours, ref = PreallocatedLayer(capacity=6), DynamicLayer()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sipo_fast.ops.paged_attention import paged_attention, paged_attention_ref
+from sipo_fast.ops.attention import paged_attention, paged_attention_ref
 
 CPU_BACKENDS = ["cpu", "triton", "ref"]
 
@@ -125,7 +125,7 @@ def test_custom_scale_and_non_contiguous_inputs(backend):
 
 
 def test_auto_backend_on_cpu_is_cpp_and_agrees_with_ref():
-    from sipo_fast.ops.paged_attention import select_backend
+    from sipo_fast.ops.attention import select_backend
 
     q, kc, vc, tables, clens, ks, vs = make_case([3, 8], 2, 1, 16, 4, torch.float32)
     assert select_backend(q, kc) == "cpu"

@@ -43,6 +43,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     own = p.add_argument_group("with --policies")
     for flag, kw in _OWN_POLICY_ARGS:
         own.add_argument(flag, **kw)
+    p.add_argument("--backend", choices=("auto", "triton", "cpu", "ref"), default="auto",
+                   help="kernels for the whole evaluation (sipo_fast.ops.backend): ref runs every op on its reference")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
@@ -136,6 +138,13 @@ def _own_policies(args) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Entry point of ``sipo-fast eval``; returns the exit status."""
+    from sipo_fast.ops.backend import use_backend
+
+    with use_backend(args.backend):
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     if bool(args.run_dir) == bool(args.policies):
         print("sipo-fast eval: give exactly one of --run-dir DIR or --policies DIR [DIR ...]", file=sys.stderr)
         return 2

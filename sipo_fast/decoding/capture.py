@@ -21,7 +21,7 @@ import torch
 
 from sipo_fast.decoding.static import LeanPolicies
 from sipo_fast.ops.backend import requested
-from sipo_fast.ops.mod import mod_sample_checked
+from sipo_fast.ops.mod import mod_sample_unchecked
 
 
 def _triton(backend) -> bool:
@@ -85,7 +85,7 @@ class CapturedStep:
         else:
             kw["generator"] = generator
             kw["workspace"] = self.workspace
-        tok, lp = mod_sample_checked(logits, s.w, backend=self.backend, **kw)
+        tok, lp = mod_sample_unchecked(logits, s.w, backend=self.backend, **kw)
         live = ~s.finished
         tok = torch.where(live, tok, s.pad)
         s.lp_sum.add_(lp.masked_fill(s.finished[:, None], 0.0))

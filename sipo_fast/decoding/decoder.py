@@ -27,9 +27,9 @@ import torch
 
 from sipo_fast.decoding.inputs import batch_seed, check_sampling, expand_weight_sets
 from sipo_fast.decoding.output import MODOutput, MODTextOutput
-from sipo_fast.decoding.policies import LoraAdapters, SeparateModels
+from sipo_fast.decoding.runners import LoraAdapters, SeparateModels
 from sipo_fast.decoding.vocab import local_tokenizer, output_vocab_size, check_vocabularies
-from sipo_fast.ops.mod import check_weights, mod_sample_checked
+from sipo_fast.ops.mod import check_weights, mod_sample_unchecked
 
 
 # ------------------------------------------------------------------------------------------- decoder
@@ -352,7 +352,7 @@ class MODDecoder:
             states = row_state[active]
             num_states = logits.shape[1]
             row_logits = logits if torch.equal(states, torch.arange(num_states, device=dev)) else logits.index_select(1, states)
-            tok, lp = mod_sample_checked(row_logits, w[active], backend=self.sample_backend, **sampling)
+            tok, lp = mod_sample_unchecked(row_logits, w[active], backend=self.sample_backend, **sampling)
             out[active, step] = tok
             lp_sum[active] += lp
             num_gen[active] += 1

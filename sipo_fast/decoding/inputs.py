@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from sipo_fast.ops.mod import check_top_k_top_p
+
 
 def batch_seed(seed: int | None, k: int) -> int | None:
     """The seed of batch ``k`` of a :meth:`MODDecoder.generate_text` call seeded with ``seed``: ``seed`` itself for
@@ -37,9 +39,6 @@ def check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed) -
     if do_sample and (not isinstance(temperature, (int, float)) or not temperature > 0):
         raise ValueError(f"temperature must be > 0 when sampling, got {temperature!r} (for greedy decoding use "
                          "do_sample=False)")
-    if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
-        raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-    if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
+    check_top_k_top_p(top_k, top_p)
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise ValueError(f"seed must be an int or None, got {seed!r}")

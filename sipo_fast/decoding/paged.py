@@ -1,6 +1,6 @@
 """MOD decoder runners on the shared paged KV cache (``MODDecoder(..., kv_cache="paged")``).
 
-A runner is the decoder's only owner of KV state, with three verbs (:class:`sipo_fast.decoding.policies.Runner`):
+A runner is the decoder's only owner of KV state, with three verbs (:class:`sipo_fast.decoding.runners.Runner`):
 ``prefill(input_ids [U, T], attention_mask [U, T], max_new_tokens) -> logits [N, U, V]``,
 ``step(tokens [U]) -> [N, U, V]`` and ``select(index [U'])`` (keep / fork / reorder / drop decoding states),
 plus ``reserve(max_rows, max_new_tokens)``, which the decoder calls before the prefill. On the paged cache:

@@ -153,7 +153,7 @@ def sipo_paged_attention_forward(module: torch.nn.Module, query: torch.Tensor, k
     if dropout:
         raise ValueError("the paged attention path is for inference; put the model in eval() mode")
     if query.shape[2] == 1:
-        from sipo_fast.ops.paged_attention import paged_attention_unchecked
+        from sipo_fast.ops.attention import paged_attention_unchecked
 
         # (B, H, 1, D) -> (B, H, D); the kernel reads K/V in place from the block tables, which come from the
         # BlockManager (valid by construction), so the per-call Python checks are skipped.

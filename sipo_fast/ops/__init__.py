@@ -11,9 +11,9 @@ from __future__ import annotations
 import importlib
 
 # Submodules searched, in order, for a public name: backend (the backend vocabulary and default), mod (MOD
-# mix/sample), logprobs (fused token log-probs), paged_attention (decode attention over the shared paged KV
+# mix/sample), logprobs (fused token log-probs), attention (paged_attention: decode attention over the shared paged KV
 # cache), decode (the fused per-layer ops of the captured decode step).
-_SUBMODULES = ("backend", "mod", "logprobs", "paged_attention", "decode")
+_SUBMODULES = ("backend", "mod", "logprobs", "attention", "decode")
 
 
 def __getattr__(name: str):

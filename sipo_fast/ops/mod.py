@@ -88,11 +88,16 @@ def _check_inputs(logits: torch.Tensor, weights, temperature=1.0, top_k=0, top_p
         w = check_weights(weights, n, b)
     if not (isinstance(temperature, (int, float)) and temperature >= 0 and temperature == temperature):
         raise ValueError(f"temperature must be a number >= 0 (0 means greedy), got {temperature!r}")
+    check_top_k_top_p(top_k, top_p)
+    return w.to(logits.device)
+
+
+def check_top_k_top_p(top_k, top_p) -> None:
+    """The truncation arguments of MOD sampling (this op and the decoder): top_k an int >= 0, top_p in (0, 1]."""
     if not isinstance(top_k, int) or isinstance(top_k, bool) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
     if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):
         raise ValueError(f"top_p must be in (0, 1] (1 disables it), got {top_p!r}")
-    return w.to(logits.device)
 
 
 # ----------------------------------------------------------------------------------------- references
@@ -282,11 +287,11 @@ def mod_sample(logits: torch.Tensor, weights, *, temperature: float = 1.0, top_k
     w = _check_inputs(logits, weights, temperature, top_k, top_p)
     if uniform is not None and uniform.shape != logits.shape[1:]:
         raise ValueError(f"uniform must have shape [B, V] = {tuple(logits.shape[1:])}, got {tuple(uniform.shape)}")
-    return mod_sample_checked(logits, w, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+    return mod_sample_unchecked(logits, w, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                               do_sample=do_sample, uniform=uniform, backend=backend)
 
 
-def mod_sample_checked(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
+def mod_sample_unchecked(logits: torch.Tensor, weights: torch.Tensor, *, temperature: float = 1.0, top_k: int = 0,
                        top_p: float = 1.0, generator: torch.Generator | None = None, do_sample: bool = True,
                        uniform: torch.Tensor | None = None, backend: str | None = None,
                        seed_tensor: torch.Tensor | None = None, workspace: dict | None = None):

@@ -180,17 +180,3 @@ def paged_attention_unchecked(query, k_cache, v_cache, block_tables, context_len
                                   softmax_scale=scale, causal=True,
                                   window_size=(window - 1, 0) if window else (-1, -1))
     return out.squeeze(1)  # (B, 1, H, D) -> (B, H, D)
-
-
-class _CallableModule(type(importlib)):
-    """``sipo_fast.ops.paged_attention`` names both this module and its main function, and importing the
-    submodule binds the *module* on the package. Making the module callable keeps
-    ``from sipo_fast.ops import paged_attention; paged_attention(q, ...)`` working either way."""
-
-    def __call__(self, *args, **kwargs):
-        return paged_attention(*args, **kwargs)
-
-
-import sys as _sys  # noqa: E402
-
-_sys.modules[__name__].__class__ = _CallableModule
