@@ -249,7 +249,7 @@ def test_reference_table_equals_the_trainers_own_reference_and_skips_its_forward
     long = {"prompt": "Tell me a story.", "chosen": "Once upon a time " * 30, "rejected": "No."}  # truncated at 40
     pairs = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in ROWS] + [long]
     ref = _perturbed(policy)
-    table = reference_table(ref, pairs, tokenizer, max_length=40, batch_size=2, output_dir=str(tmp_path / "t"))
+    table = reference_table(ref, pairs, tokenizer, max_length=40, batch_size=2)
     assert len(table) == 2 * len(pairs)
     flipped = [{"prompt": p["prompt"], "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs]
     for rows in (pairs, flipped):

@@ -30,7 +30,7 @@ def preference_pairs(rows: list[dict], objective: str) -> list[dict]:
             for r in rows]
 
 
-def stage1_reference(ctx: Context, rows: list[dict], scratch: Path) -> dict:
+def stage1_reference(ctx: Context, rows: list[dict]) -> dict:
     """π_ref's log-probs of both responses of every stage-1 row (:func:`sipo_fast.training.reference_table`),
     computed once for all the runs that train from π_ref on these rows: each objective's DPO (the same
     sequences, ordered by another preference) and MODPO at every weight."""
@@ -40,7 +40,7 @@ def stage1_reference(ctx: Context, rows: list[dict], scratch: Path) -> dict:
     pairs = [{"prompt": r["prompt"], "chosen": r["response_0"], "rejected": r["response_1"]} for r in rows]
     log.info("reference log-probs of %d pairs, once for every run from π_ref", len(pairs))
     return reference_table(ctx.load_base(), pairs, ctx.tokenizer, template=ctx.config.model.template,
-                           max_length=a.max_length, batch_size=2 * a.batch_size, output_dir=str(scratch))
+                           max_length=a.max_length, batch_size=2 * a.batch_size)
 
 
 def lora_config(ctx: Context):

@@ -75,7 +75,7 @@ class AlignStage(Stage):
             elif not parts.done(part):
                 log.info("align: DPO for objective %r on %d pairs", obj, len(rows))
                 scratch = parts.work.parent / f"scratch-align-{obj}"
-                ref = ref or stage1_reference(ctx, rows + held, parts.work.parent / "scratch-align-reference")
+                ref = ref or stage1_reference(ctx, rows + held)
                 model, history = train(
                     ctx, ctx.load_base(), with_reference(preference_pairs(rows, obj), ref), objective=obj,
                     loss="sigmoid", beta=a.beta, alpha=0.0, lr=a.learning_rate, epochs=a.epochs,

@@ -68,7 +68,7 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
             for i, p in enumerate(pairs)]
     # π_ref's log-probs too: every MODPO weight trains from π_ref on these pairs, so they are computed once here.
     rows = with_reference(rows, stage1_reference(ctx, read_jsonl(align_dir / "train.jsonl") +
-                                                 read_jsonl(align_dir / "eval.jsonl"), cache_dir / ".scratch-reference"))
+                                                 read_jsonl(align_dir / "eval.jsonl")))
     out = {"train": rows[: len(splits["train"])], "eval": rows[len(splits["train"]):]}
     current().on_main(lambda: atomic_write_json(path, out))
     return out

@@ -113,6 +113,27 @@ class _PreferenceCollator(DataCollatorForPreference):
         return out
 
 
+def tokenize_pairs(dataset, tokenizer, template: str, max_length: int | None, name: str = "train"):
+    """The trainer's tokenisation of (prompt, chosen, rejected) rows: the prompt through ``template``, each
+    response followed by EOS; rows whose prompt fills ``max_length`` are dropped (nothing to learn from, as TRL)."""
+    eos = [tokenizer.eos_token_id]
+
+    def tokenize(example):
+        return {"prompt_ids": encode_prompts(tokenizer, [example["prompt"]], template)[0],
+                "chosen_ids": tokenizer(example["chosen"], add_special_tokens=False)["input_ids"] + eos,
+                "rejected_ids": tokenizer(example["rejected"], add_special_tokens=False)["input_ids"] + eos}
+
+    kw = {"desc": f"Tokenizing {name} dataset"} if isinstance(dataset, Dataset) else {}
+    dataset = dataset.map(tokenize, **kw)
+    if max_length is not None:
+        n = len(dataset) if isinstance(dataset, Dataset) else None
+        dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < max_length)
+        if n is not None and len(dataset) < n:
+            logger.warning("%s: dropped %d examples whose prompt fills max_length=%d", name, n - len(dataset),
+                           max_length)
+    return dataset
+
+
 class FusedDPOTrainer(DPOTrainer):
     """``trl.DPOTrainer`` computing log-probs with the fused op and SIPO's exact losses (see module docstring).
 
@@ -144,23 +165,7 @@ class FusedDPOTrainer(DPOTrainer):
             return dataset
         if not all(isinstance(first.get(k), str) for k in ("prompt", "chosen", "rejected")):
             return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
-        tok, template = self._tokenizer, args.prompt_template
-        eos = [tok.eos_token_id]
-
-        def tokenize(example):
-            return {"prompt_ids": encode_prompts(tok, [example["prompt"]], template)[0],
-                    "chosen_ids": tok(example["chosen"], add_special_tokens=False)["input_ids"] + eos,
-                    "rejected_ids": tok(example["rejected"], add_special_tokens=False)["input_ids"] + eos}
-
-        kw = {"desc": f"Tokenizing {dataset_name} dataset"} if isinstance(dataset, Dataset) else {}
-        dataset = dataset.map(tokenize, **kw)
-        if args.max_length is not None:  # a prompt that fills max_length leaves nothing to learn from (as TRL)
-            n = len(dataset) if isinstance(dataset, Dataset) else None
-            dataset = dataset.filter(lambda e: len(e["prompt_ids"]) < args.max_length)
-            if n is not None and len(dataset) < n:
-                logger.warning("%s: dropped %d examples whose prompt fills max_length=%d", dataset_name,
-                               n - len(dataset), args.max_length)
-        return dataset
+        return tokenize_pairs(dataset, self._tokenizer, args.prompt_template, args.max_length, dataset_name)
 
     def _set_signature_columns_if_needed(self):
         super()._set_signature_columns_if_needed()
@@ -307,25 +312,44 @@ def build_preference_trainer(model, ref_model, dataset, tokenizer, *, loss_type:
 
 
 def reference_table(model, pairs: list[dict], tokenizer, *, template: str = "chat", max_length: int = 512,
-                    batch_size: int = 16, output_dir: str) -> dict[tuple[str, str], float]:
+                    batch_size: int = 16) -> dict[tuple[str, str], float]:
     """log π_ref(y|x) of every (prompt, response) in ``pairs`` (rows with prompt, chosen, rejected), with ``model``
-    as π_ref, through exactly the tokenisation, truncation and fused log-prob path a :class:`FusedDPOTrainer`
-    with these settings uses for its reference (TRL's own ``precompute_ref_log_probs`` pass runs it, in fixed
-    batches, so the numbers do not depend on the training batches).
+    as π_ref, through exactly the tokenisation (:func:`tokenize_pairs`), collation, truncation and fused
+    log-prob path a :class:`FusedDPOTrainer` with these settings uses for its reference, in fixed batches, so
+    the numbers do not depend on the training batches. Under several processes each rank scores a share of
+    the batches and every rank gets the whole table (:func:`sipo_fast.distributed.batched`).
 
     Preference runs that share π_ref and their sequences (stage 1's objectives: the same pairs, ordered by
     another preference; MODPO's weights) compute it once: :func:`with_reference` puts it in each run's rows,
     and the trainer then skips its reference forward. Pairs the trainer would drop (a prompt that fills
     ``max_length``) are absent from the table."""
+    from sipo_fast.distributed import batched
+
     rows = [{"prompt": p["prompt"], "chosen": p["chosen"], "rejected": p["rejected"]} for p in pairs]
-    trainer = build_preference_trainer(model, None, rows, tokenizer, template=template, max_length=max_length,
-                                       batch_size=batch_size, output_dir=output_dir, precompute_ref_log_probs=True,
-                                       precompute_ref_batch_size=batch_size, disable_tqdm=True)
-    done = trainer.train_dataset
+    ds = tokenize_pairs(Dataset.from_list(rows), tokenizer, template, max_length, "reference")
+    # The trainer's resolved collator settings (build_preference_trainer's: no bf16/fp16 autocast).
+    args = FusedDPOConfig(output_dir="unused", report_to="none", max_length=max_length, bf16=False, fp16=False)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = _PreferenceCollator(pad_token_id=pad, max_length=max_length, truncation_mode=args.truncation_mode,
+                                  pad_to_multiple_of=args.pad_to_multiple_of)
+    device = next(model.parameters()).device
+
+    @torch.no_grad()
+    def score(start: int, stop: int) -> torch.Tensor:
+        batch = collate([ds[i] for i in range(start, stop)])
+        logps = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
+                                  batch["completion_mask"].to(device))
+        return logps.view(2, -1).T.cpu()  # [n, 2]: chosen, rejected (the collator stacks [chosen; rejected])
+
+    was_training = model.training
+    model.eval()
+    try:
+        logps = torch.cat(batched(len(ds), batch_size, score)) if len(ds) else torch.zeros(0, 2)
+    finally:
+        model.train(was_training)
     table = {}
-    for prompt, chosen, rejected, rc, rr in zip(done["prompt"], done["chosen"], done["rejected"],
-                                                done[REF_COLUMNS[0]], done[REF_COLUMNS[1]]):
-        table[(prompt, chosen)], table[(prompt, rejected)] = float(rc), float(rr)
+    for row, (rc, rr) in zip(ds, logps.tolist()):
+        table[(row["prompt"], row["chosen"])], table[(row["prompt"], row["rejected"])] = rc, rr
     return table
 
 
