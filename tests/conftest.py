@@ -33,3 +33,14 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+def random_lora_b(model, std: float = 0.5, seed: int = 0):
+    """Give every LoRA B matrix N(0, std) entries (PEFT starts B at zero, which makes adapters no-ops), seeded;
+    returns the model in eval mode."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, std)
+    return model.eval()

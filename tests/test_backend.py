@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from conftest import random_lora_b
 
 import sipo_fast._ext as ext
 import sipo_fast.ops.decode as dec_ops
@@ -268,12 +269,7 @@ def _two_adapters(tokenizer):
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
                         target_modules=["q_proj", "v_proj"]), adapter_name="helpful")
     pm.add_adapter("harmless", LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=["q_proj", "v_proj"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return pm.eval()
+    return random_lora_b(pm)
 
 
 def test_decoder_under_ref_default_takes_dynamic_peft_and_the_ref_sampler(tokenizer, monkeypatch):

@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import random_lora_b
 from test_mod_decoder import W4, _batch, _policies, reference_generate
 
 from sipo_fast import MODDecoder
@@ -24,12 +25,7 @@ def _lora_model(tokenizer):
     pm = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
                         target_modules=["q_proj", "v_proj", "down_proj"]), adapter_name="pol_a")
     pm.add_adapter("pol_b", LoraConfig(r=4, lora_alpha=4, lora_dropout=0.0, target_modules=["k_proj", "o_proj", "up_proj"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in pm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.5)
-    return pm.eval()
+    return random_lora_b(pm)
 
 
 def test_bucket_sizes():
