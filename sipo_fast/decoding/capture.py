@@ -20,13 +20,15 @@ from __future__ import annotations
 import torch
 
 from sipo_fast.decoding.static import LeanPolicies
-from sipo_fast.ops.backend import requested
+from sipo_fast.ops.backend import requested, triton_available
 from sipo_fast.ops.mod import mod_sample_unchecked
 
 
 def _triton(backend) -> bool:
-    """Whether ops given ``backend`` run their Triton kernels on CUDA tensors (the process default included)."""
-    return requested(backend) in ("auto", "triton")
+    """Whether ops given ``backend`` run their Triton kernels on CUDA tensors (the process default included;
+    "auto" runs the torch paths where triton is not importable, as :func:`sipo_fast.ops.backend.resolve` does)."""
+    b = requested(backend)
+    return b == "triton" or (b == "auto" and triton_available())
 
 
 def bucket(rows: int) -> int:

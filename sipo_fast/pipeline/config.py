@@ -10,7 +10,6 @@ objectives a bare number w is shorthand for [w, 1 - w]; for N > 2 objectives giv
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
