@@ -244,10 +244,17 @@ def _device_of(model) -> torch.device:
 
 @torch.no_grad()
 def policy_logprobs(policies, batch: dict, *, batch_size: int | None = None, progress: bool = True,
-                    chunk_size: int | None = None, backend: str | None = None, desc: str = "log-probs") -> torch.Tensor:
+                    chunk_size: int | None = None, backend: str | None = None, desc: str = "log-probs",
+                    share_prompts: bool = True) -> torch.Tensor:
     """[B, K] log π_k(y|x) for K policies (see :func:`implicit_rewards` for the accepted forms), scored
-    ``batch_size`` rows at a time (default: all) under a tqdm bar. Returned on CPU, float32."""
+    ``batch_size`` rows at a time (default: all) under a tqdm bar. Returned on CPU, float32.
+
+    ``share_prompts``: rows of one ``batch_size`` batch that share a prompt run it once
+    (:func:`sipo_fast.training.shared_prompt.shared_prompt_logprobs`; equal up to float rounding); batches
+    without a shared prompt, and models it cannot serve, take the plain path."""
     from tqdm.auto import tqdm
+
+    from .shared_prompt import shared_prompt_logprobs
 
     scorers = _as_scorers(policies)
     _validate_batch(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
@@ -263,14 +270,18 @@ def policy_logprobs(policies, batch: dict, *, batch_size: int | None = None, pro
         stop = min(B, start + step)
         for model, cols in groups.values():
             sub = _slice(batch, start, stop, _device_of(model))
-            lp = _group_logprobs(model, [scorers[k][1] for k in cols], sub, chunk_size, backend)
+            names = [scorers[k][1] for k in cols]
+            lp = shared_prompt_logprobs(model, names, sub, chunk_size=chunk_size, backend=backend) \
+                if share_prompts else None
+            if lp is None:
+                lp = _group_logprobs(model, names, sub, chunk_size, backend)
             out[start:stop, cols] = lp.float().cpu()
     return out
 
 
 def implicit_rewards(policies, reference, batch: dict, beta: float = 0.1, *, ref_logprobs: torch.Tensor | None = None,
                      batch_size: int | None = None, progress: bool = True, chunk_size: int | None = None,
-                     backend: str | None = None) -> torch.Tensor:
+                     backend: str | None = None, share_prompts: bool = True) -> torch.Tensor:
     """Implicit rewards r_k(x, y) = β (log π_k(y|x) - log π_ref(y|x)) of K policies on B sequences: [B, K].
 
     Args:
@@ -283,6 +294,7 @@ def implicit_rewards(policies, reference, batch: dict, beta: float = 0.1, *, ref
         ref_logprobs: precomputed [B] log π_ref(y|x) (e.g. from :func:`reference_logprobs`); skips the reference.
         batch_size: rows per forward (default: all B at once); a tqdm bar shows progress over B. A batched
             adapter forward holds (number of adapters [+1 for the base reference]) × batch_size rows.
+        share_prompts: run a prompt shared by rows of one batch once (see :func:`policy_logprobs`).
     Returns:
         [B, K] float32 on CPU, columns in the order of ``policies``.
     """
@@ -295,7 +307,7 @@ def implicit_rewards(policies, reference, batch: dict, beta: float = 0.1, *, ref
         if ref_logprobs.shape != (B,):
             raise ValueError(f"ref_logprobs must be [B] = [{B}], got {tuple(ref_logprobs.shape)}")
         lp = policy_logprobs(scorers, batch, batch_size=batch_size, progress=progress, chunk_size=chunk_size,
-                             backend=backend, desc="implicit rewards")
+                             backend=backend, desc="implicit rewards", share_prompts=share_prompts)
         return beta * (lp - ref_logprobs[:, None])
     if reference is None:
         bases = {id(m) for m, n in scorers if n is not None}
@@ -308,7 +320,8 @@ def implicit_rewards(policies, reference, batch: dict, beta: float = 0.1, *, ref
             raise ValueError(f"reference must be a model or None, got {type(reference).__name__}")
         ref_scorer = (reference, None)
     lp = policy_logprobs(scorers + [ref_scorer], batch, batch_size=batch_size, progress=progress,
-                         chunk_size=chunk_size, backend=backend, desc="implicit rewards")  # (B, K+1)
+                         chunk_size=chunk_size, backend=backend, desc="implicit rewards",
+                         share_prompts=share_prompts)  # (B, K+1)
     return beta * (lp[:, :-1] - lp[:, -1:])
 
 

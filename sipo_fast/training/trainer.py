@@ -38,7 +38,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import use_adapter
 
 from sipo_fast.data.formatting import encode_prompts
-from sipo_fast.training.logprobs import _is_peft, sequence_logprobs
+from sipo_fast.training.logprobs import _is_peft, policy_logprobs, sequence_logprobs
 from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 logger = logging.getLogger(__name__)
@@ -332,13 +332,13 @@ def reference_table(model, pairs: list[dict], tokenizer, *, template: str = "cha
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     collate = _PreferenceCollator(pad_token_id=pad, max_length=max_length, truncation_mode=args.truncation_mode,
                                   pad_to_multiple_of=args.pad_to_multiple_of)
-    device = next(model.parameters()).device
 
     @torch.no_grad()
     def score(start: int, stop: int) -> torch.Tensor:
         batch = collate([ds[i] for i in range(start, stop)])
-        logps = sequence_logprobs(model, batch["input_ids"].to(device), batch["attention_mask"].to(device),
-                                  batch["completion_mask"].to(device))
+        # policy_logprobs runs each pair's prompt once for its chosen and rejected rows (shared_prompt.py)
+        logps = policy_logprobs([model], {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+                                          "response_mask": batch["completion_mask"]}, progress=False)[:, 0]
         return logps.view(2, -1).T.cpu()  # [n, 2]: chosen, rejected (the collator stacks [chosen; rejected])
 
     was_training = model.training

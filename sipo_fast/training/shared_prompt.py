@@ -1,0 +1,135 @@
+"""Log-probabilities of many responses to one prompt with the prompt run once (scoring only, no gradient).
+
+The filter scores every prompt's two originals and |W| candidates under K implicit reward models: about six
+rows per prompt that share their first 40-60 tokens. The plain path (:func:`sequence_logprobs`) runs each row
+in full, so most of its work is the same prompt again. Here each distinct prompt of a batch runs once per
+model (and once per adapter in a mixed-adapter batch) with a KV cache, the cache is repeated over the rows
+that share it (``DynamicCache.batch_repeat_interleave``), and only the responses run after it:
+
+    hidden(prompt_{P-1}) scores response token 0;  hidden(response_j) scores response token j+1
+
+which is the plain path's causal computation split in two, so the log-probs agree up to float rounding
+(tests/test_shared_prompt.py checks them against the full-logits reference). transformers' ``generate`` shares
+a prefix the same way for beams, but has no scoring entry point for given responses, hence this module.
+
+It needs what it can check: a fused LM head (:func:`lm_head_plan`), right-padded rows whose response is one
+contiguous run after a non-empty prompt (``encode_pairs``' layout), and a model that returns a cache. Batches
+that do not qualify, or in which no two rows share a prompt, return None and the caller uses the plain path.
+"""
+from __future__ import annotations
+
+import torch
+
+from sipo_fast.kv.hf import cache_kwarg
+from sipo_fast.ops.logprobs import token_logprobs
+
+from .logprobs import _adapter, _eval_mode, _unwrap, _warn_once, lm_head_plan
+
+
+def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 response_mask: torch.Tensor) -> list[tuple[int, int]] | None:
+    """[(response start, response end)] per row, or None when a row is not ``prompt + response + padding``
+    with a non-empty prompt, a contiguous response and attention on exactly both. A row without response
+    tokens gets (length, length)."""
+    spans = []
+    for i in range(input_ids.shape[0]):
+        n = int(attention_mask[i].sum())
+        if n == 0 or not bool(attention_mask[i, :n].all()):
+            return None  # left padding or holes
+        r = response_mask[i].nonzero().flatten()
+        if r.numel() == 0:
+            spans.append((n, n))
+            continue
+        a, e = int(r[0]), int(r[-1]) + 1
+        if a == 0 or e - a != r.numel() or e > n:
+            return None
+        spans.append((a, e))
+    return spans
+
+
+def _hidden_and_cache(model, ids, attn, past, names):
+    """(backbone output [b, t, H], its KV cache) from one ``model(...)`` call projecting only the last position."""
+    backbone = _unwrap(model).base_model
+    captured = []
+    handle = backbone.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
+    kw = {} if names is None else {"adapter_names": names}
+    kw[cache_kwarg(_unwrap(model))] = past
+    try:
+        out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1, **kw)
+    finally:
+        handle.remove()
+    cache = getattr(out, "cache", None)
+    if cache is None:  # transformers before the rename
+        cache = getattr(out, "past_key_values", None)
+    if not captured or cache is None:
+        raise TypeError("the model returned no hidden states or no KV cache")
+    return captured[-1], cache
+
+
+def _score_group(model, names, prompt, responses, plan, chunk_size, backend) -> torch.Tensor:
+    """[R, K] log-probs of R responses (lists of token ids) to one prompt under K adapters of ``model`` in one
+    mixed batch (``names`` a list), or under the model as it is (``names`` None, K = 1)."""
+    weight, bias, scale = plan
+    dev = weight.device
+    K = 1 if names is None else len(names)
+    R, P = len(responses), len(prompt)
+    L = max(1, max(len(r) for r in responses))
+    r_ids = torch.zeros(R, L, dtype=torch.long)
+    r_mask = torch.zeros(R, L, dtype=torch.long)
+    for j, r in enumerate(responses):
+        r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
+        r_mask[j, : len(r)] = 1
+    p_ids = torch.tensor(prompt, dtype=torch.long, device=dev).expand(K, P)
+    h_p, cache = _hidden_and_cache(model, p_ids, torch.ones_like(p_ids), None, names)
+    cache.batch_repeat_interleave(R)  # (K) -> (K*R), adapter-major like the rows below
+    attn = torch.cat([torch.ones(R, P, dtype=torch.long), r_mask], 1).repeat(K, 1).to(dev)
+    row_names = None if names is None else [n for n in names for _ in range(R)]
+    h_r, _ = _hidden_and_cache(model, r_ids.repeat(K, 1).to(dev), attn, cache, row_names)
+    hidden = torch.cat([h_p[:, -1:].repeat_interleave(R, 0), h_r[:, :-1]], 1)  # (K*R, L, H)
+    if scale != 1.0:
+        hidden = hidden * scale
+    labels = r_ids.masked_fill(r_mask == 0, -100).repeat(K, 1).to(dev)
+    tok = token_logprobs(hidden.to(weight.dtype), weight, labels, bias=bias, chunk_size=chunk_size, backend=backend)
+    return tok.sum(-1).view(K, R).t()
+
+
+@torch.no_grad()
+def shared_prompt_logprobs(model, names: list[str | None], batch: dict, *, chunk_size: int | None = None,
+                           backend: str | None = None) -> torch.Tensor | None:
+    """[b, len(names)] log π(y|x) of the batch's rows under ``model`` with each adapter in ``names`` (None: the
+    model as it is; ``BASE``: adapters disabled), every distinct prompt run once; None when the batch or the
+    model does not qualify (see the module docstring), for the caller to use the plain path."""
+    plan = lm_head_plan(model)
+    ids, attn, resp = (batch[k].cpu() for k in ("input_ids", "attention_mask", "response_mask"))
+    spans = None if plan is None else prompt_spans(ids, attn, resp)
+    if spans is None:
+        return None
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for i, (a, _) in enumerate(spans):
+        groups.setdefault(tuple(ids[i, :a].tolist()), []).append(i)
+    if len(groups) == len(spans):
+        return None  # nothing shared: the plain path does the same work in one forward
+    out = torch.zeros(len(spans), len(names), dtype=torch.float32)
+    mixed = len(names) > 1 and all(n is not None for n in names)
+    try:
+        with _eval_mode(model):
+            for prompt, rows in groups.items():
+                responses = [ids[i, a:e].tolist() for i in rows for a, e in [spans[i]]]
+                if mixed:
+                    try:
+                        out[rows] = _score_group(model, list(names), prompt, responses, plan, chunk_size,
+                                                 backend).float().cpu()
+                        continue
+                    except ValueError as exc:  # PEFT refuses a mixed batch: one adapter at a time
+                        _warn_once(f"shared-mixed:{type(exc).__name__}", f"mixed-adapter batch not possible "
+                                   f"({exc}); scoring adapters one forward each")
+                        mixed = False
+                for k, n in enumerate(names):
+                    with _adapter(model, n):
+                        out[rows, k] = _score_group(model, None, prompt, responses, plan, chunk_size,
+                                                    backend)[:, 0].float().cpu()
+    except TypeError as exc:  # no cache / no logits_to_keep in this model's forward
+        _warn_once(f"shared:{type(_unwrap(model)).__name__}", f"{type(_unwrap(model)).__name__}: prompt sharing "
+                   f"not possible ({exc}); scoring every row in full")
+        return None
+    return out
