@@ -142,7 +142,7 @@ def _forget(run: Path, stages: list[str]) -> None:
 
 @pytest.mark.parametrize("stage,first_part,later_part", [
     ("align", "policies/helpful/adapter_model.safetensors", "policies/harmless"),
-    ("sample", "parts/w0.jsonl", "parts/w1.jsonl"),
+    ("sample", "parts/b0.jsonl", "parts/b1.jsonl"),
     ("refine", "parts/w0.jsonl", "parts/w1.jsonl"),
 ])
 def test_killed_mid_stage_resumes_to_the_same_artifacts(smoke_run, tmp_path, caplog, stage, first_part, later_part):

@@ -442,7 +442,7 @@ def test_two_processes_write_the_single_process_artifacts(tmp_path, tokenizer):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_a_killed_two_process_stage_resumes_to_the_single_process_artifact(tmp_path, tokenizer):
-    """Parts are whole (rank 0 writes a weight's candidates once every rank's share is gathered), so a
+    """Parts are whole (rank 0 writes a batch's candidates once every rank's share is gathered), so a
     two-process sample stage killed after its first part resumes, here on two processes again, and ends with
     the artifact of an uninterrupted single process."""
     policies = random_adapters(tmp_path / "policies", tokenizer)
@@ -455,9 +455,9 @@ def test_a_killed_two_process_stage_resumes_to_the_single_process_artifact(tmp_p
     crashed = _cli(["sample", "--output-dir", str(two), *common], processes=2, logs=tmp_path / "logs",
                    check=False, env={"SIPO_FAST_CRASH_AFTER": "sample:1"})
     assert crashed.returncode != 0
-    assert [p.name for p in (two / ".work" / "sample" / "parts").iterdir()] == ["w0.jsonl"]
+    assert [p.name for p in (two / ".work" / "sample" / "parts").iterdir()] == ["b0.jsonl"]
     assert "sample" not in json.loads((two / "manifest.json").read_text())["stages"]
     resumed = _cli(["sample", "--output-dir", str(two), *common], processes=2, logs=tmp_path / "logs")
     reused = [line for line in resumed.stderr.splitlines() if "saved by an interrupted run" in line]
-    assert len(reused) == 1 and "parts/w0.jsonl" in reused[0], resumed.stderr[-3000:]
+    assert len(reused) == 1 and "parts/b0.jsonl" in reused[0], resumed.stderr[-3000:]
     assert _files(one / "sample") == _files(two / "sample")

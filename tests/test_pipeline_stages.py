@@ -5,6 +5,7 @@ table), so the expected survivors, picks and kept rewrites follow from the numbe
 fine-tuning stage and the exact adapter concatenation run on the tiny model.
 """
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -35,12 +36,19 @@ def make_ctx(tmp_path, rows=None, **overrides):
     return Context(cfg, RunDir(tmp_path / "run"), progress=False)
 
 
+class FakeDecoder:
+    """Greedy MOD stand-in: the text names its prompt."""
+
+    def generate_text(self, prompts, *, weights, **kw):
+        return [SimpleNamespace(text=f"y({p})") for p in prompts]
+
+
 class FakePolicies:
     names = ["helpful", "harmless"]
     reference = None
 
     def decoder(self, ctx):
-        return "decoder"
+        return FakeDecoder()
 
     def reward_models(self):
         return "policies"
@@ -313,7 +321,6 @@ def test_holdout_keeps_stage2_prompts_out_of_stage1(tmp_path, monkeypatch):
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.setattr(S, "load_policies", lambda ctx, d: FakePolicies())
-    monkeypatch.setattr(S, "generate", lambda ctx, dec, texts, w, **kw: [f"y({t})" for t in texts])
     summary = S.SampleStage().run(ctx, Parts(work, "sample"), {"align": align})
     assert summary["conflicting_prompts"] == 3 and summary["candidates"] == 6
     assert [r["prompt"] for r in read_jsonl(work / "prompts.jsonl")] == [r["prompt"] for r in split["stage2"]]
@@ -442,3 +449,48 @@ def test_three_objectives_run_every_stage(tmp_path, caplog):
     assert {tuple(c["weight"]) for c in cand} == {(0.5, 0.25, 0.25), (0.2, 0.3, 0.5)}
     assert all(len(c["rewards_original"]) == 3 for c in cand)
     assert out["finetune"]["pairs"] == out["filter"]["pairs"]
+
+
+# ------------------------------------------------------------------------------------------------ sample
+
+
+def test_sample_decodes_all_weights_together_like_one_weight_at_a_time(tmp_path):
+    """Greedy sampling decodes W in one batch per `batch_size` prompts (all_weights_parts); its candidates must
+    be those of one MOD call per weight (the loop it replaces), and a finished batch part is reused."""
+    ctx = make_ctx(tmp_path, pku_rows(12), **{"sample.batch_size": 2, "sample.max_new_tokens": 6,
+                                              "sample.weights": "[0.2, 0.5, 0.9]", "data.eval_fraction": 0.0,
+                                              "align.select_best": False})
+    align = _align_dir(ctx, tmp_path)
+    write_jsonl(align / "train.jsonl", ctx.split["train"])
+    parts = Parts(tmp_path / "work", "sample")
+    summary = S.SampleStage().run(ctx, parts, {"align": align})
+    rows = read_jsonl(parts.path("candidates.jsonl"))
+    prompts = read_jsonl(parts.path("prompts.jsonl"))
+    assert summary["candidates"] == len(rows) == 3 * len(prompts) and len(prompts) == 6
+    assert [(r["pid"], r["weight_index"]) for r in rows] == [(p["pid"], wi) for p in prompts for wi in range(3)]
+    assert not parts.path("parts").exists()
+
+    policies = S.load_policies(ctx, align / "policies")
+    decoder = policies.decoder(ctx)
+    texts = [p["prompt"] for p in prompts]
+    for wi, w in enumerate(ctx.config.sample.weights):
+        want = S.generate(ctx, decoder, texts, w, max_new_tokens=6, batch_size=2)
+        assert [r["candidate"] for r in rows if r["weight_index"] == wi] == want
+    assert len({r["candidate"] for r in rows}) > 3  # the weights and prompts really differ
+
+    # resume: a finished batch part is read, not decoded again
+    from sipo_fast.data.formatting import encode_prompts
+
+    again = Parts(tmp_path / "work2", "sample")  # batch 0: the 2 shortest prompts (the global length sort)
+    lengths = [len(x) for x in encode_prompts(ctx.tokenizer, texts, ctx.config.model.template)]
+    first = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])[:2]]
+    write_jsonl(again.path("parts/b0.jsonl"), [{"prompt": t, "weight_index": s, "candidate": f"kept {s}"}
+                                               for t in first for s in range(3)])
+    S.SampleStage().run(ctx, again, {"align": align})
+    resumed = read_jsonl(again.path("candidates.jsonl"))
+    by_prompt = {p["pid"]: p["prompt"] for p in prompts}
+    for r, r0 in zip(resumed, rows):
+        if by_prompt[r["pid"]] in first:
+            assert r["candidate"] == f"kept {r['weight_index']}"
+        else:
+            assert r["candidate"] == r0["candidate"]

@@ -86,6 +86,8 @@ class SampleConfig(_Section):
     temperature: float = 1.0
     top_p: float = 1.0
     batch_size: int = 8
+    """Prompts per MOD batch. Greedy sampling decodes every weight of W for them in the same batch
+    (batch_size·|W| rows sharing each prompt's prefill); with do_sample, one batch per weight."""
 
     def __post_init__(self):
         self.check_positive("max_new_tokens", "batch_size", "temperature")

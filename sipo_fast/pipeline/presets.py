@@ -27,7 +27,7 @@ PRESETS: dict[str, dict] = {
         "data": {"source": "demo", "max_rows": 16, "eval_fraction": 0.25, "max_conflict_prompts": 4},
         "align": {"lora_r": 8, "lora_alpha": 16, "learning_rate": 1e-3, "epochs": 1, "batch_size": 6,
                   "max_length": 96, "select_best": False},
-        "sample": {"weights": [0.3, 0.7], "max_new_tokens": 8, "batch_size": 8},
+        "sample": {"weights": [0.3, 0.7], "max_new_tokens": 8, "batch_size": 2},
         "refine": {"review_max_new_tokens": 6, "rewrite_max_new_tokens": 8, "batch_size": 8},
         "filter": {"batch_size": 16, "max_length": 160},
         "finetune": {"learning_rate": 1e-3, "epochs": 1, "batch_size": 6, "max_length": 96},

@@ -25,9 +25,9 @@ from pathlib import Path
 import torch
 
 from .context import Context
-from .policies import (Policies, copy_policy, final_metrics, generate, load_policies, log_metrics,
-                       optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined, save_model,
-                       stage1_reference, train)
+from .policies import (Policies, all_weights_parts, copy_policy, final_metrics, generate, load_policies,
+                       log_metrics, optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined,
+                       save_model, stage1_reference, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
 from .templates import RefinePrompts
@@ -118,8 +118,12 @@ class SampleStage(Stage):
                             temperature=cfg.sample.temperature, top_p=cfg.sample.top_p, seed=cfg.seed + wi,
                             desc=f"sample w={w}")
             return [{"pid": p["pid"], "weight_index": wi, "weight": w, "candidate": t} for p, t in zip(prompts, outs)]
-        rows = per_weight_parts(ctx, parts, range(len(cfg.sample.weights)),
-                                lambda: load_policies(ctx, inputs["align"] / "policies"), sample)
+        load = lambda: load_policies(ctx, inputs["align"] / "policies")  # noqa: E731
+        if cfg.sample.do_sample:  # each weight its own seeded stream, as the paper samples one w at a time
+            rows = per_weight_parts(ctx, parts, range(len(cfg.sample.weights)), load, sample)
+        else:
+            rows = all_weights_parts(ctx, parts, prompts, cfg.sample.weights, load,
+                                     max_new_tokens=cfg.sample.max_new_tokens, batch_size=cfg.sample.batch_size)
         return {"conflicting_prompts": len(prompts), "weights": len(cfg.sample.weights), "candidates": len(rows)}
 
 
