@@ -5,6 +5,7 @@ table), so the expected survivors, picks and kept rewrites follow from the numbe
 fine-tuning stage and the exact adapter concatenation run on the tiny model.
 """
 import json
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -258,7 +259,15 @@ def _align_dir(ctx, tmp_path):
     return align
 
 
-def test_finetune_trains_each_policy_with_the_sipo_loss(tmp_path):
+def test_finetune_trains_each_policy_with_the_sipo_loss(tmp_path, monkeypatch):
+    """Each policy trains with the SIPO loss on D_c, its reference log-probs taken from a table computed once
+    (the trainer's reference forward never runs): at the first step the policy is its own reference, so the
+    DPO part of the loss is exactly log 2 when the table is right."""
+    from sipo_fast.training.trainer import FusedDPOTrainer
+
+    def no_forward(self, inputs):
+        raise AssertionError("the trainer ran its reference forward")
+    monkeypatch.setattr(FusedDPOTrainer, "_ref_logps", no_forward)
     ctx = make_ctx(tmp_path, None, **{"finetune.max_steps": 1, "finetune.learning_rate": 0.01,
                                       "finetune.batch_size": 2, "align.lora_r": 4, "align.lora_alpha": 8,
                                       "align.target_modules": "[q_proj, v_proj]"})
@@ -278,6 +287,8 @@ def test_finetune_trains_each_policy_with_the_sipo_loss(tmp_path):
         assert "rewards/" + obj + "/margins" in summary["metrics"][obj]  # TRL's names, per objective
         assert "loss/dpo" in summary["metrics"][obj] and "nll/chosen" in summary["metrics"][obj]
     logs = [json.loads(l) for l in (work / "logs" / "metrics.jsonl").read_text().splitlines()]
+    first = [l for l in logs if "loss/dpo" in l]
+    assert len(first) == 2 and all(abs(l["loss/dpo"] - math.log(2)) < 1e-3 for l in first), first
     assert {l["objective"] for l in logs} == {"helpful", "harmless"}
 
 

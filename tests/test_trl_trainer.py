@@ -278,6 +278,31 @@ def test_reference_table_equals_the_trainers_own_reference_and_skips_its_forward
         torch.testing.assert_close(loss_fast, loss_plain, rtol=1e-5, atol=1e-6)
 
 
+def test_reference_table_scores_a_shared_chosen_once(tokenizer, policy, monkeypatch):
+    """Stage 3's D_c holds (x, y_c, y_a) and (x, y_c, y_b): the table scores y_c once, and its values are the
+    full-logits reference's on the sequences the trainer would build."""
+    from sipo_fast.data.formatting import encode_pairs
+    from sipo_fast.training import reference_table
+    from sipo_fast.training import logprobs as L
+
+    pairs = []
+    for i in range(3):
+        x = f"Question number {i}?"
+        pairs += [{"prompt": x, "chosen": f"best {i}", "rejected": f"first {i}"},
+                  {"prompt": x, "chosen": f"best {i}", "rejected": "second" + " answer" * (12 * i)}]
+    rows = []
+    real = L.policy_logprobs
+    monkeypatch.setattr(L, "policy_logprobs", lambda m, b, **kw: rows.append(b["input_ids"].shape[0]) or real(m, b, **kw))
+    monkeypatch.setattr("sipo_fast.training.trainer.policy_logprobs", L.policy_logprobs)
+    table = reference_table(policy, pairs, tokenizer, max_length=48, batch_size=2)
+    assert len(table) == 9 and sum(rows) == 9  # 3 prompts x (y_c, y_a, y_b), none scored twice
+    keys = list(table)
+    batch = encode_pairs(tokenizer, [k[0] for k in keys], [k[1] for k in keys], max_length=48)
+    with torch.no_grad():
+        want = sequence_logprobs_ref(policy, batch["input_ids"], batch["attention_mask"], batch["response_mask"])
+    torch.testing.assert_close(torch.tensor([table[k] for k in keys]), want, rtol=1e-5, atol=1e-4)
+
+
 def test_with_reference_leaves_rows_alone_without_a_table():
     from sipo_fast.training import with_reference
 

@@ -43,6 +43,18 @@ def stage1_reference(ctx: Context, rows: list[dict]) -> dict:
                            max_length=a.max_length, batch_size=2 * a.batch_size)
 
 
+def stage3_reference(ctx: Context, model, pairs: list[dict], held: list[dict] | None) -> dict:
+    """π_k's log-probs (stage 3's reference is the stage-1 policy itself) of D_c and the held-out pairs, once,
+    before training (:func:`sipo_fast.training.reference_table`): y_c, the chosen side of two pairs, is scored
+    once and each prompt runs once per batch, where the trainer's own reference forward would score every
+    row of every step."""
+    from sipo_fast.training import reference_table
+
+    f = ctx.config.finetune
+    return reference_table(model, pairs + (held or []), ctx.tokenizer, template=ctx.config.model.template,
+                           max_length=f.max_length, batch_size=2 * f.batch_size)
+
+
 def lora_config(ctx: Context):
     from peft import LoraConfig
 

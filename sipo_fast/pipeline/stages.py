@@ -27,7 +27,7 @@ import torch
 from .context import Context
 from .policies import (Policies, all_weights_parts, copy_policy, final_metrics, generate, load_policies,
                        log_metrics, optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined,
-                       save_model, stage1_reference, train)
+                       save_model, stage1_reference, stage3_reference, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
 from .rundir import Parts, read_jsonl
 from .templates import RefinePrompts
@@ -330,8 +330,12 @@ class FinetuneStage(Stage):
                 f = cfg.finetune
                 # select_best: the loss on the objective's stage-1 held-out pairs picks the checkpoint (Iterative_DPO.py)
                 held = preference_pairs(read_jsonl(inputs["align"] / "eval.jsonl"), obj) if f.select_best else None
+                from sipo_fast.training import with_reference
+
+                table = stage3_reference(ctx, start if ref is None else ref, pairs, held)
+                pairs_k, held = with_reference(pairs, table), held and with_reference(held, table)
                 model, history = train(
-                    ctx, start, pairs, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
+                    ctx, start, pairs_k, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
                     epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, grad_accum=f.grad_accum,
                     max_length=f.max_length, use_lora=cfg.align.use_lora, eval_pairs=held, select_best=f.select_best,
                     eval_steps=f.eval_steps, scratch=scratch, ref=ref, optim=optimiser_args(f))
