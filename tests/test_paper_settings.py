@@ -5,6 +5,7 @@ hand-made data, the authors' conflict mix by hand arithmetic, stage 1's validati
 best-checkpoint wiring."""
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -295,9 +296,13 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     work = tmp_path / "work"
     work.mkdir()
     summary = S.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
-    assert [c["eval_pairs"] for c in calls] == [
+    keys = ("prompt", "chosen", "rejected")
+    assert [[{k: p[k] for k in keys} for p in c["eval_pairs"]] for c in calls] == [
         [{"prompt": "Be kind.", "chosen": "No, you idiot.", "rejected": "Sure, gladly."}],
         [{"prompt": "Be kind.", "chosen": "Sure, gladly.", "rejected": "No, you idiot."}]]
+    # π_k's log-probs come with them (stage 3's reference table), finite: the pairs are not dropped
+    assert all(math.isfinite(p[col]) for c in calls for p in c["eval_pairs"]
+               for col in ("ref_chosen_logps", "ref_rejected_logps"))
     assert all(c["select_best"] and c["eval_steps"] == 1 for c in calls)
     assert all(c["optim"] == {"lr_scheduler_type": "cosine", "warmup_steps": 0.0, "weight_decay": 0.05} for c in calls)
     for obj in ("helpful", "harmless"):
