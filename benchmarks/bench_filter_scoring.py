@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import record  # noqa: E402
+from harness import demo_lora_policies, record  # noqa: E402
 
 
 def rows(num_prompts: int, candidates: int) -> tuple[list[str], list[str]]:
@@ -51,22 +51,11 @@ def main() -> None:
     if a.quick:
         a.prompts, a.repeat, a.no_record = 16, 1, True
 
-    from peft import LoraConfig, get_peft_model
-
     from sipo_fast.data.formatting import encode_pairs
     from sipo_fast.merging import lora_soup
-    from sipo_fast.models import load_default
     from sipo_fast.training import implicit_rewards
 
-    torch.manual_seed(0)
-    model, tok = load_default()
-    lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    pm = get_peft_model(model, LoraConfig(**lora), adapter_name="helpful")
-    pm.add_adapter("harmless", LoraConfig(**lora))
-    with torch.no_grad():
-        for name, prm in pm.named_parameters():
-            if "lora_B" in name:
-                prm.normal_(0, 0.02)
+    pm, tok = demo_lora_policies()
     lora_soup(pm, ["helpful", "harmless"], [0.5, 0.5], "soup0")
     pm.eval()
     prompts, responses = rows(a.prompts, a.candidates)

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import record  # noqa: E402
+from harness import demo_lora_policies, record  # noqa: E402
 
 W = [[0.2, 0.8], [0.4, 0.6], [0.6, 0.4], [0.8, 0.2]]
 
@@ -35,22 +35,10 @@ def main() -> None:
     if a.quick:
         a.prompts, a.max_new_tokens, a.repeat, a.no_record = 8, 8, 1, True
 
-    from peft import LoraConfig, get_peft_model
-
     from sipo_fast.data import load_demo
     from sipo_fast.decoding import MODDecoder
-    from sipo_fast.models import load_default
 
-    torch.manual_seed(0)
-    model, tok = load_default()
-    lora = dict(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    pm = get_peft_model(model, LoraConfig(**lora), adapter_name="helpful")
-    pm.add_adapter("harmless", LoraConfig(**lora))
-    with torch.no_grad():
-        for name, prm in pm.named_parameters():
-            if "lora_B" in name:
-                prm.normal_(0, 0.02)
-    pm.eval()
+    pm, tok = demo_lora_policies()
     prompts = list(dict.fromkeys(r["prompt"] for r in load_demo("train")))[: a.prompts]
     dec = MODDecoder(pm, tok, adapter_names=["helpful", "harmless"])
     kw = dict(max_new_tokens=a.max_new_tokens, progress=False)

@@ -93,3 +93,23 @@ def record(title: str, rows: list[dict], *, notes: str = "", command: str | None
 def dump_json(path: str | os.PathLike, obj) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(obj, indent=2))
+
+
+def demo_lora_policies(r: int = 16, std: float = 0.02, seed: int = 0):
+    """``(peft_model, tokenizer)``: the embedded SmolLM2-135M-Instruct with the demo preset's two LoRA adapters
+    ("helpful", "harmless"; r, alpha 2r, q/k/v/o), their B matrices N(0, std) so they differ, in eval mode: the
+    stand-in for trained stage-1 policies in benchmarks of the pipeline's call shapes."""
+    from peft import LoraConfig, get_peft_model
+
+    from sipo_fast.models import load_default
+
+    torch.manual_seed(seed)
+    model, tok = load_default()
+    lora = dict(r=r, lora_alpha=2 * r, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    pm = get_peft_model(model, LoraConfig(**lora), adapter_name="helpful")
+    pm.add_adapter("harmless", LoraConfig(**lora))
+    with torch.no_grad():
+        for name, prm in pm.named_parameters():
+            if "lora_B" in name:
+                prm.normal_(0, std)
+    return pm.eval(), tok
