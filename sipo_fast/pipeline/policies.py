@@ -127,7 +127,7 @@ def all_weights_parts(ctx, parts, prompts: list[dict], weights: list, load, *, m
                       batch_size: int) -> list[dict]:
     """Sample's greedy loop: every weight vector of W decoded in one MOD batch per ``batch_size`` prompts, the
     rows of one prompt sharing its prefill (the decoder's prompt dedupe over the shared KV cache), where a loop
-    over W would prefill every prompt |W| times in |W| batches a quarter the size. Greedy decoding makes the
+    over W would prefill every prompt |W| times, in |W| batches of 1/|W| the rows. Greedy decoding makes the
     texts those of per-weight decoding up to float rounding (tests/test_pipeline_stages.py compares them).
 
     One resumable part per batch (``parts/b<k>.jsonl``); the batches are fixed by a global sort of the
