@@ -82,14 +82,12 @@ def test_a_shared_prompt_runs_once():
         handle.remove()
     spans = prompt_spans(batch["input_ids"], batch["attention_mask"], batch["response_mask"])
     prompts = {tuple(batch["input_ids"][i, :a].tolist()) for i, (a, _) in enumerate(spans)}
-    prompt_tokens = sum(len(p) for p in prompts)
     assert len(prompts) == 4
-    # 2 adapters × (each distinct prompt once + each group's responses padded to the group's longest)
-    longest = {}
-    for i, (a, e) in enumerate(spans):
-        key = tuple(batch["input_ids"][i, :a].tolist())
-        longest.setdefault(key, []).append(e - a)
-    assert shared == 2 * (prompt_tokens + sum(len(v) * max(v) for v in longest.values()))
+    # 2 adapters × (the 4 distinct prompts, left-padded to the longest, in one forward + every row's response,
+    # right-padded to the longest, in a second)
+    longest_prompt = max(len(p) for p in prompts)
+    longest_response = max(e - a for a, e in spans)
+    assert shared == 2 * (len(prompts) * longest_prompt + len(spans) * longest_response)
     assert plain == 2 * batch["input_ids"].numel()
     assert shared < plain
 

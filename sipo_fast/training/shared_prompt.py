@@ -2,9 +2,10 @@
 
 The filter scores every prompt's two originals and |W| candidates under K implicit reward models: about six
 rows per prompt that share their first 40-60 tokens. The plain path (:func:`sequence_logprobs`) runs each row
-in full, so most of its work is the same prompt again. Here each distinct prompt of a batch runs once per
-model (and once per adapter in a mixed-adapter batch) with a KV cache, the cache is repeated over the rows
-that share it (``DynamicCache.batch_repeat_interleave``), and only the responses run after it:
+in full, so most of its work is the same prompt again. Here a batch takes two forwards per model (each
+holding every adapter of a mixed-adapter batch): its distinct prompts, left-padded with explicit positions,
+build a KV cache; each row takes its prompt's cache rows (``DynamicCache.batch_select_indices``), and only the
+responses, right-padded, run after it:
 
     hidden(prompt_{P-1}) scores response token 0;  hidden(response_j) scores response token j+1
 
@@ -13,7 +14,8 @@ which is the plain path's causal computation split in two, so the log-probs agre
 a prefix the same way for beams, but has no scoring entry point for given responses, hence this module.
 
 It needs what it can check: a fused LM head (:func:`lm_head_plan`), right-padded rows whose response is one
-contiguous run after a non-empty prompt (``encode_pairs``' layout), and a model that returns a cache. Batches
+contiguous run after a non-empty prompt (``encode_pairs``' layout), and a model that takes position ids and
+returns a cache. Batches
 that do not qualify, or in which no two rows share a prompt, return None and the caller uses the plain path.
 """
 from __future__ import annotations
@@ -47,7 +49,7 @@ def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
     return spans
 
 
-def _hidden_and_cache(model, ids, attn, past, names):
+def _hidden_and_cache(model, ids, attn, pos, past, names):
     """(backbone output [b, t, H], its KV cache) from one ``model(...)`` call projecting only the last position."""
     backbone = _unwrap(model).base_model
     captured = []
@@ -55,7 +57,7 @@ def _hidden_and_cache(model, ids, attn, past, names):
     kw = {} if names is None else {"adapter_names": names}
     kw[cache_kwarg(_unwrap(model))] = past
     try:
-        out = model(input_ids=ids, attention_mask=attn, use_cache=True, logits_to_keep=1, **kw)
+        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
     finally:
         handle.remove()
     cache = getattr(out, "cache", None)
@@ -66,29 +68,41 @@ def _hidden_and_cache(model, ids, attn, past, names):
     return captured[-1], cache
 
 
-def _score_group(model, names, prompt, responses, plan, chunk_size, backend) -> torch.Tensor:
-    """[R, K] log-probs of R responses (lists of token ids) to one prompt under K adapters of ``model`` in one
-    mixed batch (``names`` a list), or under the model as it is (``names`` None, K = 1)."""
+def _score_groups(model, names, prompts, responses, group_of, plan, chunk_size, backend) -> torch.Tensor:
+    """[R, K] log-probs of R responses (lists of token ids), response r answering ``prompts[group_of[r]]``, under
+    K adapters of ``model`` in one mixed batch (``names`` a list), or the model as it is (``names`` None, K = 1).
+
+    Two forwards: the G distinct prompts, left-padded, with explicit positions (K·G rows, adapter-major); then
+    the responses, right-padded, each row given its prompt's cache rows (``batch_select_indices``) and the
+    positions that continue its own prompt."""
     weight, bias, scale = plan
     dev = weight.device
     K = 1 if names is None else len(names)
-    R, P = len(responses), len(prompt)
-    L = max(1, max(len(r) for r in responses))
-    r_ids = torch.zeros(R, L, dtype=torch.long)
-    r_mask = torch.zeros(R, L, dtype=torch.long)
+    G, R = len(prompts), len(responses)
+    P, L = max(len(p) for p in prompts), max(1, max(len(r) for r in responses))
+    p_ids, p_mask = torch.zeros(G, P, dtype=torch.long), torch.zeros(G, P, dtype=torch.long)
+    for g, p in enumerate(prompts):
+        p_ids[g, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        p_mask[g, P - len(p):] = 1
+    r_ids, r_mask = torch.zeros(R, L, dtype=torch.long), torch.zeros(R, L, dtype=torch.long)
     for j, r in enumerate(responses):
         r_ids[j, : len(r)] = torch.tensor(r, dtype=torch.long)
         r_mask[j, : len(r)] = 1
-    p_ids = torch.tensor(prompt, dtype=torch.long, device=dev).expand(K, P)
-    h_p, cache = _hidden_and_cache(model, p_ids, torch.ones_like(p_ids), None, names)
-    cache.batch_repeat_interleave(R)  # (K) -> (K*R), adapter-major like the rows below
-    attn = torch.cat([torch.ones(R, P, dtype=torch.long), r_mask], 1).repeat(K, 1).to(dev)
-    row_names = None if names is None else [n for n in names for _ in range(R)]
-    h_r, _ = _hidden_and_cache(model, r_ids.repeat(K, 1).to(dev), attn, cache, row_names)
-    hidden = torch.cat([h_p[:, -1:].repeat_interleave(R, 0), h_r[:, :-1]], 1)  # (K*R, L, H)
+    gi = torch.tensor(group_of, dtype=torch.long)
+    rep = lambda t: t.repeat(K, 1).to(dev)  # noqa: E731  (rows, ...) -> (K*rows, ...), adapter-major
+    p_pos = (p_mask.cumsum(1) - 1).clamp(min=0)
+    h_p, cache = _hidden_and_cache(model, rep(p_ids), rep(p_mask), rep(p_pos), None,
+                                   None if names is None else [n for n in names for _ in range(G)])
+    idx = torch.cat([k * G + gi for k in range(K)]).to(dev)  # response row -> its prompt's cache row
+    cache.batch_select_indices(idx)
+    attn = torch.cat([p_mask[gi], r_mask], 1)
+    pos = p_mask.sum(1)[gi, None] + torch.arange(L)[None]
+    h_r, _ = _hidden_and_cache(model, rep(r_ids), rep(attn), rep(pos), cache,
+                               None if names is None else [n for n in names for _ in range(R)])
+    hidden = torch.cat([h_p[:, -1][idx][:, None], h_r[:, :-1]], 1)  # (K*R, L, H): the prompt's last scores y_0
     if scale != 1.0:
         hidden = hidden * scale
-    labels = r_ids.masked_fill(r_mask == 0, -100).repeat(K, 1).to(dev)
+    labels = rep(r_ids.masked_fill(r_mask == 0, -100))
     tok = token_logprobs(hidden.to(weight.dtype), weight, labels, bias=bias, chunk_size=chunk_size, backend=backend)
     return tok.sum(-1).view(K, R).t()
 
@@ -109,26 +123,27 @@ def shared_prompt_logprobs(model, names: list[str | None], batch: dict, *, chunk
         groups.setdefault(tuple(ids[i, :a].tolist()), []).append(i)
     if len(groups) == len(spans):
         return None  # nothing shared: the plain path does the same work in one forward
-    out = torch.zeros(len(spans), len(names), dtype=torch.float32)
-    mixed = len(names) > 1 and all(n is not None for n in names)
+    prompts = list(groups)
+    group_of = [0] * len(spans)
+    for g, rows in enumerate(groups.values()):
+        for i in rows:
+            group_of[i] = g
+    responses = [ids[i, a:e].tolist() for i, (a, e) in enumerate(spans)]
+    args = (prompts, responses, group_of, plan, chunk_size, backend)
     try:
         with _eval_mode(model):
-            for prompt, rows in groups.items():
-                responses = [ids[i, a:e].tolist() for i in rows for a, e in [spans[i]]]
-                if mixed:
-                    try:
-                        out[rows] = _score_group(model, list(names), prompt, responses, plan, chunk_size,
-                                                 backend).float().cpu()
-                        continue
-                    except ValueError as exc:  # PEFT refuses a mixed batch: one adapter at a time
-                        _warn_once(f"shared-mixed:{type(exc).__name__}", f"mixed-adapter batch not possible "
-                                   f"({exc}); scoring adapters one forward each")
-                        mixed = False
-                for k, n in enumerate(names):
-                    with _adapter(model, n):
-                        out[rows, k] = _score_group(model, None, prompt, responses, plan, chunk_size,
-                                                    backend)[:, 0].float().cpu()
-    except TypeError as exc:  # no cache / no logits_to_keep in this model's forward
+            if len(names) > 1 and all(n is not None for n in names):
+                try:
+                    return _score_groups(model, list(names), *args).float().cpu()
+                except ValueError as exc:  # PEFT refuses a mixed batch: one adapter at a time
+                    _warn_once(f"shared-mixed:{type(exc).__name__}", f"mixed-adapter batch not possible ({exc}); "
+                               "scoring adapters one forward each")
+            cols = []
+            for n in names:
+                with _adapter(model, n):
+                    cols.append(_score_groups(model, None, *args)[:, 0].float().cpu())
+            out = torch.stack(cols, 1)
+    except TypeError as exc:  # no cache / no logits_to_keep / no position_ids in this model's forward
         _warn_once(f"shared:{type(_unwrap(model)).__name__}", f"{type(_unwrap(model)).__name__}: prompt sharing "
                    f"not possible ({exc}); scoring every row in full")
         return None
