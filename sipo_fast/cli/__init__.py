@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Run the pipeline: align, sample, refine, filter, finetune, evaluate. Finished "
                                    "stages whose inputs did not change are skipped; changed ones re-run.")
     _run_args(p)
-    p = sub.add_parser("demo", help="the whole pipeline + evaluation on the embedded SmolLM2-135M (~15 min on 2 cores, set-up excluded)",
+    p = sub.add_parser("demo", help="the whole pipeline + evaluation on the embedded SmolLM2-135M (about 12 min on 2 cores, 14.5 from a fresh clone with set-up)",
                        description="sipo-fast run --preset demo, ending with the evaluation report.")
     _run_args(p, default_preset="demo")
     for name, text in STAGE_COMMANDS.items():

@@ -2,7 +2,7 @@
 
 - ``smoke``: every stage on the tiny random model in well under 2 minutes on 2 CPU cores (tests use it).
 - ``demo``: the whole pipeline and the evaluation on the embedded SmolLM2-135M and the shipped demo data,
-  sized for about 15 minutes on a 2-core CPU (14.5 measured, set-up excluded); its departures from the paper are listed
+  sized for 15 minutes on a 2-core CPU (14 min 21 s from a fresh clone, set-up included); its departures from the paper are listed
   in it.
 - ``beavertails`` / ``helpsteer``: the paper's settings (SIPO.md §3, §5), for GPU users. The paper's policy
   for BeaverTails is Alpaca-7B; any causal LM path can replace ``model.name``.
