@@ -293,7 +293,7 @@ def test_reference_table_scores_a_shared_chosen_once(tokenizer, policy, monkeypa
     rows = []
     real = L.policy_logprobs
     monkeypatch.setattr(L, "policy_logprobs", lambda m, b, **kw: rows.append(b["input_ids"].shape[0]) or real(m, b, **kw))
-    monkeypatch.setattr("sipo_fast.training.trainer.policy_logprobs", L.policy_logprobs)
+    monkeypatch.setattr("sipo_fast.training.reference.policy_logprobs", L.policy_logprobs)
     table = reference_table(policy, pairs, tokenizer, max_length=48, batch_size=2)
     assert len(table) == 9 and sum(rows) == 9  # 3 prompts x (y_c, y_a, y_b), none scored twice
     keys = list(table)

@@ -20,8 +20,8 @@ from sipo_fast.training.logprobs import (
 from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 _LAZY = {name: "sipo_fast.training.trainer" for name in
-         ("FusedDPOTrainer", "FusedDPOConfig", "train_preference", "build_preference_trainer", "LOSS_TYPES",
-          "reference_table", "with_reference")}
+         ("FusedDPOTrainer", "FusedDPOConfig", "train_preference", "build_preference_trainer", "LOSS_TYPES")}
+_LAZY.update({name: "sipo_fast.training.reference" for name in ("reference_table", "with_reference")})
 
 __all__ = ["sequence_logprobs", "sequence_logprobs_ref", "final_hidden_states", "lm_head_plan", "policy_logprobs",
            "reference_logprobs", "implicit_rewards", "dpo_loss", "sipo_loss", "modpo_loss", "dpo_lw_loss", *_LAZY]
