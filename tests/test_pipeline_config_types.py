@@ -42,6 +42,19 @@ def test_whole_floats_become_ints_and_real_types_pass():
     assert AlignConfig(max_steps=-1).max_steps == -1  # -1 (train the epochs) stays the default
 
 
+def test_exponent_floats_that_yaml_reads_as_strings_are_numbers(tmp_path):
+    """PyYAML (YAML 1.1) loads 1e-4 without a dot as the string '1e-4'; a float field takes it as the number."""
+    cfg = preset("smoke").override(["finetune.learning_rate=1e-4", "align.learning_rate=5E-4"])
+    assert cfg.finetune.learning_rate == 1e-4 and cfg.align.learning_rate == 5e-4
+    f = tmp_path / "c.yaml"
+    f.write_text("align:\n  learning_rate: 2e-5\n")
+    assert load_config(f).align.learning_rate == 2e-5
+    with pytest.raises(ValueError, match="align.learning_rate must be a number"):
+        preset("smoke").override(["align.learning_rate=1e-4x"])
+    with pytest.raises(ValueError, match="sample.max_new_tokens must be a whole number"):
+        preset("smoke").override(["sample.max_new_tokens=1e2"])  # int fields stay strict
+
+
 def test_python_construction_is_checked_too():
     with pytest.raises(ValueError, match="sample.do_sample must be true or false"):
         SampleConfig(do_sample="yes")

@@ -15,11 +15,15 @@ import dataclasses
 from dataclasses import fields
 
 import math
+import re
 from dataclasses import fields
 
 SIMPLEX_TOL = 1e-6
 _KINDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
           "list": "a list, e.g. [a, b]"}
+
+
+_YAML11_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 def _is_number(value) -> bool:
@@ -39,6 +43,8 @@ def coerce(name: str, kind: str, value):
         return int(value)
     if base == "float" and _is_number(value) and math.isfinite(value):
         return value
+    if base == "float" and isinstance(value, str) and _YAML11_EXPONENT.fullmatch(value.strip()):
+        return float(value)  # YAML 1.1 (PyYAML) reads 1e-4, without a dot, as a string
     if base == "str" and isinstance(value, str):
         return value
     if base == "list" and isinstance(value, (list, tuple)):
