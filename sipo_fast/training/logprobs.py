@@ -87,28 +87,33 @@ def _validate_batch(input_ids, attention_mask, response_mask) -> None:
                          "sipo_fast.data.formatting.encode_pairs")
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs):
-    """[B, T, H] input of the LM head, from a normal ``model(...)`` call that projects only the last position."""
+def backbone_call(model, **call_kwargs):
+    """``(backbone output [B, T, H], the model's output)`` of one ``model(**call_kwargs)`` call: a forward hook
+    on the backbone captures the exact input of the LM head."""
     backbone = _unwrap(model).base_model
     captured = []
     handle = backbone.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
     try:
-        try:
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=1,
-                  **forward_kwargs)
-        except TypeError as exc:
-            if "logits_to_keep" not in str(exc):
-                raise
-            _warn_once(f"keep:{type(_unwrap(model)).__name__}",
-                       f"{type(_unwrap(model)).__name__}.forward has no logits_to_keep: its LM head still projects "
-                       "every position once (the log-probs themselves stay fused)")
-            captured.clear()
-            model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+        out = model(**call_kwargs)
     finally:
         handle.remove()
     if not captured:
         raise RuntimeError(f"{type(backbone).__name__} (the backbone) did not run during the forward pass")
-    return captured[-1]
+    return captured[-1], out
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs):
+    """[B, T, H] input of the LM head, from a normal ``model(...)`` call that projects only the last position."""
+    kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+    try:
+        return backbone_call(model, logits_to_keep=1, **kw)[0]
+    except TypeError as exc:
+        if "logits_to_keep" not in str(exc):
+            raise
+        _warn_once(f"keep:{type(_unwrap(model)).__name__}",
+                   f"{type(_unwrap(model)).__name__}.forward has no logits_to_keep: its LM head still projects "
+                   "every position once (the log-probs themselves stay fused)")
+        return backbone_call(model, **kw)[0]
 
 
 def sequence_logprobs_ref(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,

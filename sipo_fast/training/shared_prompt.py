@@ -25,7 +25,7 @@ import torch
 from sipo_fast.kv.hf import cache_kwarg
 from sipo_fast.ops.logprobs import token_logprobs
 
-from .logprobs import _adapter, _eval_mode, _unwrap, _warn_once, lm_head_plan
+from .logprobs import _adapter, _eval_mode, _unwrap, _warn_once, backbone_call, lm_head_plan
 
 
 def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -51,21 +51,16 @@ def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 
 def _hidden_and_cache(model, ids, attn, pos, past, names):
     """(backbone output [b, t, H], its KV cache) from one ``model(...)`` call projecting only the last position."""
-    backbone = _unwrap(model).base_model
-    captured = []
-    handle = backbone.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
     kw = {} if names is None else {"adapter_names": names}
     kw[cache_kwarg(_unwrap(model))] = past
-    try:
-        out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1, **kw)
-    finally:
-        handle.remove()
+    hidden, out = backbone_call(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
+                                logits_to_keep=1, **kw)
     cache = getattr(out, "cache", None)
     if cache is None:  # transformers before the rename
         cache = getattr(out, "past_key_values", None)
-    if not captured or cache is None:
-        raise TypeError("the model returned no hidden states or no KV cache")
-    return captured[-1], cache
+    if cache is None:
+        raise TypeError("the model returned no KV cache")
+    return hidden, cache
 
 
 def _score_groups(model, names, prompts, responses, group_of, plan, chunk_size, backend) -> torch.Tensor:
