@@ -95,30 +95,89 @@ def test_pipeline_holds_the_lock_for_the_whole_run(tmp_path):
     assert runs == ["align", "sample", "refine", "filter"]
 
 
-def test_two_runs_started_together_on_a_new_directory_one_wins(tmp_path):
-    """Both pass preflight at the same moment on a directory that does not exist yet; exactly one runs, the
-    other is refused when it tries to open the directory, and the winner's manifest is complete."""
+@pytest.mark.parametrize("attempt", range(int(os.environ.get("SIPO_FAST_STRESS", "1"))))
+def test_two_runs_started_together_on_a_new_directory_one_wins(tmp_path, attempt):
+    """Two runs started at the same moment on a directory that does not exist yet: exactly one runs, the other
+    is refused as "in use by another sipo-fast run" (the lock is taken as the directory is created, before
+    anything scans it), and the winner's manifest is complete.
+
+    It once failed at random: the loser's probe of the lock ran before the winner took it, and its scan for
+    foreign files ran after the winner's first temporary write. Stress command (200 in a row; run two at once to
+    load both cores):
+        SIPO_FAST_STRESS=200 .venv/bin/python -m pytest -q -p no:cacheprovider -x tests/test_pipeline_lock.py -k together
+    """
+    import threading
+
+    from test_pipeline_runner import make
+
+    gate = threading.Barrier(2)
+    results, runs = {}, []
+
+    def go(i):
+        pipe, _ = make(tmp_path, runs=runs)
+        gate.wait(timeout=30)
+        try:
+            results[i] = sorted(pipe.run())
+        except ValueError as exc:  # RunLockedError
+            results[i] = exc
+
+    _race(go, results, runs, tmp_path)
+
+
+def test_a_run_that_holds_a_new_directory_refuses_a_second_one_at_every_point(tmp_path):
+    """Deterministic version of the race: the first run is paused inside its preflight, after it created and
+    locked the directory but before it wrote anything; the second is refused for the lock, not for the files."""
     import threading
 
     from sipo_fast.pipeline.preflight import Findings
     from test_pipeline_runner import Ctx, make
 
-    gate = threading.Barrier(2)
+    paused, resume = threading.Event(), threading.Event()
 
-    class Together(Ctx):
+    class Paused(Ctx):
         def preflight(self, stages=None):
-            gate.wait(timeout=30)  # both are past the "directory exists?" check, neither has created it
+            paused.set()
+            assert resume.wait(timeout=30)
             return Findings()
 
     results, runs = {}, []
 
-    def go(i):
+    def first():
         pipe, _ = make(tmp_path, runs=runs)
-        pipe._ctx = Together(pipe.config)
-        try:
-            results[i] = sorted(pipe.run())
-        except ValueError as exc:  # RunLockedError at the lock, or the preflight seeing the lock held
-            results[i] = exc
+        pipe._ctx = Paused(pipe.config)
+        results["first"] = sorted(pipe.run())
+
+    t = threading.Thread(target=first)
+    t.start()
+    assert paused.wait(timeout=30)
+    second, _ = make(tmp_path, runs=runs)
+    with pytest.raises(RunLockedError, match="in use by another sipo-fast run: pid"):
+        second.run()
+    resume.set()
+    t.join(timeout=60)
+    assert results["first"] == ["align", "filter", "refine", "sample"]
+
+
+def test_a_refused_preflight_leaves_no_directory_behind(tmp_path):
+    """The run creates its new directory (and the lock in it) before the preflight; when the preflight refuses,
+    both go again, so a failed run leaves no trace."""
+    from sipo_fast.pipeline.preflight import Findings, PreflightError
+    from test_pipeline_runner import Ctx, make
+
+    class Refuses(Ctx):
+        def preflight(self, stages=None):
+            return Findings(problems=["data: planted problem"])
+
+    pipe, runs = make(tmp_path)
+    pipe.run_dir.root = tmp_path / "new" / "deeper" / "run"
+    pipe._ctx = Refuses(pipe.config)
+    with pytest.raises(PreflightError, match="planted problem"):
+        pipe.run()
+    assert not (tmp_path / "new").exists() and runs == []
+
+
+def _race(go, results, runs, tmp_path):
+    import threading
 
     threads = [threading.Thread(target=go, args=(i,)) for i in range(2)]
     for t in threads:

@@ -6,7 +6,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .rundir import follow_umask, write_jsonl
+from .rundir import TMP_SUFFIX, follow_umask, write_jsonl
 
 
 class Parts:
@@ -50,7 +50,7 @@ class Parts:
         def run() -> None:
             final = self.path(name)
             final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", dir=final.parent)
+            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
             os.close(fd)
             try:
                 follow_umask(tmp)
@@ -67,7 +67,7 @@ class Parts:
         def run() -> None:
             final = self.path(name)
             final.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+            tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent))
             try:
                 follow_umask(tmp, directory=True)
                 writer(tmp)

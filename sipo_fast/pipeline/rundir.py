@@ -28,6 +28,14 @@ MANIFEST = "manifest.json"
 STAGE_JSON = "stage.json"
 FORMAT = 1
 WORK = ".work"
+# Every temporary name the project writes ends in TMP_SUFFIX, so a file left by a kill -9 between creating and
+# renaming it is recognisably ours: directory scans and artifact hashes skip it (see is_scratch).
+TMP_SUFFIX = ".sipo-tmp"
+
+
+def is_scratch(name: str) -> bool:
+    """Is ``name`` one of the project's own lock or temporary files (never user data, never an artifact)?"""
+    return name == ".lock" or (name.startswith(".") and name.endswith(TMP_SUFFIX))
 UNHASHED_DIRS = ("logs",)  # timings and trainer logs vary run to run; they are not part of an artifact's identity
 # The evaluation report renders the hashed sweeps (eval/sweeps/*.json) and stamps the time it was generated;
 # scores.sqlite is the scorers' cache.
@@ -131,7 +139,7 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
     try:
         follow_umask(tmp)
         with os.fdopen(fd, "w") as fh:
@@ -231,10 +239,11 @@ class RunDir:
         return self.manifest_path.exists() or bool(self.stage_records()) or (self.root / WORK).is_dir()
 
     def foreign_files(self) -> list[str]:
-        """Names in an existing directory that is not a run directory (empty list: fine to use)."""
+        """Names in an existing directory that is not a run directory (empty list: fine to use). The lock and
+        our own temporary files do not count: a run creating the directory right now leaves them."""
         if not self.root.is_dir() or self.is_run_dir():
             return []
-        return sorted(p.name for p in self.root.iterdir() if p.name != ".lock")
+        return sorted(p.name for p in self.root.iterdir() if not is_scratch(p.name))
 
     def open(self, identity: dict) -> None:
         """Create or reopen the directory for a run with ``identity`` (after validation, under the lock).

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from .config import PipelineConfig
 from sipo_fast.distributed import current
-from .lock import RunLock
+from .lock import LOCK, RunLock
 from .parts import Parts, crash_point
 from .preflight import PreflightError, check_output
 from .repair import identity, read_record, rebuild, repair  # noqa: F401 - identity re-exported
@@ -50,6 +50,7 @@ class SIPOPipeline:
         self.stages: dict[str, Stage] = {s.name: s for s in STAGES}
         self._ctx: Context | None = None
         self._locks: list[RunLock] = []  # rank 0's locks while it runs (the old directory's too, under --force)
+        self._created: list[Path] = []  # directories this run made before its preflight (removed if it fails)
 
     # -- planning ---------------------------------------------------------------------------------------------
     def enabled(self, name: str) -> bool:
@@ -167,8 +168,12 @@ class SIPOPipeline:
         dist = current()
         handler, aside = None, None
         try:
-            dist.on_main(self._lock_existing)  # a second run on a directory in use is refused at once
-            self.preflight(stages)
+            dist.on_main(self._claim)  # a second run on a directory in use is refused at once
+            try:
+                self.preflight(stages)
+            except BaseException:
+                dist.on_main(self._unclaim)
+                raise
             aside = dist.on_main(self._open)
             for name in stages or []:
                 missing = [u for u in self.stages[name].upstream
@@ -198,10 +203,33 @@ class SIPOPipeline:
             dist.on_main(self._unlock)
 
     # -- the run directory: lock, --force, repair (rank 0) ------------------------------------------------------
-    def _lock_existing(self) -> None:
+    def _claim(self) -> None:
+        """Take the directory's lock before anything looks inside it, creating the directory if it is new, so
+        that of two runs started together on one new directory the lock alone picks the one that proceeds;
+        the other is refused as "in use by another sipo-fast run". A directory holding someone else's files
+        gets no lock file (preflight refuses it)."""
         root = self.run_dir.root
+        if not root.exists():
+            missing = [p for p in (root, *root.parents) if not p.exists()]
+            try:
+                root.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                return  # preflight says why (not writable, a file in the way)
+            self._created = missing[::-1]
         if root.is_dir() and not self.run_dir.foreign_files():  # never add a file to someone else's directory
             self._locks.append(RunLock(root).acquire())
+
+    def _unclaim(self) -> None:
+        """After a failed preflight: release the lock and remove the directories ``_claim`` made, if they hold
+        nothing but the lock file (a run refused before its first write leaves no trace)."""
+        self._unlock()
+        for d in reversed(self._created):
+            try:
+                (d / LOCK).unlink(missing_ok=True)
+                d.rmdir()
+            except OSError:
+                break
+        self._created = []
 
     def _open(self) -> str | None:
         """After preflight: move the old run aside (--force), create and lock the directory, repair a broken
