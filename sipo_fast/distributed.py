@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -152,6 +153,29 @@ def _destroy_process_group() -> None:
     (issue 17; rank 0's stderr showed the abort with no Python frame left on its main thread)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def end_process(code: int) -> None:
+    """End a launched rank (``WORLD_SIZE`` > 1) with ``code`` once its work is done, without interpreter
+    finalisation; a single process returns and exits as usual.
+
+    Every ``atexit`` handler runs first (ours tears the process group down; a logger's or a tracker's flushes),
+    then the streams and logging are flushed and the process exits with ``os._exit``. What this skips is the
+    destruction of the C++ statics and threads at finalisation, where a rank that had finished all its work
+    still aborted now and then with ``terminate called without an active exception`` (SIGABRT) even with the
+    process group destroyed at exit: once in the suite on 2 loaded cores, failing the whole launch."""
+    if _CURRENT is None or _CURRENT.world <= 1:
+        return
+    import logging
+
+    atexit._run_exitfuncs()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def set_current(dist: Dist | None) -> None:

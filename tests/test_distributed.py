@@ -23,6 +23,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -461,3 +462,24 @@ def test_a_killed_two_process_stage_resumes_to_the_single_process_artifact(tmp_p
     reused = [line for line in resumed.stderr.splitlines() if "saved by an interrupted run" in line]
     assert len(reused) == 1 and "parts/b0.jsonl" in reused[0], resumed.stderr[-3000:]
     assert _files(one / "sample") == _files(two / "sample")
+
+
+def test_a_launched_rank_ends_after_its_exit_handlers_with_its_code(tmp_path):
+    """end_process: under a launch (world > 1) the atexit handlers run (they flush trackers and tear the process
+    group down), then the process ends with the given code, skipping interpreter finalisation; with one process
+    it does nothing."""
+    code = textwrap.dedent(f"""
+        import atexit, sys
+        from pathlib import Path
+        from sipo_fast.distributed import Dist, end_process, set_current
+        atexit.register(lambda: Path({str(tmp_path / 'flushed')!r}).write_text("yes"))
+        end_process(0)                      # one process: a no-op
+        print("still here", flush=True)
+        set_current(Dist(rank=1, world=2))
+        end_process(3)
+        print("not reached", flush=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr
+    assert proc.stdout.split() == ["still", "here"]
+    assert (tmp_path / "flushed").read_text() == "yes"

@@ -2,5 +2,8 @@
 import sys
 
 from sipo_fast.cli import main
+from sipo_fast.distributed import end_process
 
-sys.exit(main())
+code = main()
+end_process(code)  # a launched rank ends here, past the C++ teardown that can abort it (distributed.py)
+sys.exit(code)
