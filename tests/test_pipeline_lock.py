@@ -15,12 +15,21 @@ from sipo_fast.pipeline.lock import RunLock, RunLockedError, holder
 
 
 def test_second_lock_is_refused_at_once_naming_pid_and_host(tmp_path):
+    import threading
+
     with RunLock(tmp_path):
-        t0 = time.monotonic()
-        with pytest.raises(RunLockedError, match=rf"in use by another sipo-fast run: pid {os.getpid()} on host "
-                                                 rf"{socket.gethostname()}"):
-            RunLock(tmp_path).acquire()
-        assert time.monotonic() - t0 < 1.0
+        refused = []
+
+        def second():  # a blocking acquire would never return: the thread would stay alive
+            with pytest.raises(RunLockedError, match=rf"in use by another sipo-fast run: pid {os.getpid()} on "
+                                                     rf"host {socket.gethostname()}"):
+                RunLock(tmp_path).acquire()
+            refused.append(True)
+
+        t = threading.Thread(target=second, daemon=True)
+        t.start()
+        t.join(timeout=60)
+        assert not t.is_alive() and refused == [True]
         assert holder(tmp_path)["pid"] == os.getpid()
     assert holder(tmp_path) is None  # released
     RunLock(tmp_path).acquire().release()
