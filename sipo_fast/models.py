@@ -38,12 +38,43 @@ def gguf_path() -> Path:
     return path
 
 
+def _check_gguf() -> None:
+    if importlib.util.find_spec("gguf") is None:
+        raise ModuleNotFoundError("reading the embedded SmolLM2 GGUF needs the gguf package, part of the demo extra: "
+                                  "`pip install 'sipo-fast[demo]'`", name="gguf")
+
+
+def _gguf_tokenizer():
+    """The tokenizer from the GGUF's metadata: transformers reads it without loading any tensor (a few seconds)."""
+    from transformers import AutoTokenizer
+
+    _check_gguf()
+    src = gguf_path()
+    return AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+
+
+def _save_atomic(target: Path, save) -> None:
+    """``save(tmp_dir)``, then rename to ``target`` atomically (a concurrent caller that finished first wins)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        save(tmp)
+        try:
+            os.rename(tmp, target)  # atomic; fails if another process finished first
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _convert(target: Path) -> None:
     """GGUF -> plain safetensors directory, written atomically (concurrent callers are safe)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
+    _check_gguf()
     src = gguf_path()
-    tok = AutoTokenizer.from_pretrained(src.parent, gguf_file=src.name)
+    tok = _gguf_tokenizer()
     gguf_model = AutoModelForCausalLM.from_pretrained(src.parent, gguf_file=src.name, dtype=torch.float32)
     config = gguf_model.config
     config.quantization_config = None  # a plain float model from here on
@@ -52,18 +83,12 @@ def _convert(target: Path) -> None:
     model = type(gguf_model)(config)
     model.load_state_dict(gguf_model.state_dict())
     model.generation_config.pad_token_id = tok.pad_token_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+
+    def save(tmp: Path) -> None:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process finished first
-        except OSError:
-            if not (target / "config.json").exists():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+
+    _save_atomic(target, save)
 
 
 def default_model_dir() -> Path:
@@ -75,10 +100,20 @@ def default_model_dir() -> Path:
 
 
 def load_tokenizer():
-    """The SmolLM2 tokenizer (chat template included), from the cache."""
+    """The SmolLM2 tokenizer (chat template included), without converting the model's weights: from the converted
+    model's directory when it exists, else from a tokenizer-only copy in the cache, which the first call writes from
+    the GGUF's metadata (seconds, where the weight conversion takes ~25 s)."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(default_model_dir())
+    model_dir = cache_dir() / DEFAULT_NAME
+    tok_dir = cache_dir() / f"{DEFAULT_NAME}-tokenizer"
+    if (model_dir / "tokenizer_config.json").exists():
+        src = model_dir
+    else:
+        if not (tok_dir / "tokenizer_config.json").exists():
+            _save_atomic(tok_dir, _gguf_tokenizer().save_pretrained)
+        src = tok_dir
+    tok = AutoTokenizer.from_pretrained(src)
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

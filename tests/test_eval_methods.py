@@ -123,3 +123,18 @@ def test_sampled_sweep_is_deterministic_under_a_seed(two_adapters, tokenizer):
     assert a.responses != c.responses
     # costs are negated in the points: vowels (lower is better) become ≤ 0
     assert (a.points[:, 1] <= 0).all() and (a.scores[..., 1] >= 0).all()
+
+
+def test_methods_decode_with_their_own_settings_not_the_models_generation_config(tokenizer):
+    """A policy whose generation_config samples with a repetition penalty (as many hub checkpoints ship) still
+    decodes greedily in a sweep: every method of one comparison decodes the same way."""
+    from sipo_fast.models import tiny
+
+    models = [tiny("llama", tokenizer=tokenizer, seed=s)[0] for s in (0, 1)]
+    want = mod_generator(MODDecoder(models, tokenizer), **KW)(PROMPTS, W)
+    cfg = models[0].generation_config
+    cfg.do_sample, cfg.temperature, cfg.repetition_penalty = True, 1.5, 0.5
+    assert mod_generator(MODDecoder(models, tokenizer), **KW)(PROMPTS, W) == want
+    sampled = MODDecoder(models, tokenizer).generate_text(PROMPTS, weights=[0.5, 0.5], max_new_tokens=5, seed=0,
+                                                          progress=False)
+    assert [o.text for o in sampled] != want[1]  # the same decoder call without the sweep's settings does sample

@@ -37,6 +37,18 @@ def test_report_numbers_hand_computed():
     assert rep.union_front() == {("sipo", 0), ("sipo", 1), ("sipo", 2)}
 
 
+def test_report_without_matplotlib_keeps_the_numbers(tmp_path, monkeypatch):
+    """matplotlib is in the demo extra: without it the report is the markdown alone, with one warning."""
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    with pytest.warns(RuntimeWarning, match=r"no plot; `pip install 'sipo-fast\[demo\]'`"):
+        paths = write_report([_sweep("mod", MOD)], tmp_path, ref=[0, 0], baseline="mod")
+    md = paths["markdown"].read_text()
+    assert paths["png"] is None and not list(tmp_path.glob("*.png")) and "![Pareto" not in md and "| mod |" in md
+
+
 def test_report_markdown_and_png(tmp_path):
     import matplotlib.image as mpimg
 

@@ -89,3 +89,122 @@ def test_beaver_style_score_model_from_checkpoint(tokenizer, tmp_path):
     save_file({k: v.contiguous() for k, v in state.items() if k.startswith("model.")}, str(tmp_path / "model.safetensors"))
     with pytest.raises(ValueError, match="no score_head"):
         scoring.ScoreHead.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------- scorer specs
+@pytest.fixture()
+def reward_dir(tokenizer, tmp_path):
+    """A tiny two-label sequence-classification reward model saved like a hub checkpoint."""
+    from transformers import LlamaForSequenceClassification
+
+    torch.manual_seed(3)
+    cfg = _tiny_llama_config(tokenizer, num_labels=2, id2label={0: "helpful", 1: "harmless"},
+                             label2id={"helpful": 0, "harmless": 1})
+    LlamaForSequenceClassification(cfg).eval().save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    return tmp_path / "rm"
+
+
+def test_hf_spec_reads_the_named_or_indexed_label(reward_dir):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    want = scoring.HFRewardModelScorer(model, AutoTokenizer.from_pretrained(reward_dir), label_index=1).score(P, R)
+    by_name = scoring.get_scorer(f"hf:{reward_dir}#harmless")
+    torch.testing.assert_close(by_name.score(P, R), want)
+    torch.testing.assert_close(scoring.get_scorer(f"hf:{reward_dir}#1").score(P, R), want)
+    assert by_name.name == "harmless" and scoring.get_scorer(f"hf:{reward_dir}").name == "rm"
+    assert not torch.allclose(scoring.get_scorer(f"hf:{reward_dir}").score(P, R), want)  # label 0 differs
+    with pytest.raises(ValueError, match=r"no label 'kind' \(its labels: \['harmless', 'helpful'\]\)"):
+        scoring.get_scorer(f"hf:{reward_dir}#kind")
+    with pytest.raises(ValueError, match="out of range"):
+        scoring.get_scorer(f"hf:{reward_dir}#2")
+
+
+SCORER_MODULE = '''
+import torch
+from sipo_fast.scoring import Scorer
+
+class Length(Scorer):
+    name = "length"
+    def __init__(self, scale=1.0, *, per="char"):
+        self.scale, self.per = scale, per
+    def score(self, prompts, responses):
+        n = [len(r) if self.per == "char" else len(r.split()) for r in responses]
+        return torch.tensor(n, dtype=torch.float32) * self.scale
+
+class NotAScorer:
+    pass
+'''
+
+
+@pytest.fixture()
+def scorer_module(tmp_path, monkeypatch):
+    (tmp_path / "my_scorers.py").write_text(SCORER_MODULE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return "my_scorers"
+
+
+def test_module_spec_builds_the_class_with_literal_arguments(scorer_module):
+    plain = scoring.get_scorer(f"{scorer_module}:Length")
+    assert plain.score(P, R).tolist() == [float(len(r)) for r in R]
+    words = scoring.get_scorer(f"{scorer_module}:Length(2.0, per='word')")
+    assert words.score(P, R).tolist() == [2.0 * len(r.split()) for r in R]
+    for spec, match in [(f"{scorer_module}:Length(scale=open)", "Python literals"),
+                        (f"{scorer_module}:Missing", "has no 'Missing'"),
+                        ("no_such_module_xyz:Length", "cannot be imported"),
+                        (f"{scorer_module}:NotAScorer", "not a scorer")]:
+        with pytest.raises(ValueError, match=match):
+            scoring.get_scorer(spec)
+
+
+def test_register_scorer_and_unknown_spec(monkeypatch):
+    monkeypatch.setattr(scoring, "_REGISTRY", dict(scoring._REGISTRY))
+
+    class Const(scoring.Scorer):
+        name = "const"
+
+        def __init__(self, value="1"):
+            self.value = float(value)
+
+        def score(self, prompts, responses):
+            return torch.full((len(responses),), self.value)
+
+    scoring.register_scorer("const", Const)
+    assert scoring.get_scorer("const").score(P, R).tolist() == [1.0] * 3
+    assert scoring.get_scorer("const:2.5").score(P, R).tolist() == [2.5] * 3
+    assert "const" in scoring.available_scorers()
+    with pytest.raises(ValueError, match="already registered"):
+        scoring.register_scorer("const", Const)
+    scoring.register_scorer("const", Const, overwrite=True)
+    with pytest.raises(ValueError, match="identifier-like"):
+        scoring.register_scorer("hf", Const)
+    with pytest.raises(ValueError, match=r"unknown scorer 'reward:/x' \(known: .*const.*\); specs: .*hf:<model"):
+        scoring.get_scorer("reward:/x")
+
+
+def test_check_scorer_spec_loads_no_model(reward_dir, scorer_module, monkeypatch, tmp_path):
+    import transformers
+
+    def refuse(*a, **k):
+        raise AssertionError("check_scorer_spec loaded a model")
+
+    monkeypatch.setattr(transformers.AutoModelForSequenceClassification, "from_pretrained", refuse)
+    for good in ("relevance", f"hf:{reward_dir}", f"hf:{reward_dir}#harmless", "hf:org/some-reward-model",
+                 f"{scorer_module}:Length(per='word')", f"beaver_cost:{reward_dir}"):
+        assert scoring.check_scorer_spec(good) is None, good
+    bad = {"kindness": "unknown scorer 'kindness'", "beaver_reward": "needs an argument",
+           f"hf:{tmp_path}/absent": "no such file or directory", f"hf:{tmp_path}": "no config.json",
+           "hf:": "hf:<model name or path>", f"{scorer_module}:Nope": "has no 'Nope'",
+           "absent_module_q:Cls": "cannot be imported", "": "non-empty string",
+           f"beaver_cost:{tmp_path}/none": "no such file or directory"}
+    for spec, match in bad.items():
+        why = scoring.check_scorer_spec(spec)
+        assert why is not None and match in why, (spec, why)
+
+
+def test_eval_builds_scorers_from_every_spec_kind(reward_dir, scorer_module):
+    from sipo_fast.eval.inputs import build_scorers
+
+    got = build_scorers([f"hf:{reward_dir}#helpful", f"{scorer_module}:Length"])
+    assert [s.name for s in got] == ["helpful", "length"]

@@ -169,7 +169,7 @@ def test_dpo_lw_loss_in_trainer(tokenizer, policy, tmp_path):
 
 def test_dataset_uses_sipo_fast_tokenisation(tokenizer, policy, tmp_path):
     """prompt_ids + chosen_ids is exactly the row encode_pairs builds (template, separate tokenisation, EOS)."""
-    tr = _trainer(tokenizer, policy, tmp_path)
+    tr = _trainer(tokenizer, policy, tmp_path, prompt_template="chat")
     enc = encode_pairs(tokenizer, [r["prompt"] for r in ROWS], [r["chosen"] for r in ROWS])
     for i, row in enumerate(tr.train_dataset):
         n = int(enc["attention_mask"][i].sum())
@@ -310,3 +310,36 @@ def test_with_reference_leaves_rows_alone_without_a_table():
     assert with_reference(rows, None) is rows
     out = with_reference(rows, {("p", "a"): -1.0})
     assert out[0]["ref_chosen_logps"] == -1.0 and out[0]["ref_rejected_logps"] != out[0]["ref_rejected_logps"]  # NaN
+
+
+PAIRS4 = [{"prompt": "Say hi.", "chosen": "Hello, nice to meet you!", "rejected": "Go away."},
+          {"prompt": "What is 2+2?", "chosen": "4", "rejected": "It is five, obviously."},
+          {"prompt": "Insult my neighbour.", "chosen": "I'd rather help you talk to them kindly.", "rejected": "Sure."},
+          {"prompt": "Name a colour.", "chosen": "Blue.", "rejected": "I will not answer that."}]
+
+
+def test_default_config_is_a_drop_in_for_trls_dpo_trainer(tokenizer, policy, tmp_path):
+    """A TRL user's recipe with only the class names changed: the same string dataset gives the same tokens, the
+    same logps/chosen and the same loss (FusedDPOConfig's prompt_template defaults to TRL's "none"; "chat" would
+    re-template the prompts)."""
+    ds = Dataset.from_list(PAIRS4)
+    common = dict(COMMON, output_dir=str(tmp_path), per_device_train_batch_size=4)
+    ref = _perturbed(policy)
+    stock = DPOTrainer(copy.deepcopy(policy), copy.deepcopy(ref), DPOConfig(**common), train_dataset=ds,
+                       processing_class=tokenizer)
+    ours = FusedDPOTrainer(copy.deepcopy(policy), copy.deepcopy(ref), FusedDPOConfig(**common), train_dataset=ds,
+                           processing_class=tokenizer)
+    assert ours.args.prompt_template == "none"
+    b_stock = stock.data_collator([stock.train_dataset[i] for i in range(4)])
+    b_ours = ours.data_collator([ours.train_dataset[i] for i in range(4)])
+    assert torch.equal(b_stock["input_ids"], b_ours["input_ids"])
+    stock.model.train(), ours.model.train()
+    with torch.no_grad():
+        l_stock, l_ours = stock.compute_loss(stock.model, b_stock), ours.compute_loss(ours.model, b_ours)
+    assert l_ours.item() == pytest.approx(l_stock.item(), rel=1e-4)
+    for key in ("logps/chosen", "logps/rejected", "rewards/margins"):
+        assert ours._metrics["train"][key][-1] == pytest.approx(stock._metrics["train"][key][-1], rel=1e-4, abs=1e-6)
+    chat = FusedDPOTrainer(copy.deepcopy(policy), copy.deepcopy(ref), FusedDPOConfig(**common, prompt_template="chat"),
+                           train_dataset=ds, processing_class=tokenizer)
+    b_chat = chat.data_collator([chat.train_dataset[i] for i in range(4)])
+    assert b_chat["input_ids"].shape[1] > b_stock["input_ids"].shape[1]  # the chat template is opt-in

@@ -33,8 +33,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-prompts", type=int, metavar="N", help="held-out prompts per weight")
     p.add_argument("--max-new-tokens", type=int, metavar="N", help="tokens generated per response")
     p.add_argument("--batch-size", type=int, metavar="N", help="rows per decoding batch")
-    p.add_argument("--scorers", nargs="+", metavar="NAME[:PATH]", help="one ground-truth scorer per objective "
-                   "(relevance, harmlessness, beaver_reward:/path, beaver_cost:/path); default from the data")
+    p.add_argument("--scorers", nargs="+", metavar="SPEC", help="one ground-truth scorer per objective: a name "
+                   "(relevance, harmlessness), name:path (beaver_reward:/path, beaver_cost:/path), hf:<model>[#label] "
+                   "or module:Class(...); default from the data")
     p.add_argument("--ref", nargs="+", type=float, metavar="X", help="hypervolume reference point, one value per "
                    "objective in maximisation orientation (costs negated); default: below the nadir of all points")
     p.add_argument("--baseline", default="mod", help="method the average gain is measured against (default: mod)")
@@ -98,6 +99,11 @@ def _own_policies(args) -> dict:
     specs = args.scorers or DEFAULT_SCORERS.get(args.data)
     if not specs or len(specs) != n:
         raise ValueError(f"give one scorer per policy with --scorers ({n} policies, got {specs})")
+    from sipo_fast.scoring import check_scorer_spec
+
+    bad = [why for why in map(check_scorer_spec, specs) if why]
+    if bad:  # before any model loads
+        raise ValueError("--scorers: " + "; ".join(bad))
     lora = [(Path(d) / "adapter_config.json").exists() for d in args.policies]
     if len(set(lora)) != 1:
         raise ValueError("--policies mixes LoRA adapters and full models; give one kind")
@@ -176,5 +182,5 @@ def _run(args: argparse.Namespace) -> int:
     else:
         paths = _own_policies(args)
     if dist.is_main:
-        print(f"report: {paths['markdown']}\nplot:   {paths['png']}")
+        print(f"report: {paths['markdown']}" + (f"\nplot:   {paths['png']}" if paths.get("png") else ""))
     return 0

@@ -8,6 +8,10 @@ Two forms:
   response that objective prefers. PKU data maps to objectives ``helpful`` (better_response_id) and
   ``harmless`` (safer_response_id); HelpSteer to one objective per attribute.
 
+Either form loads from any source ``datasets`` reads (a jsonl/json/csv/tsv/parquet/arrow file, a directory of
+data files, a ``save_to_disk`` directory, a hub name): :mod:`sipo_fast.data.sources`, whose
+:func:`~sipo_fast.data.sources.line_checks` says which text checks apply to a source before it is loaded.
+
 A pair is *conflicting* when its objectives prefer different responses (SIPO.md §1).
 """
 from __future__ import annotations
@@ -16,6 +20,8 @@ import itertools
 import os
 from importlib import resources
 from pathlib import Path
+
+from .sources import line_checks, load_source  # noqa: F401  (re-exported: the data API in one place)
 
 PKU_COLUMNS = ["prompt", "response_0", "response_1", "better_response_id", "safer_response_id",
                "is_response_0_safe", "is_response_1_safe"]
@@ -52,27 +58,20 @@ def load_demo(split: str = "all"):
 
 
 def _load_any(source: str | os.PathLike, split: str, **kwargs):
-    """A hub dataset name, a local directory, or a local .json/.jsonl/.parquet/.csv file."""
-    from datasets import load_dataset
+    """A hub dataset name, a local directory (a data directory or a ``save_to_disk`` one) or a local file of any
+    format ``datasets`` reads (:mod:`sipo_fast.data.sources`)."""
+    from .sources import load_source
 
-    path = Path(source)
-    if path.is_file():
-        fmt = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}.get(path.suffix)
-        if fmt is None:
-            raise ValueError(f"{path}: unsupported file type {path.suffix!r}; use .json, .jsonl, .parquet or .csv")
-        return load_dataset(fmt, data_files=str(path), split="train")
-    if path.is_dir():
-        return load_dataset(str(path), split=split, **kwargs)
-    return load_dataset(str(source), split=split, **kwargs)
+    return load_source(source, split, **kwargs)
 
 
 def load_pku_saferlhf(source: str | os.PathLike = "PKU-Alignment/PKU-SafeRLHF-10K", split: str = "train", **kwargs):
     """PKU-SafeRLHF (``PKU-Alignment/PKU-SafeRLHF``, ``-10K``, ``-30K``) or a local copy, reduced to the
     PKU columns above. Extra keyword arguments go to ``datasets.load_dataset`` (e.g. ``name=`` for a config)."""
+    from .sources import check_columns
+
     ds = _load_any(source, split, **kwargs)
-    missing = [c for c in PKU_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not in the PKU-SafeRLHF schema, missing columns {missing}")
+    check_columns(ds, source, PKU_COLUMNS, "PKU-SafeRLHF")
     return ds.select_columns(PKU_COLUMNS)
 
 
@@ -123,10 +122,10 @@ def helpsteer_pairs(ds, attributes=("correctness", "verbosity")):
 def load_helpsteer(source: str | os.PathLike = "nvidia/HelpSteer", split: str = "train",
                    attributes=("correctness", "verbosity"), **kwargs):
     """``nvidia/HelpSteer`` or ``nvidia/HelpSteer2`` (or a local copy) as normalised preference pairs."""
+    from .sources import check_columns
+
     ds = _load_any(source, split, **kwargs)
-    missing = [c for c in ["prompt", "response", *attributes] if c not in ds.column_names]
-    if missing:
-        raise ValueError(f"{source}: not in the HelpSteer schema, missing columns {missing}")
+    check_columns(ds, source, ["prompt", "response", *attributes], "HelpSteer")
     return helpsteer_pairs(ds, attributes)
 
 
@@ -135,18 +134,64 @@ def objectives(ds) -> list[str]:
     return [c[len(PREF_PREFIX):] for c in ds.column_names if c.startswith(PREF_PREFIX)]
 
 
+PREF_COLUMNS = ("prompt", "response_0", "response_1")
+
+
+def schema(ds) -> str | None:
+    """Which schema a dataset's columns are in: "preferences" (the normalised one: ``pref_*`` columns), "pku"
+    (PKU-SafeRLHF), "helpsteer" (one response per row with attribute scores), or None."""
+    cols = set(ds.column_names)
+    if any(c.startswith(PREF_PREFIX) for c in cols):
+        return "preferences"
+    if set(PKU_OBJECTIVES.values()) <= cols:
+        return "pku"
+    if {"prompt", "response"} <= cols and cols & set(HELPSTEER_ATTRIBUTES):
+        return "helpsteer"
+    return None
+
+
+def check_preferences(ds, source) -> None:
+    """ValueError naming ``source`` unless ``ds`` is in the normalised schema with at least two objectives."""
+    from .sources import check_columns
+
+    check_columns(ds, source, PREF_COLUMNS, "normalised preference")
+    prefs = [c for c in ds.column_names if c.startswith(PREF_PREFIX)]
+    if len(prefs) < 2:
+        raise ValueError(f"{source}: the normalised schema needs at least two {PREF_PREFIX}<objective> columns (one "
+                         f"per objective: the index 0/1 of the response it prefers), found {prefs}")
+
+
 def load_preferences(source: str | os.PathLike = "demo", split: str = "train", **kwargs):
-    """Normalised preferences from ``"demo"``, a PKU-SafeRLHF name/path, or a HelpSteer name/path
-    (``kind="helpsteer"`` for a local HelpSteer copy; names containing "HelpSteer" are detected)."""
-    kind = kwargs.pop("kind", None) or ("helpsteer" if "helpsteer" in str(source).lower() else
-                                        "demo" if str(source) == "demo" else "pku")
-    if kind == "demo":
+    """Normalised preferences from ``"demo"`` or any source :mod:`sipo_fast.data.sources` reads (a local file of
+    any format, a data or ``save_to_disk`` directory, a hub name), in either schema: already normalised
+    (``prompt, response_0, response_1, pref_<objective>...``), PKU-SafeRLHF, or HelpSteer (one response per row;
+    ``attributes=`` picks the objectives). The schema is read from the columns; ``kind="pku" | "helpsteer" |
+    "preferences"`` insists on one. Other keyword arguments go to ``datasets.load_dataset``."""
+    kind = kwargs.pop("kind", None)
+    attributes = kwargs.pop("attributes", ("correctness", "verbosity"))
+    if str(source) == "demo" and kind in (None, "demo"):
         return pku_to_preferences(load_demo(split))
-    if kind == "helpsteer":
-        return load_helpsteer(source, split, **kwargs)
-    if kind == "pku":
-        return pku_to_preferences(load_pku_saferlhf(source, split, **kwargs))
-    raise ValueError(f"kind={kind!r}: choose 'demo', 'pku' or 'helpsteer'")
+    if kind not in (None, "pku", "helpsteer", "preferences"):
+        raise ValueError(f"kind={kind!r}: choose 'demo', 'pku', 'helpsteer' or 'preferences'")
+    ds = _load_any(source, split, **kwargs)
+    found = kind or schema(ds)
+    if found == "preferences":
+        check_preferences(ds, source)
+        return ds
+    if found == "pku":
+        from .sources import check_columns
+
+        check_columns(ds, source, PKU_COLUMNS, "PKU-SafeRLHF")
+        return pku_to_preferences(ds.select_columns(PKU_COLUMNS))
+    if found == "helpsteer":
+        from .sources import check_columns
+
+        check_columns(ds, source, ["prompt", "response", *attributes], "HelpSteer")
+        return helpsteer_pairs(ds, attributes)
+    raise ValueError(f"{source}: columns {ds.column_names} are in no preference schema this loader reads: the "
+                     f"normalised one ({', '.join(PREF_COLUMNS)} and {PREF_PREFIX}<objective> per objective), "
+                     f"PKU-SafeRLHF ({', '.join(PKU_COLUMNS)}) or HelpSteer (prompt, response and attribute scores "
+                     f"{', '.join(HELPSTEER_ATTRIBUTES)})")
 
 
 def _pref_matrix(ds) -> list[tuple[int, ...]]:

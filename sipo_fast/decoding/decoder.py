@@ -20,12 +20,15 @@ How it is fast:
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Sequence
 
 import torch
 
-from sipo_fast.decoding.inputs import batch_seed, check_sampling, expand_weight_sets
+from sipo_fast.decoding.hooks import StepHooks, warn_eager
+from sipo_fast.decoding.inputs import (OPTION_NAMES, batch_seed, check_options, eos_id_list, expand_weight_sets,
+                                       resolve_options, split_prompts)
 from sipo_fast.decoding.output import MODOutput, MODTextOutput
 from sipo_fast.decoding.runners import LoraAdapters, SeparateModels
 from sipo_fast.decoding.vocab import local_tokenizer, output_vocab_size, check_vocabularies
@@ -87,9 +90,9 @@ class MODDecoder:
             from sipo_fast.decoding.lora import check_adapters
 
             self.adapter_names = check_adapters(policies, adapter_names)
-            self.models = [cast(policies).eval()]
+            self.models = [cast(policies)]
         else:
-            self.models = [cast(m).eval() for m in models]
+            self.models = [cast(m) for m in models]  # left in the caller's mode: generate() switches to eval
         self._runner_options = dict(lora_impl=lora_impl, block_size=kv_block_size, cuda_graph=cuda_graph,
                                     check_every=check_every)
         self.runner = self._build_runner(self.kv_cache)
@@ -176,41 +179,90 @@ class MODDecoder:
                 raise ValueError(f"{name} has {len(tok)} tokens but the policies' logits have only {sizes[0]}")
 
     # -- public API
-    def generate(self, input_ids, attention_mask: torch.Tensor | None = None, *, weights, max_new_tokens: int,
-                 do_sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, eos_token_id: int | Sequence[int] | None = None,
-                 pad_token_id: int | None = None, template: str = "none") -> MODOutput:
-        """Decode a batch with MOD. See the module docstring for the step.
+    def generate(self, input_ids=None, attention_mask=None, *, weights, generation_config=None,
+                 logits_processor=None, stopping_criteria=None, streamer=None, tokenizer=None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, min_new_tokens: int | None = None,
+                 do_sample: bool | None = None, temperature: float | None = None, top_k: int | None = None,
+                 top_p: float | None = None, repetition_penalty: float | None = None,
+                 num_return_sequences: int | None = None, eos_token_id=None, pad_token_id: int | None = None,
+                 stop_strings=None, return_dict_in_generate: bool | None = None, output_scores: bool | None = None,
+                 output_logits: bool | None = None, seed: int | None = None, template: str = "none",
+                 use_model_defaults: bool = True):
+        """Decode a batch with MOD, in the terms of transformers' ``generate``. See the module docstring for the step.
 
         Args:
-            input_ids: [B, T] left-padded prompt ids, or a list of prompt strings (needs the tokenizer;
-                ``template="chat"`` applies its chat template, "none" uses the text as is, or a format
-                string with ``{prompt}``).
+            input_ids: the prompts: [B, T] left-padded ids (a tensor or nested lists; a ragged list of id lists is
+                left-padded here), a ``BatchEncoding``/dict with ``input_ids`` and ``attention_mask``, or a string
+                or list of strings (needs the tokenizer; ``template="chat"`` applies its chat template, "none" uses
+                the text as is, or a format string with ``{prompt}``; no other special tokens are added, the
+                convention training shares).
             attention_mask: [B, T], 1 on tokens, 0 on left padding (default: all ones).
             weights: [N] for every row, [B, N] per row, or [B, S, N]: S weight vectors per prompt, decoded as
                 B·S rows (row b·S + s) that share their prompt; each vector ≥ 0, summing to 1 (within 1e-6).
-            max_new_tokens: at most this many tokens per row; a row stops after its EOS.
+            generation_config: a ``transformers.GenerationConfig`` (or a dict of its fields). Each option is taken
+                from, in order: the keyword argument, ``generation_config``, ``models[0].generation_config``
+                (unless ``use_model_defaults=False``), the decoder's defaults (:mod:`sipo_fast.decoding.inputs`).
+                A field MOD cannot apply (``num_beams=4``, say) raises.
+            max_new_tokens, max_length: at most this many new tokens per row (``max_length`` counts the prompt
+                width, as in transformers); a row stops after its EOS.
             do_sample, temperature, top_k, top_p: greedy by default; otherwise softmax(mix/τ) restricted by
                 top-k then top-p. ``seed`` makes sampling reproducible.
-            eos_token_id: one id or several (default: the tokenizer's and the model's generation config).
-            pad_token_id: fills each row after its EOS (default: tokenizer pad, then EOS).
+            repetition_penalty, min_new_tokens, logits_processor: transformers' processors, applied to the
+                **mixed** logits Σ_i w_i · logits_i before the choice (:mod:`sipo_fast.decoding.hooks`); the
+                per-policy ``logprobs`` stay those of the unprocessed policies.
+            stopping_criteria, stop_strings: end a row when a criterion says so (``stop_strings`` needs the
+                tokenizer: the decoder's, or ``tokenizer=``).
+            streamer: a transformers ``BaseStreamer`` (``TextStreamer``: batch 1): ``put`` gets the prompt ids,
+                then each step's [B] tokens (padding for finished rows), and ``end`` at the end.
+            num_return_sequences: rows per prompt and weight vector (row r·n + j), sharing the prompt's prefill.
+            eos_token_id: an int, a list, or a 0-d/1-d tensor of ids (default: the tokenizer's and the model's
+                generation config). pad_token_id: fills each row after its end (default: tokenizer pad, then EOS).
+            return_dict_in_generate: True (default here, unlike transformers) returns :class:`MODOutput`; False
+                returns only ``sequences``. output_scores / output_logits fill its ``scores`` / ``logits``.
+
+        Options that need Python between steps (processors, stopping criteria, a streamer, the scores) run the
+        eager decode loop, not the fused mix-and-sample step or the captured step; one warning names them.
+
         Returns:
-            :class:`MODOutput` with ``sequences`` [B, T+L] and ``logprobs`` [B, N].
+            :class:`MODOutput` with ``sequences`` [B·S·n, T+L] and ``logprobs`` [B·S·n, N]; or ``sequences``.
         """
-        if isinstance(input_ids, (list, tuple)) and input_ids and isinstance(input_ids[0], str):
-            if attention_mask is not None:
-                raise ValueError("attention_mask goes with token ids; text prompts are padded here, pass none")
-            input_ids, attention_mask = self._encode(list(input_ids), template)
-        ids, mask = self._check_batch(input_ids, attention_mask)
+        explicit = dict(max_new_tokens=max_new_tokens, max_length=max_length, min_new_tokens=min_new_tokens,
+                        do_sample=do_sample, temperature=temperature, top_k=top_k, top_p=top_p,
+                        repetition_penalty=repetition_penalty, num_return_sequences=num_return_sequences,
+                        eos_token_id=eos_token_id, pad_token_id=pad_token_id, stop_strings=stop_strings,
+                        return_dict_in_generate=return_dict_in_generate, output_scores=output_scores,
+                        output_logits=output_logits)
+        assert set(explicit) == set(OPTION_NAMES)
+        opts = resolve_options(explicit, generation_config, getattr(self.models[0], "generation_config", None),
+                               use_model_defaults=use_model_defaults)
+        eos = self._eos_ids(opts.eos_token_id)
+        pad = self._pad_id(opts.pad_token_id, eos)
+        texts, ids, mask = split_prompts(input_ids, attention_mask)
+        if texts is not None:
+            ids, mask = self._encode(texts, template, pad)
+        elif mask is None and isinstance(ids, list):
+            from sipo_fast.data.formatting import left_pad
+
+            ids, mask = left_pad(ids, pad)
+        ids, mask = self._check_batch(ids, mask)
+        check_options(opts, seed, ids.shape[1])
         ids, mask, weights = expand_weight_sets(ids, mask, weights)  # [B, S, N] weights
         w = check_weights(weights, self.num_policies, ids.shape[0]).to(self.device)
-        check_sampling(max_new_tokens, do_sample, temperature, top_k, top_p, seed)
-        eos = self._eos_ids(eos_token_id)
-        pad = self._pad_id(pad_token_id, eos)
-        gen = torch.Generator().manual_seed(seed) if (seed is not None and do_sample) else None
-        with torch.inference_mode():
-            return self._decode(ids, mask, w, max_new_tokens, dict(do_sample=do_sample, temperature=temperature,
-                                top_k=top_k, top_p=top_p, generator=gen), eos, pad)
+        if opts.num_return_sequences > 1:  # identical rows: dedupe shares their prefill
+            n = opts.num_return_sequences
+            ids, mask, w = ids.repeat_interleave(n, 0), mask.repeat_interleave(n, 0), w.repeat_interleave(n, 0)
+        hooks, needs = StepHooks.build(opts, ids, mask, eos, logits_processor=logits_processor,
+                                       stopping_criteria=stopping_criteria, streamer=streamer,
+                                       tokenizer=tokenizer if tokenizer is not None else self.tokenizer,
+                                       sample_backend=self.sample_backend)
+        if needs:
+            warn_eager(needs, self.kv_cache)
+        gen = torch.Generator().manual_seed(seed) if (seed is not None and opts.do_sample) else None
+        sampling = dict(do_sample=opts.do_sample, temperature=opts.temperature, top_k=opts.top_k, top_p=opts.top_p,
+                        generator=gen)
+        with self._eval_mode(), torch.inference_mode():
+            out = self._decode(ids, mask, w, opts.max_new_tokens, sampling, eos, pad, hooks)
+        return out if opts.return_dict_in_generate else out.sequences
 
     def generate_text(self, prompts: Sequence[str], *, weights, max_new_tokens: int, template: str = "chat",
                       batch_size: int = 32, progress: bool = True, shard: tuple[int, int] | None = None,
@@ -238,11 +290,17 @@ class MODDecoder:
         if not prompts:
             return []
         w = check_weights(weights, self.num_policies, len(prompts))  # [P, N]
-        check_sampling(max_new_tokens, sampling_kwargs.get("do_sample", False), sampling_kwargs.get("temperature", 1.0),
-                        sampling_kwargs.get("top_k", 0), sampling_kwargs.get("top_p", 1.0), sampling_kwargs.get("seed"))
+        opts = resolve_options({**{k: sampling_kwargs.get(k) for k in OPTION_NAMES}, "max_new_tokens": max_new_tokens},
+                               sampling_kwargs.get("generation_config"),
+                               getattr(self.models[0], "generation_config", None),
+                               use_model_defaults=sampling_kwargs.get("use_model_defaults", True))
+        check_options(opts, sampling_kwargs.get("seed"), 1)  # before any work; generate() checks each batch again
+        if opts.num_return_sequences != 1 or not opts.return_dict_in_generate:
+            raise ValueError("generate_text returns one text per prompt: use generate() for num_return_sequences or "
+                             "return_dict_in_generate=False")
         encoded = encode_prompts(self.tokenizer, list(prompts), template)
         order = sorted(range(len(prompts)), key=lambda i: len(encoded[i]))  # similar lengths batch together
-        pad = self._pad_id(sampling_kwargs.get("pad_token_id"), self._eos_ids(sampling_kwargs.get("eos_token_id")))
+        pad = self._pad_id(opts.pad_token_id, self._eos_ids(opts.eos_token_id))
         results: list[MODTextOutput | None] = [None] * len(prompts)
         if shard is not None and not (len(shard) == 2 and 0 <= shard[0] < shard[1]):
             raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
@@ -264,12 +322,37 @@ class MODDecoder:
         return results  # type: ignore[return-value]  (None only outside this shard)
 
     # -- internals
-    def _encode(self, prompts: list[str], template: str):
+    def _encode(self, prompts: list[str], template: str, pad: int):
         from sipo_fast.data.formatting import encode_prompts, left_pad
 
         if self.tokenizer is None:
             raise ValueError("text prompts need a tokenizer: MODDecoder(policies, tokenizer)")
-        return left_pad(encode_prompts(self.tokenizer, prompts, template), self._pad_id(None, self._eos_ids(None)))
+        return left_pad(encode_prompts(self.tokenizer, prompts, template), pad)
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        """Eval mode (no dropout) for one call; every module gets back the mode it had, so a decoder built over a
+        model being trained leaves it training."""
+        modes = [(mod, mod.training) for m in self.models for mod in m.modules()]
+        for m in self.models:
+            m.eval()
+        try:
+            yield
+        finally:
+            for mod, training in modes:
+                mod.training = training
+
+    def _eager_runner(self):
+        """The runner for calls with per-step hooks: the decoder's own, or on the captured path the next path
+        ``"auto"`` would take (built once)."""
+        if self.kv_cache != "static":
+            return self.runner
+        if getattr(self, "_hooks_runner", None) is None:
+            from sipo_fast.decoding.paths import fallback_after
+
+            base = self.models[0].get_base_model() if self.adapter_names is not None else self.models[0]
+            self._hooks_runner = self._build_runner(fallback_after("static", base, self.device))
+        return self._hooks_runner
 
     def _check_batch(self, input_ids, attention_mask):
         ids = torch.as_tensor(input_ids)
@@ -293,10 +376,7 @@ class MODDecoder:
 
     def _eos_ids(self, eos_token_id) -> list[int]:
         if eos_token_id is not None:
-            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-            if not all(isinstance(i, int) and 0 <= i < self.vocab_size for i in ids):
-                raise ValueError(f"eos_token_id must be ids in [0, {self.vocab_size}), got {eos_token_id!r}")
-            return ids
+            return eos_id_list(eos_token_id, self.vocab_size)
         ids = []
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.append(int(self.tokenizer.eos_token_id))
@@ -309,14 +389,16 @@ class MODDecoder:
 
     def _pad_id(self, pad_token_id, eos: list[int]) -> int:
         if pad_token_id is not None:
-            if not isinstance(pad_token_id, int) or pad_token_id < 0:
+            if isinstance(pad_token_id, torch.Tensor) and pad_token_id.numel() == 1 and not pad_token_id.is_floating_point():
+                pad_token_id = int(pad_token_id)
+            if not isinstance(pad_token_id, int) or isinstance(pad_token_id, bool) or pad_token_id < 0:
                 raise ValueError(f"pad_token_id must be a non-negative int, got {pad_token_id!r}")
             return pad_token_id
         if self.tokenizer is not None and self.tokenizer.pad_token_id is not None:
             return int(self.tokenizer.pad_token_id)
         return eos[0] if eos else 0
 
-    def _decode(self, ids, mask, w, max_new_tokens, sampling, eos, pad) -> MODOutput:
+    def _decode(self, ids, mask, w, max_new_tokens, sampling, eos, pad, hooks: StepHooks | None = None) -> MODOutput:
         b, t = ids.shape
         dev = ids.device
         # rows -> states: identical (prompt, mask) rows share a state when deduplicating
@@ -327,36 +409,48 @@ class MODDecoder:
         else:
             row_state = torch.arange(b, device=dev)
             s_ids, s_mask = ids, mask
-        if self.kv_cache == "static":
+        if self.kv_cache == "static" and hooks is None:
             try:
                 out, lp_sum, num_gen, finished = self.runner.run(s_ids, s_mask, row_state, w, max_new_tokens,
                                                                  sampling, sampling.get("generator"), eos, pad)
             except Exception as exc:
                 if not self._static_failed(exc):
                     raise
-                return self._decode(ids, mask, w, max_new_tokens, sampling, eos, pad)
+                return self._decode(ids, mask, w, max_new_tokens, sampling, eos, pad, hooks)
             self._static_ran = True
             return MODOutput(sequences=torch.cat([ids, out], dim=1), logprobs=lp_sum, num_generated=num_gen,
                              finished=finished, prompt_length=t)
-        reserve = getattr(self.runner, "reserve", None)  # the paged runner sizes its pools
+        runner = self.runner if hooks is None else self._eager_runner()
+        reserve = getattr(runner, "reserve", None)  # the paged runner sizes its pools
         if reserve is not None:
             reserve(b, max_new_tokens)
-        logits = self.runner.prefill(s_ids, s_mask, max_new_tokens)  # [N, U, V]
+        logits = runner.prefill(s_ids, s_mask, max_new_tokens)  # [N, U, V]
         out = torch.full((b, max_new_tokens), pad, dtype=torch.long, device=dev)
         lp_sum = torch.zeros((b, self.num_policies), dtype=torch.float32, device=dev)
         num_gen = torch.zeros(b, dtype=torch.long, device=dev)
         finished = torch.zeros(b, dtype=torch.bool, device=dev)
+        at_eos = torch.zeros(b, dtype=torch.bool, device=dev)
         eos_t = torch.tensor(eos, dtype=torch.long, device=dev)
         active = torch.arange(b, device=dev)  # rows still decoding
+        if hooks is not None:
+            hooks.start()
         for step in range(max_new_tokens):
             states = row_state[active]
             num_states = logits.shape[1]
             row_logits = logits if torch.equal(states, torch.arange(num_states, device=dev)) else logits.index_select(1, states)
-            tok, lp = mod_sample_unchecked(row_logits, w[active], backend=self.sample_backend, **sampling)
+            if hooks is None:
+                tok, lp = mod_sample_unchecked(row_logits, w[active], backend=self.sample_backend, **sampling)
+            else:  # processors on the mixed logits, then the choice (hooks.py)
+                tok, lp = hooks.choose(row_logits, w[active], active, out, step, sampling)
             out[active, step] = tok
             lp_sum[active] += lp
             num_gen[active] += 1
             done = torch.isin(tok, eos_t)
+            at_eos[active[done]] = True
+            if hooks is not None:
+                stop = hooks.stopped(out, step, active)
+                done = done if stop is None else done | stop
+                hooks.put(out, step)
             finished[active[done]] = True
             keep = ~done
             active, tok, states = active[keep], tok[keep], states[keep]
@@ -368,10 +462,15 @@ class MODDecoder:
             uniq, inverse = torch.unique(key, return_inverse=True)
             parent = uniq // self.vocab_size
             if parent.numel() != num_states or not torch.equal(parent, torch.arange(num_states, device=dev)):
-                self.runner.select(parent)
+                runner.select(parent)
             row_state = row_state.clone()
             row_state[active] = inverse
-            logits = self.runner.step(uniq % self.vocab_size)
+            logits = runner.step(uniq % self.vocab_size)
         length = int(num_gen.max())
+        extra = {}
+        if hooks is not None:
+            hooks.end()
+            extra = dict(scores=tuple(hooks.scores) if hooks.keep_scores else None,
+                         logits=tuple(hooks.logits) if hooks.keep_logits else None)
         return MODOutput(sequences=torch.cat([ids, out[:, :length]], dim=1), logprobs=lp_sum, num_generated=num_gen,
-                         finished=finished, prompt_length=t)
+                         finished=finished, prompt_length=t, stopped_at_eos=at_eos, **extra)

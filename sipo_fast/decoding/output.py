@@ -18,8 +18,15 @@ class MODOutput:
             log π_i(token | prefix) at temperature 1 without top-k/top-p: the log π_i(y|x) of SIPO's
             implicit rewards r_i = β·(log π_i(y|x) − log π_ref(y|x)).
         num_generated: [B] int64, generated tokens per row, EOS included.
-        finished: [B] bool, True where the row stopped at EOS (False: it hit ``max_new_tokens``).
+        finished: [B] bool, True where the row ended by itself: at EOS, or where a stopping criterion or stop
+            string ended it (False: it hit ``max_new_tokens``).
         prompt_length: T, the width of the prompt part of ``sequences``.
+        scores: with ``output_scores=True``, one [B, V] float32 tensor per generated position: the mixed logits
+            after the logits processors, before temperature/top-k/top-p (transformers' ``scores`` for greedy
+            decoding); rows that had already finished hold zeros. Otherwise None.
+        logits: with ``output_logits=True``, the same for the raw mixed logits Σ_i w_i · logits_i, before any
+            processor. Otherwise None.
+        stopped_at_eos: [B] bool, True where the last generated token is an EOS (default: ``finished``).
     """
 
     sequences: torch.Tensor
@@ -27,6 +34,13 @@ class MODOutput:
     num_generated: torch.Tensor
     finished: torch.Tensor
     prompt_length: int
+    scores: tuple[torch.Tensor, ...] | None = None
+    logits: tuple[torch.Tensor, ...] | None = None
+    stopped_at_eos: torch.Tensor | None = None
+
+    def __post_init__(self):
+        if self.stopped_at_eos is None:
+            self.stopped_at_eos = self.finished
 
     @property
     def generated(self) -> torch.Tensor:
@@ -36,7 +50,7 @@ class MODOutput:
     def generated_ids(self, row: int, *, include_eos: bool = False) -> list[int]:
         """Token ids generated for one row, without padding (and without the EOS unless asked)."""
         n = int(self.num_generated[row])
-        if self.finished[row] and not include_eos:
+        if self.stopped_at_eos[row] and not include_eos:
             n -= 1
         return self.generated[row, :n].tolist()
 

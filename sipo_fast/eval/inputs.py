@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Sequence
 
 # Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
-# beaver_reward:/path beaver_cost:/path), so other sources have no default.
+# beaver_reward:/path beaver_cost:/path), as does any hf:<model> reward model, so other sources have no default.
 DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
 
 
@@ -17,11 +17,8 @@ def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", selec
 
 
 def build_scorers(specs: Sequence[str]):
-    """Scorers from ``name`` or ``name:path`` specs (``sipo_fast.scoring.get_scorer``)."""
+    """Scorers from spec strings: ``name``, ``name:path``, ``hf:<model>[#label]`` or ``module:Class(...)``
+    (``sipo_fast.scoring.get_scorer``)."""
     from sipo_fast.scoring import get_scorer
 
-    out = []
-    for spec in specs:
-        name, _, path = str(spec).partition(":")
-        out.append(get_scorer(name, path=path) if path else get_scorer(name))
-    return out
+    return [get_scorer(str(spec)) for spec in specs]

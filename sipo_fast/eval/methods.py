@@ -34,7 +34,10 @@ def _texts(outputs) -> list[str]:
 
 
 def _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed) -> dict:
-    kw = dict(max_new_tokens=max_new_tokens, template=template, batch_size=batch_size, progress=progress)
+    # The method's own settings only: a policy's generation_config (sampling, repetition penalty) would make the
+    # methods of one comparison decode differently.
+    kw = dict(max_new_tokens=max_new_tokens, template=template, batch_size=batch_size, progress=progress,
+              use_model_defaults=False)
     if do_sample:
         kw.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
     return kw

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -222,8 +223,11 @@ def plot_fronts(report: Report, path: str | os.PathLike, *, show_seeds: bool = T
     """PNG of every method's front: one colour per method, points joined in weight order, error bars (CI),
     each point annotated with its weight, the union's non-dominated points ringed, per-seed points faint.
     Two objectives give one panel; N > 2 give one panel per pair of objectives."""
-    import matplotlib
-
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ModuleNotFoundError("plot_fronts needs matplotlib, part of the demo extra: `pip install "
+                                  "'sipo-fast[demo]'`", name="matplotlib") from exc
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
@@ -274,11 +278,20 @@ def plot_fronts(report: Report, path: str | os.PathLike, *, show_seeds: bool = T
 def write_report(results: Sequence[SweepResult], out_dir: str | os.PathLike, *, ref: Sequence[float] | None = None,
                  baseline: str | None = "mod", confidence: float = 0.95, title: str = "Pareto-front evaluation",
                  notes: str = "", name: str = "report") -> dict[str, Path]:
-    """Write ``<out_dir>/<name>.md`` and ``<out_dir>/<name>.png``; returns their paths."""
+    """Write ``<out_dir>/<name>.md`` and ``<out_dir>/<name>.png``; returns their paths. Without matplotlib (the
+    demo extra) the report has no plot (``png`` is None) and one warning says so: the numbers are all in the
+    markdown, and a run's evaluation is not lost to a missing plotting library."""
+    import importlib.util
+
     report = build_report(results, ref=ref, baseline=baseline, confidence=confidence, title=title, notes=notes)
     out_dir = Path(out_dir)
-    png = plot_fronts(report, out_dir / f"{name}.png")
-    report.plot_path = png.name
+    png = None
+    if importlib.util.find_spec("matplotlib") is None:
+        warnings.warn("write_report: matplotlib is not installed, so the report has no plot; `pip install "
+                      "'sipo-fast[demo]'` adds it", RuntimeWarning, stacklevel=2)
+    else:
+        png = plot_fronts(report, out_dir / f"{name}.png")
+        report.plot_path = png.name
     md = out_dir / f"{name}.md"
     md.write_text(report.to_markdown())
     return {"markdown": md, "png": png}

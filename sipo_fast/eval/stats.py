@@ -25,7 +25,7 @@ def mean_ci(values, confidence: float = 0.95, axis: int = 0) -> tuple[np.ndarray
     mean = x.mean(axis=axis)
     if n == 1:
         return mean, np.full_like(mean, np.nan)
-    from scipy.stats import t  # scipy comes with scikit-learn, which alt-profanity-check needs
+    from scipy.stats import t
 
     half = t.ppf(0.5 + confidence / 2, n - 1) * x.std(axis=axis, ddof=1) / math.sqrt(n)
     return mean, half

@@ -268,6 +268,34 @@ def mod_mix(logits: torch.Tensor, weights, *, backend: str | None = None) -> tor
     return torch.log_softmax(_mix_torch(logits, w), dim=-1)
 
 
+def mod_logits(logits: torch.Tensor, weights, *, backend: str | None = None) -> torch.Tensor:
+    """The raw MOD mix ``z = Σ_i w_i · logits_i`` in float32, not normalised: what a transformers logits processor
+    sees where it would see one model's logits (for a one-hot weight, exactly that policy's logits in float32).
+
+    Args:
+        logits: [N, B, V] raw next-token logits of N policies.
+        weights: [N] or [B, N], each row on the simplex.
+        backend: "ref" sums with :func:`_mix_sequential`; any other runs the CPU path (bit for bit the same).
+    Returns:
+        [B, V] float32.
+    """
+    w = _check_inputs(logits, weights)
+    return mod_logits_unchecked(logits, w, backend=backend)
+
+
+def mod_logits_unchecked(logits: torch.Tensor, weights: torch.Tensor, *, backend: str | None = None) -> torch.Tensor:
+    """:func:`mod_logits` for callers that validated ``weights`` (a float32 [B, N] tensor on the logits' device)."""
+    if resolve(backend, logits, "mod_logits") == "ref":
+        return _mix_sequential(logits, weights)
+    return _mix_torch(logits, weights)  # no workspace: a fresh buffer the caller owns
+
+
+def policy_token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``log_softmax(logits_i)[b, tokens_b]`` per policy: [N, B, V] logits and [B] tokens -> [B, N] float32, the
+    per-policy scores :func:`mod_sample` returns, for a token chosen some other way."""
+    return _policy_logprobs_ref(logits, tokens)
+
+
 def mod_sample(logits: torch.Tensor, weights, *, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
                generator: torch.Generator | None = None, do_sample: bool = True,
                uniform: torch.Tensor | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -313,4 +341,4 @@ def mod_sample_unchecked(logits: torch.Tensor, weights: torch.Tensor, *, tempera
     return _mod_sample_torch(logits, weights, temperature, top_k, top_p, generator, do_sample, uniform, workspace)
 
 
-__all__ = ["mod_mix", "mod_mix_ref", "mod_sample", "mod_sample_ref", "mod_filter_threshold", "check_weights"]
+__all__ = ["mod_mix", "mod_mix_ref", "mod_logits", "policy_token_logprobs", "mod_sample", "mod_sample_ref", "mod_filter_threshold", "check_weights"]

@@ -60,7 +60,9 @@ class FusedDPOConfig(DPOConfig):
         modpo_margin_weights: w_{-k}, one weight per margin-reward column (required for "modpo").
         dpo_lw_weights: w, one weight per objective (required for "dpo_lw").
         objective_names: names for the per-objective metrics: [trained objective, margin objectives...].
-        prompt_template: "chat", "none" or a format string with ``{prompt}`` (``sipo_fast.data.formatting``).
+        prompt_template: how a string prompt is rendered (``sipo_fast.data.formatting``): "none" (default, TRL's
+            behaviour: the text as is, so ``DPOConfig`` recipes give TRL's numbers), "chat" (the tokenizer's chat
+            template, which SIPO's pipeline asks for) or a format string with ``{prompt}``.
         logprobs_chunk_size: rows per chunk of the fused log-prob op (None: automatic).
         logprobs_backend: None/"auto" (the process default), "triton", "cpu" or "ref" for the fused log-prob op.
     """
@@ -72,7 +74,8 @@ class FusedDPOConfig(DPOConfig):
     modpo_margin_weights: list[float] | None = field(default=None, metadata={"help": "MODPO: w_{-k}."})
     dpo_lw_weights: list[float] | None = field(default=None, metadata={"help": "DPO LW: one weight per objective."})
     objective_names: list[str] | None = field(default=None, metadata={"help": "Names for per-objective metrics."})
-    prompt_template: str = field(default="chat", metadata={"help": "'chat', 'none' or a format string."})
+    prompt_template: str = field(default="none", metadata={"help": "'none' (TRL's: the prompt as is), 'chat' or a "
+                                                                   "format string."})
     logprobs_chunk_size: int | None = field(default=None, metadata={"help": "Rows per fused log-prob chunk."})
     logprobs_backend: str | None = field(default=None, metadata={"help": "auto, triton, cpu or ref."})
 
