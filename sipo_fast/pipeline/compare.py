@@ -121,7 +121,7 @@ class EvalRun:
 
 
 def _load_config(run_dir: Path):
-    from .config import PipelineConfig
+    from .config.pipeline_config import PipelineConfig
 
     path = run_dir / "config.yaml"
     if not path.exists():

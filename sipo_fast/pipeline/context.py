@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .config import PipelineConfig
+from .config.pipeline_config import PipelineConfig
 from .datacheck import check_rows, check_utf8, read_jsonl_rows
 from .rundir import RunDir
 

@@ -53,7 +53,7 @@ def _old_identity(run_dir: RunDir) -> dict | None:
         pass
     config_file = run_dir.root / "config.yaml"
     if config_file.is_file():
-        from .config import PipelineConfig
+        from .config.pipeline_config import PipelineConfig
 
         try:
             return identity(PipelineConfig.from_yaml(config_file.read_text()))

@@ -17,7 +17,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import PipelineConfig
+from .config.pipeline_config import PipelineConfig
 from sipo_fast.distributed import current
 from .lock import LOCK, RunLock
 from .parts import Parts, crash_point

@@ -1,4 +1,5 @@
-"""Value checks shared by the config sections: types from the field annotations, positive numbers, weights.
+"""Field checks shared by the config sections (:mod:`.sections`): types from the field annotations, positive
+numbers, weights, and the :class:`Section` base that runs them.
 
 YAML and ``section.key=value`` overrides hand the config whatever the user typed, so every field is checked
 against its annotation before a section's own rules run (``check_types``):
@@ -12,8 +13,6 @@ against its annotation before a section's own rules run (``check_types``):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import fields
-
 import math
 import re
 from dataclasses import fields
@@ -116,14 +115,14 @@ def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[f
     return out
 
 
-# Class name -> section name ("AlignConfig" -> "align"), filled by config.py; error messages name the section.
+# Class name -> section name ("AlignConfig" -> "align"), filled by sections.py; error messages name the section.
 SECTION_NAMES: dict[str, str] = {}
 
 
 class Section:
     """Shared dict conversion for the section dataclasses (strict about unknown keys), and type checks: every
     section's ``__post_init__`` is wrapped so that the fields are checked against their annotations first
-    (``config_checks.check_types``), whether the section comes from YAML, an override or Python."""
+    (:func:`check_types`), whether the section comes from YAML, an override or Python."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

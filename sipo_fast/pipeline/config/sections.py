@@ -1,12 +1,104 @@
-"""The stage sections of :class:`~sipo_fast.pipeline.config.PipelineConfig` (align, sample, refine, filter,
-finetune, eval): one dataclass each, every field documented once and validated in ``__post_init__``.
-(Split from config.py, which keeps the model and data sections and the composition.)"""
+"""The sections of :class:`~.pipeline_config.PipelineConfig`, one dataclass each: the model and the data, then
+the stages in pipeline order (align, sample, refine, filter, finetune, eval). Every field is documented once,
+here, and validated in ``__post_init__`` (after :mod:`.checks` has checked it against its annotation) with a
+message that says what to do. YAML files under ``configs/`` mirror these dataclasses key for key.
+
+Weights: a weight vector w lies on the simplex (w_i >= 0, sum w_i = 1), one entry per objective. For two
+objectives a bare number w is shorthand for [w, 1 - w]; for N > 2 objectives give explicit vectors
+(:func:`~.checks.resolve_weights`, called by ``PipelineConfig`` once the number of objectives is known).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .config_checks import Section as _Section
-from .config_checks import check_max_steps, check_str_list, coerce  # noqa: F401
+from .checks import SECTION_NAMES, Section, check_max_steps, check_str_list
+
+@dataclass
+class ModelConfig(Section):
+    """Which model every policy starts from (π_ref) and how to load it."""
+
+    name: str = "default"
+    """"default" (embedded SmolLM2-135M-Instruct), "tiny" / "tiny:<arch>" (random test model), or a HF name/path."""
+    trust_remote_code: bool = False
+    """Load hub code with the model. Off unless you trust the repository: it runs arbitrary Python."""
+    dtype: str = "auto"
+    """"auto" (float32 on CPU, bfloat16 on CUDA), "float32", "bfloat16" or "float16"."""
+    device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda", "cuda:1", ..."""
+    template: str = "chat"
+    """Prompt template: "chat" (the tokenizer's chat template), "none", or a format string with {prompt}."""
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError("model.name must be 'default', 'tiny', 'tiny:<arch>' or a Hugging Face model name/path")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ValueError(f"model.dtype={self.dtype!r}: choose auto, float32, bfloat16 or float16")
+        if self.template not in ("chat", "none") and "{prompt}" not in self.template:
+            raise ValueError(f"model.template={self.template!r} must be 'chat', 'none' or contain '{{prompt}}'")
+
+
+@dataclass
+class DataConfig(Section):
+    """Preference data (``sipo_fast.data.load_preferences`` schema) and the objectives taken from it."""
+
+    source: str = "demo"
+    """"demo" (shipped), "pku" / "pku-10k" (PKU-SafeRLHF-10K), "helpsteer", or a local file/dataset path."""
+    objectives: list = field(default_factory=lambda: ["helpful", "harmless"])
+    """Objective names, one column pref_<name> each; at least two."""
+    max_rows: int | None = None
+    """Use at most this many training rows (after the seeded shuffle); None = all."""
+    eval_fraction: float = 0.1
+    """Share of rows held out for stage 1's eval loss (best-checkpoint choice). 0 disables."""
+    split_seed: int = 0
+    """Seed of the train/eval split (the paper splits 90/10 with seed 0)."""
+    conflict_ratio: float | None = None
+    """Subsample stage 1's rows to this share of conflicting pairs (the paper's HelpSteer mix is 0.6); None = as is."""
+    max_conflict_prompts: int | None = None
+    """Stage 2 uses at most this many conflicting training prompts (in split order); None = all."""
+    drop_long_prompts: bool = False
+    """Drop prompts that do not fit the context instead of failing."""
+    split_method: str = "shuffle"
+    """How eval_fraction is held out: "shuffle" (seeded shuffle, first share held out after the mix and max_rows)
+    or "datasets" (the authors' ``Dataset.train_test_split(test_size=eval_fraction, seed=split_seed)``, first)."""
+    eval_split: str | None = None
+    """Take stage 1's held-out pairs from this split of data.source (HelpSteer's "validation") instead of holding
+    out data.eval_fraction of the training rows; None = hold out."""
+    conflict_mix: str = "largest"
+    """How data.conflict_ratio subsamples: "largest" (the largest subset with that share) or "min" (the authors':
+    min(#conflicting, #agreeing) pairs in all, split ratio / 1 - ratio)."""
+    holdout_stage2: bool = False
+    """Keep stage 2's conflicting prompts out of stage 1's training rows (a deviation: the paper samples stage 2
+    on prompts stage 1 trained on, which a small model memorises, so no candidate beats its chosen response)."""
+
+    def __post_init__(self):
+        if not isinstance(self.objectives, (list, tuple)) or len(self.objectives) < 2:
+            raise ValueError(f"data.objectives={self.objectives!r}: SIPO needs at least two objectives")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise ValueError(f"data.objectives={self.objectives!r} repeats a name; list each objective once")
+        check_str_list("data.objectives", self.objectives)
+        self.check_positive("max_rows", "max_conflict_prompts", allow_none=True)
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction={self.eval_fraction} must be in [0, 1)")
+        if self.conflict_ratio is not None and not 0 < self.conflict_ratio < 1:
+            raise ValueError(f"data.conflict_ratio={self.conflict_ratio} must be in (0, 1), or null to keep the "
+                             "data's mix")
+        if self.split_method not in ("shuffle", "datasets"):
+            raise ValueError(f"data.split_method={self.split_method!r}: choose 'shuffle' or 'datasets'")
+        if self.split_method == "datasets" and self.eval_fraction == 0 and self.eval_split is None:
+            raise ValueError("data.split_method='datasets' holds out data.eval_fraction of the rows: set it > 0")
+        if self.conflict_mix not in ("largest", "min"):
+            raise ValueError(f"data.conflict_mix={self.conflict_mix!r}: choose 'largest' or 'min'")
+        if self.eval_split is not None and (not isinstance(self.eval_split, str) or not self.eval_split):
+            raise ValueError(f"data.eval_split={self.eval_split!r}: give a split name such as 'validation', or null")
+        if self.holdout_stage2 and self.max_conflict_prompts is None:
+            raise ValueError("data.holdout_stage2 needs data.max_conflict_prompts: how many conflicting prompts to "
+                             "keep out of stage 1 for stage 2")
+
+    @property
+    def stage2_reserved(self) -> int | None:
+        """Conflicting prompts kept out of stage 1 for stage 2 (None: none, as in the paper)."""
+        return self.max_conflict_prompts if self.holdout_stage2 else None
+
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
@@ -15,7 +107,7 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 
 
 @dataclass
-class _Training(_Section):
+class _Training(Section):
     """The training recipe align and finetune share (transformers' names and meanings); each stage adds its own
     learning rate, checkpoint choice and extras. Not a section of its own."""
 
@@ -75,7 +167,7 @@ class AlignConfig(_Training):
 
 
 @dataclass
-class SampleConfig(_Section):
+class SampleConfig(Section):
     """Stage 2a: MOD over the stage-1 policies at every weight in W, on the conflicting prompts."""
 
     weights: list = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
@@ -95,13 +187,17 @@ class SampleConfig(_Section):
             raise ValueError(f"sample.top_p={self.top_p} must be in (0, 1]")
 
 
+# Names of the review/rewrite prompt sets (the sets themselves: pipeline/stages/refine_prompts.py).
+REFINE_TEMPLATES = ("default", "sipo-helpsteer")
+
+
 @dataclass
-class RefineConfig(_Section):
+class RefineConfig(Section):
     """Stage 2b (optional): review with a one-hot weight w_e, rewrite with MOD at the candidate's weight."""
 
     enabled: bool = True
     template: str = "default"
-    """Named review/rewrite prompt set (sipo_fast.pipeline.templates): "default" (this project's) or
+    """Named review/rewrite prompt set (pipeline/stages/refine_prompts.py): "default" (this project's) or
     "sipo-helpsteer" (the authors' HelpSteer prompts, exact under the beaver model.template)."""
     review_objective: str | None = None
     """Objective whose policy writes the review (w_e is one-hot on it); None = the first objective."""
@@ -115,8 +211,6 @@ class RefineConfig(_Section):
 
     def __post_init__(self):
         self.check_positive("review_max_new_tokens", "rewrite_max_new_tokens", "batch_size")
-        from .templates import REFINE_TEMPLATES
-
         if self.template not in REFINE_TEMPLATES:
             raise ValueError(f"refine.template={self.template!r}: choose one of {', '.join(REFINE_TEMPLATES)}")
         for name, keys in (("review_template", ("{question}", "{response}")),
@@ -127,7 +221,7 @@ class RefineConfig(_Section):
 
 
 @dataclass
-class FilterConfig(_Section):
+class FilterConfig(Section):
     """Stage 2c: strict dominance under every implicit reward model, then the max-sum pick."""
 
     beta: float = 0.1
@@ -166,9 +260,10 @@ EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")
 
 
 @dataclass
-class EvalConfig(_Section):
-    """Evaluation after stage 3 (:func:`sipo_fast.pipeline.compare.evaluate_run`): MOD sweeps of the fine-tuned policies and the
-    baselines over the weights, scored by ground-truth scorers on the data source's held-out prompts."""
+class EvalConfig(Section):
+    """Evaluation after stage 3 (:func:`sipo_fast.pipeline.baselines.compare.evaluate_run`): MOD sweeps of the
+    fine-tuned policies and the baselines over the weights, scored by ground-truth scorers on the data source's
+    held-out prompts."""
 
     enabled: bool = True
     weights: list | None = None
@@ -201,3 +296,9 @@ class EvalConfig(_Section):
         from sipo_fast.data.prompts import parse_select
 
         parse_select(self.prompt_select, "eval.prompt_select")
+
+
+# Section name -> dataclass, in pipeline order: the keys of a pipeline YAML file besides the top-level ones.
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "align": AlignConfig, "sample": SampleConfig,
+            "refine": RefineConfig, "filter": FilterConfig, "finetune": FinetuneConfig, "eval": EvalConfig}
+SECTION_NAMES.update({cls.__name__: name for name, cls in SECTIONS.items()})
