@@ -39,7 +39,7 @@ def _policies(model_name: str, soups: int):
     from sipo_fast.merging import lora_soup
     from sipo_fast.pipeline import PipelineConfig
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     ctx = Context(PipelineConfig.from_dict({"model": {"name": model_name}}), RunDir(tempfile.mkdtemp()),
                   progress=False)

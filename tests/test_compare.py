@@ -30,8 +30,8 @@ def _adapter(path, seed):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from sipo_fast.pipeline import PipelineConfig
-    from sipo_fast.pipeline.rundir import RunDir, write_jsonl
-    from sipo_fast.pipeline.runner import identity
+    from sipo_fast.pipeline.rundir.directory import RunDir, identity
+    from sipo_fast.pipeline.rundir.files import write_jsonl
 
     root = tmp_path_factory.mktemp("run")
     data = root.parent / "prefs.jsonl"
@@ -190,7 +190,7 @@ def test_evaluate_run_errors(run_dir, tmp_path):
         evaluate_run(run_dir, methods=["mod"], num_prompts=0)
     with pytest.raises(ValueError, match="one per objective"):
         evaluate_run(run_dir, methods=["mod"], ref=[0.0])
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     RunDir(run_dir).forget("finetune")
     try:
@@ -201,7 +201,7 @@ def test_evaluate_run_errors(run_dir, tmp_path):
 
 
 def test_diagnostics_without_filter_stage(tmp_path):
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     RunDir(tmp_path).open({"model": "tiny"})
     assert pipeline_diagnostics(tmp_path, [], ScoreCache()) == {}

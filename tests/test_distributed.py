@@ -360,7 +360,7 @@ from sipo_fast.pipeline import preset
 from sipo_fast.pipeline.context import Context
 from sipo_fast.distributed import current
 from sipo_fast.pipeline.policies import preference_pairs, train
-from sipo_fast.pipeline.rundir import RunDir
+from sipo_fast.pipeline.rundir.directory import RunDir
 dist, out = current(), Path(sys.argv[1])
 ctx = Context(preset("smoke"), RunDir(out), progress=False)
 model, history = train(ctx, ctx.load_base(), preference_pairs(ctx.split["train"], "helpful"), objective="helpful",

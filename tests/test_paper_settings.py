@@ -141,7 +141,7 @@ def test_optimiser_recipe_reaches_the_trainer(tokenizer, tmp_path):
     """The align section's recipe becomes transformers' arguments of the trainer the pipeline builds."""
     from sipo_fast.pipeline.context import Context
     from sipo_fast.pipeline.policies import optimiser_args
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
     from sipo_fast.training import build_preference_trainer
 
     cfg = preset("smoke").override(["align.lr_scheduler=cosine", "align.warmup_ratio=0.1", "align.weight_decay=0.05"])
@@ -213,7 +213,7 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
 # ------------------------------------------------------------------------------------------ data mix and splits
 def _ctx(tmp_path, **data):
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     cfg = PipelineConfig.from_dict({"model": {"name": "tiny"}, "align": {"max_length": 96},
                                     "data": {"objectives": ["correctness", "verbosity"], **data},
@@ -276,7 +276,8 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     k (align/eval.jsonl: helpful prefers response 1, harmless response 0), with the finetune recipe."""
     import test_pipeline_stages as T
     from sipo_fast.pipeline import stages as S
-    from sipo_fast.pipeline.rundir import Parts, write_jsonl
+    from sipo_fast.pipeline.rundir.files import write_jsonl
+    from sipo_fast.pipeline.rundir.parts import Parts
 
     ctx = T.make_ctx(tmp_path, None, **{"finetune.max_steps": 2, "finetune.select_best": "true",
                                         "finetune.eval_steps": 1, "finetune.batch_size": 2,

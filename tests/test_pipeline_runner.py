@@ -7,7 +7,7 @@ import pytest
 
 from sipo_fast.pipeline import PipelineConfig
 from sipo_fast.pipeline.preflight import Findings
-from sipo_fast.pipeline.rundir import read_jsonl
+from sipo_fast.pipeline.rundir.files import read_jsonl
 from sipo_fast.pipeline.runner import SIPOPipeline
 from sipo_fast.pipeline.stages import Stage
 
@@ -22,7 +22,7 @@ class Recorder(Stage):
         self.log.append(self.name)
         rows = [{"config": {k: ctx.config.get(k) for k in self.config_keys}}]
         rows += [{"from": u, "rows": read_jsonl(p / "out.jsonl")} for u, p in inputs.items()]
-        parts.save_jsonl("out.jsonl", rows)
+        parts.save_part_jsonl("out.jsonl", rows)
         return {"rows": len(rows)}
 
 
@@ -150,7 +150,7 @@ def test_finished_parts_survive_a_failed_stage(tmp_path):
                 attempts.append(i)
                 if i == 1 and len(attempts) == 2:
                     raise RuntimeError("killed")
-                parts.save_jsonl(f"p{i}.jsonl", [{"i": i}])
+                parts.save_part_jsonl(f"p{i}.jsonl", [{"i": i}])
             return {}
 
     pipe, _ = make(tmp_path)

@@ -14,7 +14,9 @@ import torch
 from sipo_fast.pipeline import PipelineConfig, preset
 from sipo_fast.pipeline import stages as S
 from sipo_fast.pipeline.context import Context, tokenizer_mismatch
-from sipo_fast.pipeline.rundir import Parts, RunDir, read_jsonl, write_jsonl
+from sipo_fast.pipeline.rundir.directory import RunDir
+from sipo_fast.pipeline.rundir.files import read_jsonl, write_jsonl
+from sipo_fast.pipeline.rundir.parts import Parts
 from sipo_fast.pipeline.templates import RefinePrompts, clean_generation, default_templates
 
 

@@ -157,8 +157,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     if args.run_dir:
         from sipo_fast.pipeline.compare import DEFAULT_METHODS, evaluate_run
-        from sipo_fast.pipeline.lock import RunLock
-        from sipo_fast.pipeline.rundir import RunDir
+        from sipo_fast.pipeline.rundir.lock import RunLock
+        from sipo_fast.pipeline.rundir.directory import RunDir
 
         # It writes into the run directory (comparison/, by default): one writer at a time, as for `run`.
         lock = RunLock(args.run_dir) if dist.is_main and RunDir(args.run_dir).is_run_dir() else None

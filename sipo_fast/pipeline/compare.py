@@ -42,7 +42,8 @@ from sipo_fast.eval.report import diagnostics_markdown, write_report
 from sipo_fast.eval.stats import to_maximisation, weight_grid
 from sipo_fast.eval.sweep import SweepResult, run_eval, score_responses, sweep_weights
 
-from .rundir import RunDir, dir_hash, read_jsonl, stable_hash
+from .rundir.directory import RunDir
+from .rundir.files import dir_hash, read_jsonl, stable_hash
 from .trained import TRAINED, train_modpo, trained_key, trained_policy_for  # noqa: F401 (train_modpo: re-export)
 
 log = logging.getLogger("sipo_fast.eval")

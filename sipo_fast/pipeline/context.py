@@ -16,7 +16,7 @@ import torch
 
 from .config.pipeline_config import PipelineConfig
 from .datacheck import check_rows, check_utf8, read_jsonl_rows
-from .rundir import RunDir
+from .rundir.directory import RunDir
 
 log = logging.getLogger("sipo_fast.pipeline")
 _NAME_OK = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")

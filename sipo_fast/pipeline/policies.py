@@ -16,7 +16,8 @@ from pathlib import Path
 import torch
 
 from .context import Context
-from .rundir import Parts, read_jsonl
+from .rundir.files import read_jsonl
+from .rundir.parts import Parts
 
 log = logging.getLogger("sipo_fast.pipeline")
 # Trainer metrics that measure speed, not the model; they vary run to run and stay out of hashed artifacts.
@@ -115,7 +116,7 @@ def per_weight_parts(ctx, parts, weight_indices, load, work) -> list[dict]:
         if not loaded:
             policies = load()
             loaded += [policies, policies.decoder(ctx)]
-        parts.save_jsonl(part, work(*loaded, wi))
+        parts.save_part_jsonl(part, work(*loaded, wi))
     rows = [r for wi in weight_indices for r in read_jsonl(parts.path(f"parts/w{wi}.jsonl"))]
     rows.sort(key=lambda r: (r["pid"], r["weight_index"]))
     parts.write_jsonl("candidates.jsonl", rows)
@@ -163,7 +164,7 @@ def all_weights_parts(ctx, parts, prompts: list[dict], weights: list, load, *, m
         outs = dist.merge({j: decode(batches[group[j]]) for j in dist.mine(len(group))}, len(group))
         for k, out in zip(group, outs):
             S = len(weights)
-            parts.save_jsonl(f"parts/b{k}.jsonl", [{"prompt": t, "weight_index": s, "candidate": out[i * S + s]}
+            parts.save_part_jsonl(f"parts/b{k}.jsonl", [{"prompt": t, "weight_index": s, "candidate": out[i * S + s]}
                                                    for i, t in enumerate(batches[k]) for s in range(S)])
     done = {(r["prompt"], r["weight_index"]): r["candidate"]
             for k in range(len(batches)) for r in read_jsonl(parts.path(f"parts/b{k}.jsonl"))}

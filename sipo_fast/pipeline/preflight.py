@@ -271,11 +271,11 @@ def existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes: int, held: bool = False) -> Findings:
+def check_output(run_dir, *, force: bool, identity: dict, estimate_bytes: int, held: bool = False) -> Findings:
     """The run directory: a directory (or creatable), sipo_fast's, free (unless this caller ``held`` its lock
     already), compatible, writable, with room."""
-    from .lock import describe, holder
-    from .rundir import ManifestError
+    from .rundir.directory import ManifestError
+    from .rundir.lock import describe, holder
 
     out, root = Findings(), run_dir.root
     label = f"--output-dir {root}"
@@ -295,12 +295,9 @@ def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes:
                                 + "choose an empty or new directory")
             return out
         try:
-            data = run_dir.manifest()
-            old = data.get("identity")
-            if not force and old and identity and old != identity and (data.get("stages") or (root / ".work").is_dir()):
-                diff = sorted(k for k in identity if old.get(k) != identity[k])
-                out.problems.append(f"{label}: made by an incompatible config (differs in {diff}); use a new "
-                                    "--output-dir, or pass --force to move that run aside and start over")
+            why = None if force else run_dir.identity_conflict(identity)
+            if why is not None:
+                out.problems.append(f"{label}: {why}")
         except ManifestError:
             out.facts.append(f"{root / 'manifest.json'} is unreadable: the run will rebuild it from the stages' "
                              "stage.json (sipo-fast repair)")

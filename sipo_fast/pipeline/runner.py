@@ -17,13 +17,15 @@ import shutil
 import time
 from pathlib import Path
 
-from .config.pipeline_config import PipelineConfig
 from sipo_fast.distributed import current
-from .lock import LOCK, RunLock
-from .parts import Parts, crash_point
+
+from .config.pipeline_config import PipelineConfig
 from .preflight import PreflightError, check_output
-from .repair import identity, read_record, rebuild, repair  # noqa: F401 - identity re-exported
-from .rundir import ManifestError, RunDir, atomic_write_json, atomic_write_text, file_records, stable_hash
+from .rundir.directory import ManifestError, RunDir, identity
+from .rundir.files import atomic_write_json, atomic_write_text, file_records, stable_hash
+from .rundir.lock import LOCK, RunLock
+from .rundir.parts import Parts, crash_point
+from .rundir.repair import read_record, rebuild, repair
 from .stages import STAGES, Context, Stage
 
 log = logging.getLogger("sipo_fast.pipeline")

@@ -29,7 +29,8 @@ from .policies import (Policies, all_weights_parts, copy_policy, final_metrics, 
                        log_metrics, optimiser_args, per_weight_parts, preference_pairs, rewards, save_combined,
                        save_model, stage1_reference, stage3_reference, train)
 from .rules import keep_rewrite, margin_counts, one_hot, select_pareto
-from .rundir import Parts, read_jsonl
+from .rundir.files import read_jsonl
+from .rundir.parts import Parts
 from .templates import RefinePrompts
 
 log = logging.getLogger("sipo_fast.pipeline")
@@ -71,7 +72,7 @@ class AlignStage(Stage):
         for i, obj in enumerate(cfg.data.objectives):
             part = f"policies/{obj}"
             if not parts.done(part) and a.policies is not None:
-                parts.save_dir(part, lambda tmp, src=Path(a.policies[i]): copy_policy(src, tmp))
+                parts.save_part_dir(part, lambda tmp, src=Path(a.policies[i]): copy_policy(src, tmp))
             elif not parts.done(part):
                 log.info("align: DPO for objective %r on %d pairs", obj, len(rows))
                 scratch = parts.work.parent / f"scratch-align-{obj}"
@@ -83,7 +84,7 @@ class AlignStage(Stage):
                     use_lora=a.use_lora, eval_pairs=with_reference(preference_pairs(held, obj), ref),
                     select_best=a.select_best, eval_steps=a.eval_steps, scratch=scratch, optim=optimiser_args(a))
                 log_metrics(parts, obj, history)
-                parts.save_dir(part, save_model(model, history))
+                parts.save_part_dir(part, save_model(model, history))
                 parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))
             summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary
@@ -322,7 +323,7 @@ class FinetuneStage(Stage):
             part, src = f"policies/{obj}", inputs["align"] / "policies" / obj
             if not parts.done(part) and not pairs:
                 # Nothing to train on: the stage-1 policy, without its stage-1 training metrics.
-                parts.save_dir(part, lambda tmp, src=src: copy_policy(src, tmp, skip=("train_metrics.json",)))
+                parts.save_part_dir(part, lambda tmp, src=src: copy_policy(src, tmp, skip=("train_metrics.json",)))
             elif not parts.done(part):
                 log.info("finetune: SIPO loss for objective %r on %d pairs", obj, len(pairs))
                 scratch = parts.work.parent / f"scratch-finetune-{obj}"
@@ -341,9 +342,9 @@ class FinetuneStage(Stage):
                     eval_steps=f.eval_steps, scratch=scratch, ref=ref, optim=optimiser_args(f))
                 log_metrics(parts, obj, history)
                 if cfg.align.use_lora:
-                    parts.save_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))
+                    parts.save_part_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))
                 else:
-                    parts.save_dir(part, save_model(model, history))
+                    parts.save_part_dir(part, save_model(model, history))
                 parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))
             summary["metrics"][obj] = final_metrics(parts.path(part))
         return summary

@@ -44,7 +44,7 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     from sipo_fast.training import implicit_rewards, with_reference
 
     from .policies import load_policies, preference_pairs, stage1_reference
-    from .rundir import atomic_write_json, read_jsonl
+    from .rundir.files import atomic_write_json, read_jsonl
 
     path = cache_dir / f"margins_k{k}.json"
     cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -125,7 +125,7 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
 def train_dpo_lw(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
     """Train one DPO LW policy at weight ``w`` (SIPO.md §4): Σ_i w_i · DPO_i on every stage-1 training pair, the
     best checkpoint chosen by the same weighted loss on stage 1's held-out pairs; save its adapter to ``out``."""
-    from .rundir import read_jsonl
+    from .rundir.files import read_jsonl
 
     objectives = list(ctx.config.data.objectives)
     train_rows = dpo_lw_pairs(read_jsonl(align_dir / "train.jsonl"), objectives)
@@ -141,7 +141,8 @@ _TRAINERS = {"modpo": train_modpo, "dpo_lw": train_dpo_lw}
 def trained_key(ctx, run_dir: Path) -> str:
     """The trained baselines belong to one set of stage-1 data/policies and one training config: a re-run stage 1
     gets a fresh key (directory) instead of reusing models trained against the old one."""
-    from .rundir import RunDir, stable_hash
+    from .rundir.directory import RunDir
+    from .rundir.files import stable_hash
 
     return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
                         "seed": ctx.config.seed, "template": ctx.config.model.template})
