@@ -8,7 +8,7 @@ Three pipelines, all training their policies the way the preset says (LoRA shape
    wall and CPU seconds of each stage (align, sample, refine, filter, finetune) from ``<stage>/logs/timing.json``.
 2. **MODPO as the paper trains it**, measured: the stage-1 DPO of the margin objective (the second objective's
    policy supplies the margin reward; its time is the trainer's own ``train_runtime`` in the align stage), then
-   one MODPO run per weight w in W (``sipo_fast.pipeline.trained.train_modpo``, first objective trained, margins
+   one MODPO run per weight w in W (``sipo_fast.pipeline.baselines.trained.train_modpo``, first objective trained, margins
    and π_ref's log-probs computed once, in the first run, for every weight), each timed. Both pipelines
    therefore pay for π_ref's log-probs once.
 3. **The authors' SIPO pipeline, projected** from rates measured here: training as in (1) (their trainer is
@@ -75,7 +75,7 @@ def objective_runtime(run_dir: Path, objective: str) -> float:
 # ------------------------------------------------------------------------------------------------ 2. MODPO
 def run_modpo(config, run_dir: Path, progress: bool) -> list[tuple[str, float, float]]:
     """(weight, wall s, CPU s) of one MODPO run per weight in W on the SIPO run's stage-1 split and policies."""
-    from sipo_fast.pipeline.trained import train_modpo
+    from sipo_fast.pipeline.baselines.trained import train_modpo
     from sipo_fast.pipeline.context import Context
     from sipo_fast.pipeline.rundir.directory import RunDir
 

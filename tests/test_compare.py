@@ -1,4 +1,4 @@
-"""sipo_fast.pipeline.compare.evaluate_run on a hand-built run directory (tiny model, random LoRA adapters standing in for the trained
+"""sipo_fast.pipeline.baselines.compare.evaluate_run on a hand-built run directory (tiny model, random LoRA adapters standing in for the trained
 ones, no pipeline training): every method's sweep, cross-checks between methods at the endpoints, sweep
 reuse, the diagnostics and the errors."""
 import json
@@ -10,8 +10,8 @@ import torch
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from sipo_fast.pipeline import compare as baselines  # noqa: E402
-from sipo_fast.pipeline.compare import evaluate_run, pipeline_diagnostics  # noqa: E402
+from sipo_fast.pipeline.baselines import compare as baselines  # noqa: E402
+from sipo_fast.pipeline.baselines.compare import evaluate_run, pipeline_diagnostics  # noqa: E402
 from sipo_fast.eval.cache import ScoreCache  # noqa: E402
 
 OBJ = ["helpful", "harmless"]
@@ -134,7 +134,7 @@ def test_dpo_lw_trains_on_every_pair_with_each_objectives_orientation(evaluated,
     differ from both stage-1 adapters'."""
     from safetensors.torch import load_file
 
-    from sipo_fast.pipeline.trained import dpo_lw_pairs
+    from sipo_fast.pipeline.baselines.trained import dpo_lw_pairs
 
     train = [json.loads(line) for line in (run_dir / "align" / "train.jsonl").read_text().splitlines()]
     rows = dpo_lw_pairs(train, OBJ)

@@ -13,7 +13,7 @@ import pytest
 from sipo_fast.data.formatting import format_prompt
 from sipo_fast.data.prompts import check_split, heldout_prompts, parse_select, select_prompts
 from sipo_fast.pipeline import PipelineConfig, preset
-from sipo_fast.pipeline.templates import RefinePrompts
+from sipo_fast.pipeline.stages.refine_prompts import RefinePrompts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -194,7 +194,7 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
 
     def unreachable(name, *a, **k):
         raise ConnectionError("no route to huggingface.co")
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)  # the host answers, the listing fails
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: True)  # the host answers, the listing fails
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
     with caplog.at_level(logging.WARNING, logger="sipo_fast.data"):
         check_split("PKU-Alignment/PKU-SafeRLHF-30K", "test", "eval.prompt_split")  # no error, a note
@@ -203,9 +203,9 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
     with pytest.raises(ValueError, match="has no split 'test'"):
         check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: False)  # no route to the host: not even asked
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: False)  # no route to the host: not even asked
     check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: not even asked
     check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
 
@@ -275,7 +275,7 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     """Stage 3 with finetune.select_best: objective k's trainer evaluates on stage 1's held-out pairs oriented by
     k (align/eval.jsonl: helpful prefers response 1, harmless response 0), with the finetune recipe."""
     import test_pipeline_stages as T
-    from sipo_fast.pipeline import stages as S
+    from sipo_fast.pipeline.stages import finetune as finetune_stage
     from sipo_fast.pipeline.rundir.files import write_jsonl
     from sipo_fast.pipeline.rundir.parts import Parts
 
@@ -292,11 +292,11 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     write_jsonl(filt / "pairs.jsonl", [
         {"pid": 0, "prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "Go away."},
         {"pid": 0, "prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "No."}])
-    calls, real = [], S.train
-    monkeypatch.setattr(S, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls, real = [], finetune_stage.train
+    monkeypatch.setattr(finetune_stage, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
+    summary = finetune_stage.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
     keys = ("prompt", "chosen", "rejected")
     assert [[{k: p[k] for k in keys} for p in c["eval_pairs"]] for c in calls] == [
         [{"prompt": "Be kind.", "chosen": "No, you idiot.", "rejected": "Sure, gladly."}],

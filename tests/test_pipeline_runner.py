@@ -9,7 +9,7 @@ from sipo_fast.pipeline import PipelineConfig
 from sipo_fast.pipeline.preflight import Findings
 from sipo_fast.pipeline.rundir.files import read_jsonl
 from sipo_fast.pipeline.runner import SIPOPipeline
-from sipo_fast.pipeline.stages import Stage
+from sipo_fast.pipeline.stages.stage import Stage
 
 
 class Recorder(Stage):
@@ -48,6 +48,7 @@ def make(tmp_path, config=None, runs=None):
         "filter": Recorder("filter", ("align", "refine"), ("filter.beta",), runs),
     }
     pipe._ctx = Ctx(config)
+    pipe.check_inputs = lambda stages=None: pipe._ctx.preflight(stages)  # the stand-in context's input checks
     return pipe, runs
 
 
@@ -118,6 +119,7 @@ def test_incompatible_directory_is_refused(tmp_path):
         make(tmp_path, other)[0].run()
     pipe = SIPOPipeline(other, tmp_path / "run", force=True, progress=False)
     pipe.stages, pipe._ctx = make(tmp_path / "x", other)[0].stages, Ctx(other)
+    pipe.check_inputs = lambda stages=None: pipe._ctx.preflight(stages)
     pipe.run()  # --force discards the old run
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["identity"]["model"] == "tiny"
 

@@ -20,13 +20,15 @@ from pathlib import Path
 from sipo_fast.distributed import current
 
 from .config.pipeline_config import PipelineConfig
-from .preflight import PreflightError, check_output
+from .context import Context
+from .preflight import Findings, PreflightError, check_inputs, check_output
 from .rundir.directory import ManifestError, RunDir, identity
 from .rundir.files import atomic_write_json, atomic_write_text, file_records, stable_hash
 from .rundir.lock import LOCK, RunLock
 from .rundir.parts import Parts, crash_point
 from .rundir.repair import read_record, rebuild, repair
-from .stages import STAGES, Context, Stage
+from .stages import STAGES
+from .stages.stage import Stage
 
 log = logging.getLogger("sipo_fast.pipeline")
 
@@ -133,10 +135,15 @@ class SIPOPipeline:
         """Fail fast, before any training: data, objectives, conflicts, tokenizers, context length."""
         self.context().validate()
 
+    def check_inputs(self, stages: list[str] | None = None) -> Findings:
+        """Config, data, model, LoRA targets, scorers and world (:func:`.preflight.check_inputs`), without
+        writing."""
+        return check_inputs(self.context(), stages)
+
     def preflight(self, stages: list[str] | None = None) -> list[str]:
         """Resolve every input and the output directory (:mod:`.preflight`) without writing; returns the facts.
         Raises :class:`PreflightError` with one line per problem."""
-        found = self.context().preflight(stages)
+        found = self.check_inputs(stages)
         # The output directory is rank 0's (it alone locks and writes it): its findings hold for every rank.
         out = current().on_main(lambda: check_output(self.run_dir, force=self.force, identity=identity(self.config),
                                                      estimate_bytes=found.estimate_bytes, held=bool(self._locks)))

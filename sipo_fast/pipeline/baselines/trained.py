@@ -43,8 +43,8 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     from sipo_fast.data.formatting import encode_pairs
     from sipo_fast.training import implicit_rewards, with_reference
 
-    from .policies import load_policies, preference_pairs, stage1_reference
-    from .rundir.files import atomic_write_json, read_jsonl
+    from ..policies import load_policies, preference_pairs, stage1_reference
+    from ..rundir.files import atomic_write_json, read_jsonl
 
     path = cache_dir / f"margins_k{k}.json"
     cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -85,7 +85,7 @@ def dpo_lw_pairs(rows: list[dict], objectives: list[str]) -> list[dict]:
 def _train_lora(ctx, train_rows: list[dict], held: list[dict], out: Path, scratch: Path, *, objective: str,
                 loss: str, **trainer_kw) -> Path:
     """Train one LoRA adapter from π_ref with stage 1's recipe and save it to ``out`` (rank 0, atomically)."""
-    from .policies import optimiser_args, train
+    from ..policies import optimiser_args, train
 
     a = ctx.config.align
     model, _ = train(ctx, ctx.load_base(), train_rows, objective=objective, loss=loss, beta=a.beta, alpha=0.0,
@@ -125,7 +125,7 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
 def train_dpo_lw(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
     """Train one DPO LW policy at weight ``w`` (SIPO.md §4): Σ_i w_i · DPO_i on every stage-1 training pair, the
     best checkpoint chosen by the same weighted loss on stage 1's held-out pairs; save its adapter to ``out``."""
-    from .rundir.files import read_jsonl
+    from ..rundir.files import read_jsonl
 
     objectives = list(ctx.config.data.objectives)
     train_rows = dpo_lw_pairs(read_jsonl(align_dir / "train.jsonl"), objectives)
@@ -141,8 +141,8 @@ _TRAINERS = {"modpo": train_modpo, "dpo_lw": train_dpo_lw}
 def trained_key(ctx, run_dir: Path) -> str:
     """The trained baselines belong to one set of stage-1 data/policies and one training config: a re-run stage 1
     gets a fresh key (directory) instead of reusing models trained against the old one."""
-    from .rundir.directory import RunDir
-    from .rundir.files import stable_hash
+    from ..rundir.directory import RunDir
+    from ..rundir.files import stable_hash
 
     return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
                         "seed": ctx.config.seed, "template": ctx.config.model.template})
