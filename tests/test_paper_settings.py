@@ -139,16 +139,19 @@ def test_paper_presets_carry_the_authors_caps_splits_and_recipe():
 
 def test_optimiser_recipe_reaches_the_trainer(tokenizer, tmp_path):
     """The align section's recipe becomes transformers' arguments of the trainer the pipeline builds."""
-    from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.policies import optimiser_args
-    from sipo_fast.pipeline.rundir.directory import RunDir
-    from sipo_fast.training import build_preference_trainer
+    from datasets import Dataset
 
-    cfg = preset("smoke").override(["align.lr_scheduler=cosine", "align.warmup_ratio=0.1", "align.weight_decay=0.05"])
+    from sipo_fast.pipeline.context import Context
+    from sipo_fast.pipeline.rundir.directory import RunDir
+    from sipo_fast.training import FusedDPOTrainer
+
+    cfg = preset("smoke").override(["align.lr_scheduler=cosine", "align.warmup_ratio=0.1", "align.weight_decay=0.05",
+                                    "align.max_steps=10"])
     ctx = Context(cfg, RunDir(tmp_path / "run"), progress=False)
-    assert optimiser_args(cfg.align) == {"lr_scheduler_type": "cosine", "warmup_steps": 0.1, "weight_decay": 0.05}
-    tr = build_preference_trainer(ctx.load_base(), None, [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 10,
-                                  tokenizer, output_dir=str(tmp_path / "o"), max_steps=10, **optimiser_args(cfg.align))
+    args = cfg.align.trainer_config(output_dir=tmp_path / "o", seed=0, prompt_template="chat", evaluate=False)
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay) == ("cosine", 0.1, 0.05)
+    tr = FusedDPOTrainer(ctx.load_base(), None, args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 10))
     tr.create_optimizer_and_scheduler(num_training_steps=10)
     assert tr.args.lr_scheduler_type == "cosine" and tr.args.get_warmup_steps(10) == 1
     assert tr.optimizer.param_groups[0]["weight_decay"] == 0.05
@@ -304,8 +307,9 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     # π_k's log-probs come with them (stage 3's reference table), finite: the pairs are not dropped
     assert all(math.isfinite(p[col]) for c in calls for p in c["eval_pairs"]
                for col in ("ref_chosen_logps", "ref_rejected_logps"))
-    assert all(c["select_best"] and c["eval_steps"] == 1 for c in calls)
-    assert all(c["optim"] == {"lr_scheduler_type": "cosine", "warmup_steps": 0.0, "weight_decay": 0.05} for c in calls)
+    assert all(c["args"].load_best_model_at_end and c["args"].eval_steps == 1 for c in calls)
+    assert all((c["args"].lr_scheduler_type, c["args"].warmup_steps, c["args"].weight_decay) == ("cosine", 0.0, 0.05)
+               for c in calls)
     for obj in ("helpful", "harmless"):
         assert "eval_loss" in summary["metrics"][obj]  # the held-out loss was measured
         evals = [h for h in json.loads((work / "policies" / obj / "train_metrics.json").read_text()) if "eval_loss" in h]

@@ -104,40 +104,31 @@ def clean_metrics(history: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if not any(s in k for s in _VOLATILE)} for row in history]
 
 
-def train(ctx: Context, model, pairs: list[dict], *, objective: str, loss: str, beta: float, alpha: float,
-           lr: float, epochs: float, max_steps: int, batch_size: int, grad_accum: int, max_length: int,
-           use_lora: bool, eval_pairs: list[dict] | None, select_best: bool, eval_steps: float | None, scratch: Path,
-           ref=None, optim: dict | None = None, **trainer_kw):
-    """One preference run on sipo_fast's TRL trainer (fused log-probs); returns (trained model, TRL log
-    history, whose metric names are TRL's plus ``rewards/<objective>/...``). ``optim``: transformers'
-    optimiser arguments (:func:`optimiser_args`); ``trainer_kw``: more ``build_preference_trainer`` arguments
-    (the MODPO / DPO LW weights)."""
+def training_args(ctx: Context, section, scratch: Path, *, evaluate: bool, **fields):
+    """``section.trainer_config`` (align's or finetune's recipe, :mod:`..config.sections`) for one run of this
+    invocation: its seed, prompt template and progress bars, checkpoints under ``scratch``."""
+    return section.trainer_config(output_dir=scratch, seed=ctx.config.seed, prompt_template=ctx.config.model.template,
+                                  evaluate=evaluate, disable_tqdm=not ctx.progress, **fields)
+
+
+def train(ctx: Context, model, pairs: list[dict], *, args, eval_pairs: list[dict] | None = None, ref=None):
+    """One preference run of sipo_fast's TRL trainer (fused log-probs) with ``args``, the run's whole
+    ``FusedDPOConfig`` (:func:`training_args`), on a fresh LoRA adapter (:func:`lora_config`) unless
+    align.use_lora is false. Returns (trained model, TRL log history, whose metric names are TRL's plus
+    ``rewards/<objective>/...``)."""
     from datasets import Dataset
 
-    from sipo_fast.training import build_preference_trainer
+    from sipo_fast.training import FusedDPOTrainer
 
-    extra = dict(max_steps=max_steps, gradient_accumulation_steps=grad_accum, disable_tqdm=not ctx.progress,
-                 objective_names=[objective], logging_steps=1, **(optim or {}))
-    extra.update(trainer_kw)
-    if eval_pairs and eval_steps is not None:
-        extra.update(eval_strategy="steps", eval_steps=eval_steps, save_strategy="steps", save_steps=eval_steps)
-    if eval_pairs and not select_best:
-        extra.update(load_best_model_at_end=False, save_strategy="no", save_total_limit=None)
-    trainer = build_preference_trainer(
-        model, ref, Dataset.from_list(pairs), ctx.tokenizer, loss_type=loss, beta=beta, alpha=alpha, lr=lr,
-        epochs=epochs, batch_size=batch_size, max_length=max_length,
-        lora_config=lora_config(ctx) if use_lora else None, output_dir=str(scratch),
-        template=ctx.config.model.template, eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
-        seed=ctx.config.seed, **extra)
+    if bool(eval_pairs) != (args.eval_strategy != "no"):
+        raise ValueError(f"{len(eval_pairs or [])} held-out pairs but eval_strategy={args.eval_strategy!r}: build the "
+                         "arguments with evaluate=bool(eval_pairs)")
+    trainer = FusedDPOTrainer(model, ref, args, train_dataset=Dataset.from_list(pairs),
+                              eval_dataset=Dataset.from_list(eval_pairs) if eval_pairs else None,
+                              processing_class=ctx.tokenizer,
+                              peft_config=lora_config(ctx) if ctx.config.align.use_lora else None)
     trainer.train()
     return trainer.accelerator.unwrap_model(trainer.model), list(trainer.state.log_history)
-
-
-def optimiser_args(section) -> dict:
-    """transformers' arguments for a config section's optimiser recipe (align or finetune). transformers 5 reads a
-    ``warmup_steps`` below 1 as a share of the steps (its ``warmup_ratio`` is gone), which warmup_ratio always is."""
-    return {"lr_scheduler_type": section.lr_scheduler, "warmup_steps": float(section.warmup_ratio),
-            "weight_decay": section.weight_decay}
 
 
 def canonical_adapter_config(path: Path) -> None:

@@ -108,25 +108,56 @@ SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "cosine_wi
 
 @dataclass
 class _Training(Section):
-    """The training recipe align and finetune share (transformers' names and meanings); each stage adds its own
-    learning rate, checkpoint choice and extras. Not a section of its own."""
+    """The training recipe align and finetune share; each stage adds its learning rate, checkpoint choice and
+    extras. Not a section of its own. :meth:`trainer_config` turns it into the one ``FusedDPOConfig`` (TRL's
+    ``DPOConfig``) of a training run: fields named as in TRL keep TRL's name, the others say which TRL field they
+    set."""
 
     beta: float = 0.1
+    """β of the DPO loss (DPOConfig.beta)."""
     epochs: float = 3.0
+    """Passes over the pairs (TrainingArguments.num_train_epochs)."""
     max_steps: int = -1
     """Stop after this many optimiser steps (-1: run all epochs)."""
     batch_size: int = 8
+    """Pairs per device and step (TrainingArguments.per_device_train_batch_size, and the eval batch size)."""
     grad_accum: int = 1
+    """Steps whose gradients are summed before each update (TrainingArguments.gradient_accumulation_steps)."""
     max_length: int = 512
     """Prompt + response tokens; longer responses are truncated, longer prompts are an error."""
     eval_steps: float | None = None
     """Evaluate (and checkpoint) every this many steps, or this share of the steps if below 1 (None: per epoch)."""
     lr_scheduler: str = "linear"
-    """Learning-rate schedule (transformers' lr_scheduler_type); the paper presets use the authors' "cosine"."""
+    """Learning-rate schedule (TrainingArguments.lr_scheduler_type); the paper presets use the authors' "cosine"."""
     warmup_ratio: float = 0.0
-    """Share of the optimiser steps spent warming the learning rate up from 0."""
+    """Share of the optimiser steps spent warming the learning rate up from 0 (TrainingArguments.warmup_steps:
+    transformers 5 reads a value below 1 as that share)."""
     weight_decay: float = 0.0
     """AdamW weight decay (the authors use 0.05)."""
+
+    def trainer_config(self, *, output_dir, seed: int, prompt_template: str, evaluate: bool, **fields):
+        """This recipe as the ``FusedDPOConfig`` of one training run, built here once and passed whole to the
+        trainer. ``evaluate``: the run has held-out pairs, evaluated every ``eval_steps`` (else every epoch); with
+        ``select_best`` the checkpoint of the best eval loss is the result. ``fields``: the run's own
+        ``FusedDPOConfig`` fields (``loss_type``, ``objective_names``, ``disable_tqdm``, MODPO / DPO LW weights)."""
+        import torch
+
+        from sipo_fast.training.trainer import FusedDPOConfig
+
+        keep_best = evaluate and self.select_best
+        every = "no" if not evaluate else "epoch" if self.eval_steps is None else "steps"
+        steps = {"eval_steps": self.eval_steps, "save_steps": self.eval_steps} if every == "steps" else {}
+        return FusedDPOConfig(
+            output_dir=str(output_dir), seed=seed, prompt_template=prompt_template, beta=self.beta,
+            learning_rate=self.learning_rate, num_train_epochs=self.epochs, max_steps=self.max_steps,
+            per_device_train_batch_size=self.batch_size, per_device_eval_batch_size=self.batch_size,
+            gradient_accumulation_steps=self.grad_accum, max_length=self.max_length,
+            lr_scheduler_type=self.lr_scheduler, warmup_steps=float(self.warmup_ratio), weight_decay=self.weight_decay,
+            eval_strategy=every, save_strategy=every if keep_best else "no", load_best_model_at_end=keep_best,
+            metric_for_best_model="eval_loss", greater_is_better=False, save_total_limit=1 if keep_best else None,
+            save_only_model=True, logging_steps=1, gradient_checkpointing=False, report_to="none",
+            # Train in the model's own dtype: TRL's default bf16 autocast would change the numbers on CPU.
+            bf16=False, fp16=False, dataloader_pin_memory=torch.cuda.is_available(), **steps, **fields)
 
     def check_training(self, section: str) -> None:
         self.check_positive("learning_rate", "beta", "epochs", "batch_size", "grad_accum", "max_length")
@@ -242,8 +273,9 @@ class FinetuneConfig(_Training):
     """Stage 3: each stage-1 policy (adapter merged) fine-tuned on D_c with the SIPO loss, itself as reference."""
 
     loss: str = "sipo"
-    """"sipo" (DPO + α·NLL/|y_c|, SIPO.md §2) or "sigmoid" (plain DPO, for ablations)."""
+    """"sipo" (DPO + α·NLL/|y_c|, SIPO.md §2) or "sigmoid" (plain DPO, for ablations) (FusedDPOConfig.loss_type)."""
     alpha: float = 0.1
+    """α of the SIPO loss (FusedDPOConfig.sipo_alpha)."""
     learning_rate: float = 5e-6
     select_best: bool = False
     """Keep the checkpoint with the best loss on stage 1's held-out pairs of the objective (the authors'
@@ -254,6 +286,10 @@ class FinetuneConfig(_Training):
             raise ValueError(f"finetune.loss={self.loss!r}: choose 'sipo' or 'sigmoid'")
         self.check_positive("alpha", allow_zero=True)
         self.check_training("finetune")
+
+    def trainer_config(self, **run):
+        """:meth:`_Training.trainer_config` with this stage's loss (FusedDPOConfig.loss_type, .sipo_alpha)."""
+        return super().trainer_config(loss_type=[self.loss], sipo_alpha=self.alpha, **run)
 
 
 EVAL_BASELINES = ("mod", "soups", "soups_ab", "modpo", "dpo_lw")

@@ -10,8 +10,8 @@ import logging
 import shutil
 from pathlib import Path
 
-from ..policies import copy_policy, final_metrics, log_metrics, optimiser_args, preference_pairs, save_model, \
-    stage1_reference, train
+from ..policies import (copy_policy, final_metrics, log_metrics, preference_pairs, save_model, stage1_reference, train,
+                        training_args)
 from ..rundir.files import read_jsonl
 from .stage import Stage
 
@@ -45,12 +45,11 @@ class AlignStage(Stage):
                 log.info("align: DPO for objective %r on %d pairs", obj, len(rows))
                 scratch = parts.work.parent / f"scratch-align-{obj}"
                 ref = ref or stage1_reference(ctx, rows + held)
-                model, history = train(
-                    ctx, ctx.load_base(), with_reference(preference_pairs(rows, obj), ref), objective=obj,
-                    loss="sigmoid", beta=a.beta, alpha=0.0, lr=a.learning_rate, epochs=a.epochs,
-                    max_steps=a.max_steps, batch_size=a.batch_size, grad_accum=a.grad_accum, max_length=a.max_length,
-                    use_lora=a.use_lora, eval_pairs=with_reference(preference_pairs(held, obj), ref),
-                    select_best=a.select_best, eval_steps=a.eval_steps, scratch=scratch, optim=optimiser_args(a))
+                held_k = with_reference(preference_pairs(held, obj), ref)
+                args = training_args(ctx, a, scratch, evaluate=bool(held_k), loss_type=["sigmoid"],
+                                     objective_names=[obj])
+                model, history = train(ctx, ctx.load_base(), with_reference(preference_pairs(rows, obj), ref),
+                                       args=args, eval_pairs=held_k)
                 log_metrics(parts, obj, history)
                 parts.save_part_dir(part, save_model(model, history))
                 parts.dist.on_main(lambda: shutil.rmtree(scratch, ignore_errors=True))

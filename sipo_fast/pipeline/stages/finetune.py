@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from ..context import Context
-from ..policies import canonical_adapter_config, clean_metrics, copy_policy, final_metrics, log_metrics, \
-    optimiser_args, preference_pairs, save_model, stage3_reference, train
+from ..policies import (canonical_adapter_config, clean_metrics, copy_policy, final_metrics, log_metrics,
+                        preference_pairs, save_model, stage3_reference, train, training_args)
 from ..rundir.files import read_jsonl
 from .stage import Stage
 
@@ -54,11 +54,8 @@ class FinetuneStage(Stage):
 
                 table = stage3_reference(ctx, start if ref is None else ref, pairs, held)
                 pairs_k, held = with_reference(pairs, table), held and with_reference(held, table)
-                model, history = train(
-                    ctx, start, pairs_k, objective=obj, loss=f.loss, beta=f.beta, alpha=f.alpha, lr=f.learning_rate,
-                    epochs=f.epochs, max_steps=f.max_steps, batch_size=f.batch_size, grad_accum=f.grad_accum,
-                    max_length=f.max_length, use_lora=cfg.align.use_lora, eval_pairs=held, select_best=f.select_best,
-                    eval_steps=f.eval_steps, scratch=scratch, ref=ref, optim=optimiser_args(f))
+                args = training_args(ctx, f, scratch, evaluate=bool(held), objective_names=[obj])
+                model, history = train(ctx, start, pairs_k, args=args, eval_pairs=held, ref=ref)
                 log_metrics(parts, obj, history)
                 if cfg.align.use_lora:
                     parts.save_part_dir(part, lambda tmp: save_combined(ctx, src, model, history, tmp))
