@@ -45,10 +45,16 @@ def make_ctx(tmp_path, rows=None, **overrides):
 
 
 class FakeDecoder:
-    """Greedy MOD stand-in: the text names its prompt."""
+    """Greedy MOD stand-in: the text names its prompt (its "tokens" are the text itself)."""
+
+    tokenizer = SimpleNamespace(decode=lambda tokens: tokens)
 
     def generate_text(self, prompts, *, weights, **kw):
         return [SimpleNamespace(text=f"y({p})") for p in prompts]
+
+    def generate(self, prompts, *, weights, **kw):  # weight sets [B, S, N]: row b·S + s is prompt b
+        rows = [f"y({p})" for p, ws in zip(prompts, weights) for _ in ws]
+        return SimpleNamespace(generated_ids=lambda r: rows[r])
 
 
 class FakePolicies:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 
+from sipo_fast.eval.methods import weight_set_texts
+
 from ..policies import load_policies
 from ..rundir.files import read_jsonl
 from .generation import generate, per_weight_parts
@@ -53,10 +55,11 @@ class SampleStage(Stage):
 
 def all_weights_parts(ctx, parts, prompts: list[dict], weights: list, load, *, max_new_tokens: int,
                       batch_size: int) -> list[dict]:
-    """Sample's greedy loop: every weight vector of W decoded in one MOD batch per ``batch_size`` prompts, the
-    rows of one prompt sharing its prefill (the decoder's prompt dedupe over the shared KV cache), where a loop
-    over W would prefill every prompt |W| times, in |W| batches of 1/|W| the rows. Greedy decoding makes the
-    texts those of per-weight decoding up to float rounding (tests/test_pipeline_stages.py compares them).
+    """Sample's greedy loop: every weight vector of W decoded in one MOD batch per ``batch_size`` prompts (the
+    decoder's weight sets, :func:`sipo_fast.eval.methods.weight_set_texts`), the rows of one prompt sharing its
+    prefill, where a loop over W would prefill every prompt |W| times, in |W| batches of 1/|W| the rows. Greedy
+    decoding makes the texts those of per-weight decoding up to float rounding (tests/test_pipeline_stages.py
+    compares them).
 
     One resumable part per batch (``parts/b<k>.jsonl``); the batches are fixed by a global sort of the
     distinct prompts by length, so a resumed run, or one on several processes (each rank decodes every
@@ -76,11 +79,8 @@ def all_weights_parts(ctx, parts, prompts: list[dict], weights: list, load, *, m
     log.info("sample: %d prompts x %d weights in %d batches (%d to decode), up to %d new tokens", len(texts),
              len(weights), len(batches), len(todo), max_new_tokens)
 
-    def decode(batch: list[str]) -> list[str]:
-        rows = [t for t in batch for _ in weights]
-        outs = loaded[1].generate_text(rows, weights=[w for _ in batch for w in weights], template=template,
-                                       max_new_tokens=max_new_tokens, batch_size=len(rows), progress=False)
-        return [o.text for o in outs]
+    def decode(batch: list[str]) -> list[list[str]]:  # (prompts, weights)
+        return weight_set_texts(loaded[1], batch, weights, template=template, max_new_tokens=max_new_tokens)
 
     groups = range(0, len(todo), dist.world)
     for g in tqdm(groups, desc="sample (all weights)", unit="batch", disable=not ctx.progress or not dist.is_main):
@@ -90,9 +90,8 @@ def all_weights_parts(ctx, parts, prompts: list[dict], weights: list, load, *, m
             loaded += [policies, policies.decoder(ctx)]
         outs = dist.merge({j: decode(batches[group[j]]) for j in dist.mine(len(group))}, len(group))
         for k, out in zip(group, outs):
-            S = len(weights)
-            parts.save_part_jsonl(f"parts/b{k}.jsonl", [{"prompt": t, "weight_index": s, "candidate": out[i * S + s]}
-                                                   for i, t in enumerate(batches[k]) for s in range(S)])
+            parts.save_part_jsonl(f"parts/b{k}.jsonl", [{"prompt": t, "weight_index": s, "candidate": out[i][s]}
+                                                        for i, t in enumerate(batches[k]) for s in range(len(weights))])
     done = {(r["prompt"], r["weight_index"]): r["candidate"]
             for k in range(len(batches)) for r in read_jsonl(parts.path(f"parts/b{k}.jsonl"))}
     rows = [{"pid": p["pid"], "weight_index": wi, "weight": w, "candidate": done[(p["prompt"], wi)]}
