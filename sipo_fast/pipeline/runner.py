@@ -1,12 +1,12 @@
 """``SIPOPipeline``: runs the stages in order inside one run directory, resuming what is already done.
 
 For each stage the runner computes its fingerprint (config values it reads + content hashes of the upstream
-artifacts it consumes, see :mod:`.rundir`), skips it when the manifest says that fingerprint finished and the
-files still match, and otherwise says why it runs (never run, config keys changed, an input changed,
+artifacts it consumes, see :mod:`.rundir.directory`), skips it when the manifest says that fingerprint finished
+and the files still match, and otherwise says why it runs (never run, config keys changed, an input changed,
 files changed on disk) and runs it into a work directory whose finished parts survive a crash.
 
-Under several processes (``accelerate launch`` / ``torchrun``, see :mod:`.distributed`) every rank runs every
-stage; rank 0 alone opens the run directory, decides what runs, writes the manifest, config and artifacts,
+Under several processes (``accelerate launch`` / ``torchrun``, see :mod:`sipo_fast.distributed`) every rank runs
+every stage; rank 0 alone opens the run directory, decides what runs, writes the manifest, config and artifacts,
 and the others follow its decisions, so the artifacts are those of a single process.
 """
 from __future__ import annotations

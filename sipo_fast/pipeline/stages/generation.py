@@ -17,7 +17,7 @@ def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *,
 
     Greedy decoding of a repeated prompt (HelpSteer pairs share prompts) gives the same text, so each distinct
     prompt is decoded once; with sampling every row is decoded on its own. Under several processes the
-    batches are split over the ranks and gathered (:func:`.distributed.generate_text`): every rank returns
+    batches are split over the ranks and gathered (:func:`sipo_fast.distributed.generate_text`): every rank returns
     the texts one process would.
     """
     from sipo_fast.distributed import generate_text
