@@ -8,9 +8,10 @@
 - ``run(ctx, parts, inputs) -> summary``: writes the artifact into ``parts.work`` (resumable units through
   :class:`~..rundir.parts.Parts`) and returns the counts that go into ``stage.json``.
 
-Randomness. No stage touches the global RNG. The only random draws of a run are MOD sampling in the sample
-stage (``sample.do_sample``) and the trainers': the sample stage decodes weight index wi with a stream seeded
-:func:`sample_seed` ``(config.seed, wi)``, whose batch k the decoder seeds with
+Randomness. No stage seeds or draws from the global RNG (the evaluation's ``run_eval`` seeds it only inside
+``torch.random.fork_rng``, for outside generators that use it). The only random draws of a run are MOD
+sampling in the sample stage (``sample.do_sample``) and the trainers': the sample stage decodes weight index wi
+with a stream seeded :func:`sample_seed` ``(config.seed, wi)``, whose batch k the decoder seeds with
 ``sipo_fast.decoding.inputs.batch_seed(that seed, k)`` on a ``torch.Generator`` of its own; each trainer seeds
 itself with ``TrainingArguments(seed=config.seed)`` before PEFT initialises its adapter. Greedy decoding,
 scoring, soups, the filter and the evaluation draw nothing, so a resumed stage reproduces an uninterrupted one.
