@@ -1,8 +1,8 @@
 """The run directory as storage: everything a run keeps on disk and how it stays consistent.
 
-- ``files.py``: content hashes, per-file records, atomic writes, JSON lines (the bottom of the room);
+- ``lock.py``: :class:`RunLock`, the one writer's lock on a run directory;
+- ``files.py``: content hashes, per-file records, atomic writes, JSON lines;
 - ``directory.py``: :class:`RunDir` (``manifest.json``, the run's identity, stage and work directories);
 - ``parts.py``: :class:`Parts`, the resumable parts of a stage in progress;
-- ``lock.py``: :class:`RunLock`, the one writer's lock on a run directory;
 - ``repair.py``: ``manifest.json`` rebuilt from the stages' own ``stage.json``.
 """
