@@ -8,7 +8,7 @@ Three pipelines, all training their policies the way the preset says (LoRA shape
    wall and CPU seconds of each stage (align, sample, refine, filter, finetune) from ``<stage>/logs/timing.json``.
 2. **MODPO as the paper trains it**, measured: the stage-1 DPO of the margin objective (the second objective's
    policy supplies the margin reward; its time is the trainer's own ``train_runtime`` in the align stage), then
-   one MODPO run per weight w in W (``sipo_fast.pipeline.trained.train_modpo``, first objective trained, margins
+   one MODPO run per weight w in W (``sipo_fast.pipeline.baselines.trained.train_modpo``, first objective trained, margins
    and π_ref's log-probs computed once, in the first run, for every weight), each timed. Both pipelines
    therefore pay for π_ref's log-probs once.
 3. **The authors' SIPO pipeline, projected** from rates measured here: training as in (1) (their trainer is
@@ -75,9 +75,9 @@ def objective_runtime(run_dir: Path, objective: str) -> float:
 # ------------------------------------------------------------------------------------------------ 2. MODPO
 def run_modpo(config, run_dir: Path, progress: bool) -> list[tuple[str, float, float]]:
     """(weight, wall s, CPU s) of one MODPO run per weight in W on the SIPO run's stage-1 split and policies."""
-    from sipo_fast.pipeline.trained import train_modpo
+    from sipo_fast.pipeline.baselines.trained import train_modpo
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     ctx = Context(config, RunDir(run_dir), progress=progress)
     root = run_dir / "bench_modpo"
@@ -98,7 +98,7 @@ def authors_decode_rate(run_dir: Path, config, prompts: list[str], weight: list[
     from sipo_fast.data.formatting import encode_prompts
     from sipo_fast.pipeline.context import Context
     from sipo_fast.pipeline.policies import load_policies
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     ctx = Context(config, RunDir(run_dir), progress=False)
     pol = load_policies(ctx, run_dir / "align" / "policies")
@@ -132,7 +132,7 @@ def authors_scoring_seconds(run_dir: Path, config, pairs: list[tuple[str, str]],
     from sipo_fast.merging import lora_soup
     from sipo_fast.pipeline.context import Context
     from sipo_fast.pipeline.policies import load_policies
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     ctx = Context(config, RunDir(run_dir), progress=False)
     pol = load_policies(ctx, run_dir / "align" / "policies")
@@ -146,7 +146,7 @@ def authors_scoring_seconds(run_dir: Path, config, pairs: list[tuple[str, str]],
 
 def generated_tokens(run_dir: Path, tokenizer) -> int:
     """Tokens sipo_fast generated in stage 2 (every candidate, plus EOS where it stopped early)."""
-    from sipo_fast.pipeline.rundir import read_jsonl
+    from sipo_fast.pipeline.rundir.files import read_jsonl
 
     rows = read_jsonl(run_dir / "sample" / "candidates.jsonl")
     return sum(len(tokenizer(r["candidate"], add_special_tokens=False)["input_ids"]) + 1 for r in rows)
@@ -155,7 +155,8 @@ def generated_tokens(run_dir: Path, tokenizer) -> int:
 def project_authors(config, run_dir: Path, sipo: dict, args) -> tuple[list[dict], float]:
     """Rows of the projected authors' pipeline and its total seconds."""
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir, read_jsonl
+    from sipo_fast.pipeline.rundir.directory import RunDir
+    from sipo_fast.pipeline.rundir.files import read_jsonl
 
     ctx = Context(config, RunDir(run_dir), progress=False)
     prompts = read_jsonl(run_dir / "sample" / "prompts.jsonl")

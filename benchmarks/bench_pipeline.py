@@ -39,7 +39,7 @@ def _policies(model_name: str, soups: int):
     from sipo_fast.merging import lora_soup
     from sipo_fast.pipeline import PipelineConfig
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     ctx = Context(PipelineConfig.from_dict({"model": {"name": model_name}}), RunDir(tempfile.mkdtemp()),
                   progress=False)
@@ -71,7 +71,7 @@ def _pairs(prompts: int, candidates: int):
 
 def released_code_scoring(ctx, model, names, prompts, responses, beta=0.1):
     """One sample at a time; per reward model, a policy forward and a reference forward (full logits)."""
-    from sipo_fast.pipeline.policies import encode
+    from sipo_fast.pipeline.stages.rewards import encode
     from sipo_fast.training import sequence_logprobs_ref
 
     out = torch.empty(len(prompts), len(names))
@@ -89,7 +89,7 @@ def released_code_scoring(ctx, model, names, prompts, responses, beta=0.1):
 
 
 def scoring_rows(args) -> list[dict]:
-    from sipo_fast.pipeline.policies import rewards
+    from sipo_fast.pipeline.stages.rewards import rewards
 
     ctx, model, names = _policies(args.model, args.soups)
     prompts, responses = _pairs(args.prompts, args.candidates)

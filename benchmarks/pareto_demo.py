@@ -6,7 +6,7 @@
 Not under the benchmark lock: it runs for hours and measures quality, not speed (its wall times are context).
 
 For each seed s: the demo pipeline (``--preset demo``, ``seed=s``, its own eval stage off) in
-``<runs-dir>/seed<s>``, then :func:`sipo_fast.pipeline.compare.evaluate_run` for each method on W ∪ {0, 1}, timed.
+``<runs-dir>/seed<s>``, then :func:`sipo_fast.pipeline.baselines.compare.evaluate_run` for each method on W ∪ {0, 1}, timed.
 Then one report over all seeds with one reference point for every hypervolume: ``<out>/<name>.md`` and
 ``.png`` (the per-seed pipeline diagnostics and timings in its notes), and a summary section appended to
 benchmarks/RESULTS.md. Finished stages and sweeps are reused, so an interrupted run resumes.
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import harness  # noqa: E402
 
 from sipo_fast.eval.report import diagnostics_markdown  # noqa: E402
-from sipo_fast.pipeline.compare import evaluate_run  # noqa: E402
+from sipo_fast.pipeline.baselines.compare import evaluate_run  # noqa: E402
 from sipo_fast.eval.report import build_report, plot_fronts  # noqa: E402
 from sipo_fast.pipeline import SIPOPipeline, load_config  # noqa: E402
 

@@ -335,7 +335,7 @@ def test_smoke_pipeline_with_backend_ref_matches_the_default_run(tmp_path, monke
     references (spied); same candidates, survivors and stage fingerprints, rewards within float tolerance."""
     from sipo_fast.decoding.decoder import MODDecoder
     from sipo_fast.pipeline import SIPOPipeline, preset
-    from sipo_fast.pipeline.rundir import read_jsonl
+    from sipo_fast.pipeline.rundir.files import read_jsonl
 
     spies = {n: Spy(monkeypatch, m, n) for m, n in [(mod_ops, "mod_sample_ref"), (mod_ops, "_mod_sample_torch"),
                                                     (lp_ops, "token_logprobs_ref"), (lp_ops, "_chunked_forward")]}

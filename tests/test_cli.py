@@ -315,7 +315,7 @@ def test_dry_run_resolves_everything_and_writes_nothing(tmp_path, capsys):
 def test_second_run_on_a_directory_in_use_is_refused_naming_the_holder(smoke_run, tmp_path, capsys):
     import socket
 
-    from sipo_fast.pipeline.lock import RunLock
+    from sipo_fast.pipeline.rundir.lock import RunLock
 
     clean, _ = smoke_run
     run = tmp_path / "busy"

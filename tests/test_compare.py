@@ -1,4 +1,4 @@
-"""sipo_fast.pipeline.compare.evaluate_run on a hand-built run directory (tiny model, random LoRA adapters standing in for the trained
+"""sipo_fast.pipeline.baselines.compare.evaluate_run on a hand-built run directory (tiny model, random LoRA adapters standing in for the trained
 ones, no pipeline training): every method's sweep, cross-checks between methods at the endpoints, sweep
 reuse, the diagnostics and the errors."""
 import json
@@ -10,8 +10,8 @@ import torch
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, get_peft_model  # noqa: E402
 
-from sipo_fast.pipeline import compare as baselines  # noqa: E402
-from sipo_fast.pipeline.compare import evaluate_run, pipeline_diagnostics  # noqa: E402
+from sipo_fast.pipeline.baselines import compare as baselines  # noqa: E402
+from sipo_fast.pipeline.baselines.compare import evaluate_run, pipeline_diagnostics  # noqa: E402
 from sipo_fast.eval.cache import ScoreCache  # noqa: E402
 
 OBJ = ["helpful", "harmless"]
@@ -30,8 +30,8 @@ def _adapter(path, seed):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     from sipo_fast.pipeline import PipelineConfig
-    from sipo_fast.pipeline.rundir import RunDir, write_jsonl
-    from sipo_fast.pipeline.runner import identity
+    from sipo_fast.pipeline.rundir.directory import RunDir, identity
+    from sipo_fast.pipeline.rundir.files import write_jsonl
 
     root = tmp_path_factory.mktemp("run")
     data = root.parent / "prefs.jsonl"
@@ -134,7 +134,7 @@ def test_dpo_lw_trains_on_every_pair_with_each_objectives_orientation(evaluated,
     differ from both stage-1 adapters'."""
     from safetensors.torch import load_file
 
-    from sipo_fast.pipeline.trained import dpo_lw_pairs
+    from sipo_fast.pipeline.baselines.trained import dpo_lw_pairs
 
     train = [json.loads(line) for line in (run_dir / "align" / "train.jsonl").read_text().splitlines()]
     rows = dpo_lw_pairs(train, OBJ)
@@ -190,7 +190,7 @@ def test_evaluate_run_errors(run_dir, tmp_path):
         evaluate_run(run_dir, methods=["mod"], num_prompts=0)
     with pytest.raises(ValueError, match="one per objective"):
         evaluate_run(run_dir, methods=["mod"], ref=[0.0])
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     RunDir(run_dir).forget("finetune")
     try:
@@ -201,7 +201,7 @@ def test_evaluate_run_errors(run_dir, tmp_path):
 
 
 def test_diagnostics_without_filter_stage(tmp_path):
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     RunDir(tmp_path).open({"model": "tiny"})
     assert pipeline_diagnostics(tmp_path, [], ScoreCache()) == {}

@@ -360,14 +360,13 @@ from pathlib import Path
 from sipo_fast.pipeline import preset
 from sipo_fast.pipeline.context import Context
 from sipo_fast.distributed import current
-from sipo_fast.pipeline.policies import preference_pairs, train
-from sipo_fast.pipeline.rundir import RunDir
+from sipo_fast.pipeline.policies import preference_pairs, train, training_args
+from sipo_fast.pipeline.rundir.directory import RunDir
 dist, out = current(), Path(sys.argv[1])
-ctx = Context(preset("smoke"), RunDir(out), progress=False)
-model, history = train(ctx, ctx.load_base(), preference_pairs(ctx.split["train"], "helpful"), objective="helpful",
-                       loss="sigmoid", beta=0.1, alpha=0.0, lr=1e-2, epochs=2, max_steps=-1, batch_size=2,
-                       grad_accum=1, max_length=96, use_lora=True, eval_pairs=None, select_best=False,
-                       eval_steps=None, scratch=out / "scratch")
+cfg = preset("smoke").override(["align.learning_rate=1e-2", "align.epochs=2", "align.batch_size=2"])
+ctx = Context(cfg, RunDir(out), progress=False)
+args = training_args(ctx, cfg.align, out / "scratch", evaluate=False, loss_type=["sigmoid"], objective_names=["helpful"])
+model, history = train(ctx, ctx.load_base(), preference_pairs(ctx.split["train"], "helpful"), args=args)
 lora = {n: p.detach().double().sum().item() for n, p in model.named_parameters() if "lora_" in n}
 steps = sum(1 for row in history if "loss" in row)
 (out / f"rank{dist.rank}.json").write_text(json.dumps({"world": dist.world, "steps": steps, "lora": lora}))

@@ -6,6 +6,11 @@ Order, bottom to top: kernels < _ext < ops < {data, models, scoring, merging, di
 training < eval < pipeline < cli. ``kernels`` (the Triton kernels) imports nothing of sipo_fast at all. The
 package's own ``__init__`` (lazy re-exports of the public names) and ``env_report`` (which reports on every
 layer) stand outside the order.
+
+Inside the pipeline the rooms have an order of their own: {config, datacheck} < rundir < context < policies <
+baselines < stages < preflight < runner (the evaluation stage runs the baselines' comparison, so the baselines
+come before the stages); ``pipeline/__init__`` (the public names) stands outside it. And no module of the
+project imports itself back through others: the import graph, function-level imports included, has no circle.
 """
 from __future__ import annotations
 
@@ -19,6 +24,9 @@ ORDER = [["kernels"], ["_ext", "_C"], ["ops"], ["data", "models", "scoring", "me
          ["decoding"], ["training"], ["eval"], ["pipeline"], ["cli"]]
 RANK = {name: i for i, names in enumerate(ORDER) for name in names}
 OUTSIDE = {"__init__", "env_report"}
+PIPELINE_ORDER = [["config", "datacheck"], ["rundir"], ["context"], ["policies"], ["baselines"], ["stages"],
+                  ["preflight"], ["runner"]]
+PIPELINE_RANK = {name: i for i, names in enumerate(PIPELINE_ORDER) for name in names}
 
 
 def layer_of(module: str) -> str | None:
@@ -81,13 +89,97 @@ def violations(files) -> list[str]:
     return bad
 
 
+def pipeline_room(module: str) -> str | None:
+    """'stages' for sipo_fast.pipeline.stages.*, 'context' for sipo_fast.pipeline.context; None outside the
+    pipeline and for the pipeline package itself."""
+    parts = module.split(".")
+    return parts[2] if parts[:2] == ["sipo_fast", "pipeline"] and len(parts) > 2 else None
+
+
+def pipeline_violations(files) -> list[str]:
+    bad = []
+    for path in files:
+        src = pipeline_room(module_name(path))
+        if src is None:
+            continue
+        for line, target in imported_modules(path):
+            dst = pipeline_room(target)
+            where = f"{path.relative_to(ROOT)}:{line} imports {target}"
+            if dst is None or dst == src:
+                continue
+            if src not in PIPELINE_RANK or dst not in PIPELINE_RANK:
+                bad.append(f"{where}: pipeline room {src if src not in PIPELINE_RANK else dst!r} is not in "
+                           "PIPELINE_ORDER; add it")
+            elif PIPELINE_RANK[dst] > PIPELINE_RANK[src]:
+                bad.append(f"{where}: pipeline/{src} may not import pipeline/{dst}, a later room")
+    return bad
+
+
+def import_graph(files) -> dict[str, set[str]]:
+    """{module: modules of the project it imports}, every import statement counted; ``from pkg import name``
+    points at the submodule pkg.name when there is one, else at pkg."""
+    modules = {module_name(p) for p in files}
+    graph = {}
+    for path in files:
+        mod = module_name(path)
+        out = set()
+        for _, target in imported_modules(path):
+            while target not in modules and "." in target:
+                target = target.rsplit(".", 1)[0]  # sipo_fast.pipeline.rundir.RunDir -> ...rundir (a package)
+            if target in modules and target != mod:
+                out.add(target)
+        graph[mod] = out
+    return graph
+
+
+def circles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The strongly connected components of more than one module (Tarjan), each sorted."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph.get(v, ())):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return sorted(found)
+
+
 def test_no_upward_imports():
     assert violations(project_files()) == []
+
+
+def test_pipeline_rooms_import_in_order():
+    assert pipeline_violations(project_files()) == []
+
+
+def test_no_import_circles():
+    assert circles(import_graph(project_files())) == []
 
 
 def test_every_layer_is_in_the_order():
     names = {layer_of(module_name(p)) for p in project_files()}
     assert names - OUTSIDE <= set(RANK), f"unordered layers: {sorted(names - OUTSIDE - set(RANK))}"
+    rooms = {pipeline_room(module_name(p)) for p in project_files()} - {None}
+    assert rooms <= set(PIPELINE_RANK), f"unordered pipeline rooms: {sorted(rooms - set(PIPELINE_RANK))}"
 
 
 @pytest.mark.parametrize("source, expected", [
@@ -103,6 +195,30 @@ def test_the_checker_catches_an_upward_import(tmp_path, monkeypatch, source, exp
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source if self == fake else _read(self))
     (found,) = violations([fake])
     assert expected in found and "_planted_for_test.py:" in found
+
+
+@pytest.mark.parametrize("room, source, expected", [
+    ("context.py", "def f():\n    from .preflight import check_inputs\n",
+     "pipeline/context may not import pipeline/preflight"),
+    ("stages/filter.py", "from ..runner import SIPOPipeline\n", "pipeline/stages may not import pipeline/runner"),
+    ("config/sections.py", "def f():\n    from ..stages.refine_prompts import TEMPLATE_SETS\n",
+     "pipeline/config may not import pipeline/stages"),
+])
+def test_the_checker_catches_a_pipeline_room_importing_a_later_one(monkeypatch, room, source, expected):
+    fake = ROOT / "sipo_fast" / "pipeline" / room
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: source if self == fake else _read(self))
+    (found,) = pipeline_violations([fake])
+    assert expected in found
+
+
+def test_the_checker_finds_a_circle(monkeypatch):
+    """shared_prompt importing logprobs back (inside a function), as it once did, is a circle of the two."""
+    target = ROOT / "sipo_fast" / "training" / "shared_prompt.py"
+    planted = _read(target) + "\n\ndef _planted():\n    from .logprobs import policy_logprobs\n"
+    monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: planted if self == target else _read(self))
+    assert circles(import_graph(project_files())) == [["sipo_fast.training.logprobs",
+                                                       "sipo_fast.training.shared_prompt"]]
+    assert circles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 
 
 def test_the_checker_catches_a_kernel_importing_the_package(monkeypatch):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from sipo_fast.pipeline import SIPOPipeline, preset
-from sipo_fast.pipeline.rundir import read_jsonl
+from sipo_fast.pipeline.rundir.files import read_jsonl
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 SMALL = ["model.name=tiny", "align.lora_r=4", "align.max_steps=2", "align.max_length=128", "filter.max_length=128",

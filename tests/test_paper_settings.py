@@ -13,7 +13,7 @@ import pytest
 from sipo_fast.data.formatting import format_prompt
 from sipo_fast.data.prompts import check_split, heldout_prompts, parse_select, select_prompts
 from sipo_fast.pipeline import PipelineConfig, preset
-from sipo_fast.pipeline.templates import RefinePrompts
+from sipo_fast.pipeline.stages.refine_prompts import RefinePrompts
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 
@@ -139,16 +139,19 @@ def test_paper_presets_carry_the_authors_caps_splits_and_recipe():
 
 def test_optimiser_recipe_reaches_the_trainer(tokenizer, tmp_path):
     """The align section's recipe becomes transformers' arguments of the trainer the pipeline builds."""
-    from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.policies import optimiser_args
-    from sipo_fast.pipeline.rundir import RunDir
-    from sipo_fast.training import build_preference_trainer
+    from datasets import Dataset
 
-    cfg = preset("smoke").override(["align.lr_scheduler=cosine", "align.warmup_ratio=0.1", "align.weight_decay=0.05"])
+    from sipo_fast.pipeline.context import Context
+    from sipo_fast.pipeline.rundir.directory import RunDir
+    from sipo_fast.training import FusedDPOTrainer
+
+    cfg = preset("smoke").override(["align.lr_scheduler=cosine", "align.warmup_ratio=0.1", "align.weight_decay=0.05",
+                                    "align.max_steps=10"])
     ctx = Context(cfg, RunDir(tmp_path / "run"), progress=False)
-    assert optimiser_args(cfg.align) == {"lr_scheduler_type": "cosine", "warmup_steps": 0.1, "weight_decay": 0.05}
-    tr = build_preference_trainer(ctx.load_base(), None, [{"prompt": "a", "chosen": "b", "rejected": "c"}] * 10,
-                                  tokenizer, output_dir=str(tmp_path / "o"), max_steps=10, **optimiser_args(cfg.align))
+    args = cfg.align.trainer_config(output_dir=tmp_path / "o", seed=0, prompt_template="chat", evaluate=False)
+    assert (args.lr_scheduler_type, args.warmup_steps, args.weight_decay) == ("cosine", 0.1, 0.05)
+    tr = FusedDPOTrainer(ctx.load_base(), None, args, processing_class=tokenizer,
+                         train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}] * 10))
     tr.create_optimizer_and_scheduler(num_training_steps=10)
     assert tr.args.lr_scheduler_type == "cosine" and tr.args.get_warmup_steps(10) == 1
     assert tr.optimizer.param_groups[0]["weight_decay"] == 0.05
@@ -194,7 +197,7 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
 
     def unreachable(name, *a, **k):
         raise ConnectionError("no route to huggingface.co")
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)  # the host answers, the listing fails
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: True)  # the host answers, the listing fails
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
     with caplog.at_level(logging.WARNING, logger="sipo_fast.data"):
         check_split("PKU-Alignment/PKU-SafeRLHF-30K", "test", "eval.prompt_split")  # no error, a note
@@ -203,9 +206,9 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
     with pytest.raises(ValueError, match="has no split 'test'"):
         check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
     monkeypatch.setattr(datasets, "get_dataset_split_names", unreachable)
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: False)  # no route to the host: not even asked
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: False)  # no route to the host: not even asked
     check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
-    monkeypatch.setattr(prompts, "_hub_reachable", lambda: True)
+    monkeypatch.setattr(prompts, "hub_reachable", lambda: True)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # offline: not even asked
     check_split("PKU-Alignment/PKU-SafeRLHF-10K", "test", "eval.prompt_split")
 
@@ -213,7 +216,7 @@ def test_split_check_locally_offline_and_when_the_hub_is_unreachable(monkeypatch
 # ------------------------------------------------------------------------------------------ data mix and splits
 def _ctx(tmp_path, **data):
     from sipo_fast.pipeline.context import Context
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     cfg = PipelineConfig.from_dict({"model": {"name": "tiny"}, "align": {"max_length": 96},
                                     "data": {"objectives": ["correctness", "verbosity"], **data},
@@ -275,8 +278,9 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     """Stage 3 with finetune.select_best: objective k's trainer evaluates on stage 1's held-out pairs oriented by
     k (align/eval.jsonl: helpful prefers response 1, harmless response 0), with the finetune recipe."""
     import test_pipeline_stages as T
-    from sipo_fast.pipeline import stages as S
-    from sipo_fast.pipeline.rundir import Parts, write_jsonl
+    from sipo_fast.pipeline.stages import finetune as finetune_stage
+    from sipo_fast.pipeline.rundir.files import write_jsonl
+    from sipo_fast.pipeline.rundir.parts import Parts
 
     ctx = T.make_ctx(tmp_path, None, **{"finetune.max_steps": 2, "finetune.select_best": "true",
                                         "finetune.eval_steps": 1, "finetune.batch_size": 2,
@@ -291,11 +295,11 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     write_jsonl(filt / "pairs.jsonl", [
         {"pid": 0, "prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "Go away."},
         {"pid": 0, "prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "No."}])
-    calls, real = [], S.train
-    monkeypatch.setattr(S, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
+    calls, real = [], finetune_stage.train
+    monkeypatch.setattr(finetune_stage, "train", lambda *a, **k: calls.append(k) or real(*a, **k))
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
+    summary = finetune_stage.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
     keys = ("prompt", "chosen", "rejected")
     assert [[{k: p[k] for k in keys} for p in c["eval_pairs"]] for c in calls] == [
         [{"prompt": "Be kind.", "chosen": "No, you idiot.", "rejected": "Sure, gladly."}],
@@ -303,8 +307,9 @@ def test_finetune_select_best_evaluates_each_objectives_held_out_pairs(tmp_path,
     # π_k's log-probs come with them (stage 3's reference table), finite: the pairs are not dropped
     assert all(math.isfinite(p[col]) for c in calls for p in c["eval_pairs"]
                for col in ("ref_chosen_logps", "ref_rejected_logps"))
-    assert all(c["select_best"] and c["eval_steps"] == 1 for c in calls)
-    assert all(c["optim"] == {"lr_scheduler_type": "cosine", "warmup_steps": 0.0, "weight_decay": 0.05} for c in calls)
+    assert all(c["args"].load_best_model_at_end and c["args"].eval_steps == 1 for c in calls)
+    assert all((c["args"].lr_scheduler_type, c["args"].warmup_steps, c["args"].weight_decay) == ("cosine", 0.0, 0.05)
+               for c in calls)
     for obj in ("helpful", "harmless"):
         assert "eval_loss" in summary["metrics"][obj]  # the held-out loss was measured
         evals = [h for h in json.loads((work / "policies" / obj / "train_metrics.json").read_text()) if "eval_loss" in h]

@@ -31,6 +31,24 @@ def test_bad_weights_fail_with_what_to_do(weights, n, match):
         resolve_weights(weights, n, "sample.weights")
 
 
+@pytest.mark.parametrize("vec, ok", [([0.5, 0.5 + 5e-7], True), ([0.5, 0.5 + 2e-6], False), ([1 + 1e-9, -1e-9], False)])
+def test_one_simplex_check_for_config_sweeps_and_decoder(vec, ok):
+    """The config (resolve_weights), the evaluation's sweeps (sweep_weights) and the MOD ops (check_weights) take
+    the same weights: entries >= 0 summing to 1 within WEIGHT_TOL = 1e-6. A sum 5e-7 above 1 passes, 2e-6 above
+    fails, and so does an entry of -1e-9."""
+    from sipo_fast.eval.sweep import sweep_weights
+    from sipo_fast.ops.mod import WEIGHT_TOL, check_weights
+
+    assert WEIGHT_TOL == 1e-6
+    checks = [lambda: resolve_weights([vec], 2, "w"), lambda: sweep_weights([vec], 2), lambda: check_weights(vec, 2)]
+    for check in checks:
+        if ok:
+            check()
+        else:
+            with pytest.raises(ValueError, match="non-negative|sum to 1"):
+                check()
+
+
 def test_pipeline_resolves_every_weight_list():
     cfg = PipelineConfig.from_dict({"data": {"objectives": ["a", "b", "c"]},
                                     "sample": {"weights": [[0.2, 0.3, 0.5]]},

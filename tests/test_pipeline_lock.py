@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from sipo_fast.pipeline.lock import RunLock, RunLockedError, holder
+from sipo_fast.pipeline.rundir.lock import RunLock, RunLockedError, holder
 
 
 def test_second_lock_is_refused_at_once_naming_pid_and_host(tmp_path):
@@ -38,7 +38,7 @@ def test_second_lock_is_refused_at_once_naming_pid_and_host(tmp_path):
 def _hold_in_child(tmp_path, *, then: str) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import os, sys, time
-        from sipo_fast.pipeline.lock import RunLock
+        from sipo_fast.pipeline.rundir.lock import RunLock
         lock = RunLock({str(tmp_path)!r}).acquire()
         print("locked", flush=True)
         {then}

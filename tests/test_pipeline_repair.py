@@ -11,8 +11,9 @@ import pytest
 
 from sipo_fast.pipeline import PipelineConfig
 from sipo_fast.pipeline.preflight import Findings, PreflightError
-from sipo_fast.pipeline.repair import repair
-from sipo_fast.pipeline.rundir import ManifestError, RunDir, file_records
+from sipo_fast.pipeline.rundir.repair import repair
+from sipo_fast.pipeline.rundir.directory import ManifestError, RunDir
+from sipo_fast.pipeline.rundir.files import file_records
 from test_pipeline_runner import make
 
 STAGES = ["align", "sample", "refine", "filter"]

@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from sipo_fast.pipeline.rules import (conflicting_mask, dominates, keep_rewrite, margin_counts, one_hot,
+from sipo_fast.pipeline.stages.rules import (conflicting_mask, dominates, keep_rewrite, margin_counts, one_hot,
                                       select_pareto)
 
 

@@ -7,8 +7,9 @@ import textwrap
 
 import pytest
 
-from sipo_fast.pipeline.rundir import (Parts, RunDir, atomic_write_text, dir_hash, read_jsonl, stable_hash,
-                                       write_jsonl)
+from sipo_fast.pipeline.rundir.directory import RunDir
+from sipo_fast.pipeline.rundir.files import atomic_write_text, dir_hash, read_jsonl, stable_hash, write_jsonl
+from sipo_fast.pipeline.rundir.parts import Parts
 
 ID = {"model": "tiny", "data": "demo", "objectives": ["a", "b"], "use_lora": True}
 
@@ -122,8 +123,8 @@ def test_commit_replaces_an_older_artifact(tmp_path):
 
 def test_parts_are_atomic_and_resumable(tmp_path):
     parts = Parts(tmp_path, "sample")
-    parts.save_jsonl("parts/w0.jsonl", [{"a": 1}])
-    parts.save_dir("policies/x", lambda d: (d / "f.bin").write_bytes(b"1"))
+    parts.save_part_jsonl("parts/w0.jsonl", [{"a": 1}])
+    parts.save_part_dir("policies/x", lambda d: (d / "f.bin").write_bytes(b"1"))
     assert parts.done("parts/w0.jsonl") and parts.done("policies/x")
     assert not parts.done("parts/w1.jsonl")
 
@@ -132,7 +133,7 @@ def test_parts_are_atomic_and_resumable(tmp_path):
         raise RuntimeError("killed")
 
     with pytest.raises(RuntimeError):
-        parts.save_dir("policies/y", fail)
+        parts.save_part_dir("policies/y", fail)
     assert not parts.done("policies/y")
     assert sorted(p.name for p in (tmp_path / "policies").iterdir()) == ["x"]  # no half-written part
 
@@ -141,10 +142,10 @@ def test_crash_hook_kills_right_after_the_nth_part(tmp_path):
     """SIPO_FAST_CRASH_AFTER=<stage>:<n> exits like a killed process once n parts are on disk."""
     code = textwrap.dedent(f"""
         from pathlib import Path
-        from sipo_fast.pipeline.rundir import Parts, crash_point
+        from sipo_fast.pipeline.rundir.parts import Parts, crash_point
         parts = Parts(Path({str(tmp_path)!r}), "sample", crash_point("sample"))
         for i in range(5):
-            parts.save_jsonl(f"w{{i}}.jsonl", [{{"i": i}}])
+            parts.save_part_jsonl(f"w{{i}}.jsonl", [{{"i": i}}])
     """)
     env = {**os.environ, "SIPO_FAST_CRASH_AFTER": "sample:2"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)

@@ -7,9 +7,9 @@ import pytest
 
 from sipo_fast.pipeline import PipelineConfig
 from sipo_fast.pipeline.preflight import Findings
-from sipo_fast.pipeline.rundir import read_jsonl
+from sipo_fast.pipeline.rundir.files import read_jsonl
 from sipo_fast.pipeline.runner import SIPOPipeline
-from sipo_fast.pipeline.stages import Stage
+from sipo_fast.pipeline.stages.stage import Stage
 
 
 class Recorder(Stage):
@@ -22,7 +22,7 @@ class Recorder(Stage):
         self.log.append(self.name)
         rows = [{"config": {k: ctx.config.get(k) for k in self.config_keys}}]
         rows += [{"from": u, "rows": read_jsonl(p / "out.jsonl")} for u, p in inputs.items()]
-        parts.save_jsonl("out.jsonl", rows)
+        parts.save_part_jsonl("out.jsonl", rows)
         return {"rows": len(rows)}
 
 
@@ -48,6 +48,7 @@ def make(tmp_path, config=None, runs=None):
         "filter": Recorder("filter", ("align", "refine"), ("filter.beta",), runs),
     }
     pipe._ctx = Ctx(config)
+    pipe.check_inputs = lambda stages=None: pipe._ctx.preflight(stages)  # the stand-in context's input checks
     return pipe, runs
 
 
@@ -118,6 +119,7 @@ def test_incompatible_directory_is_refused(tmp_path):
         make(tmp_path, other)[0].run()
     pipe = SIPOPipeline(other, tmp_path / "run", force=True, progress=False)
     pipe.stages, pipe._ctx = make(tmp_path / "x", other)[0].stages, Ctx(other)
+    pipe.check_inputs = lambda stages=None: pipe._ctx.preflight(stages)
     pipe.run()  # --force discards the old run
     assert json.loads((tmp_path / "run" / "manifest.json").read_text())["identity"]["model"] == "tiny"
 
@@ -150,7 +152,7 @@ def test_finished_parts_survive_a_failed_stage(tmp_path):
                 attempts.append(i)
                 if i == 1 and len(attempts) == 2:
                     raise RuntimeError("killed")
-                parts.save_jsonl(f"p{i}.jsonl", [{"i": i}])
+                parts.save_part_jsonl(f"p{i}.jsonl", [{"i": i}])
             return {}
 
     pipe, _ = make(tmp_path)

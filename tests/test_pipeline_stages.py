@@ -12,10 +12,17 @@ import pytest
 import torch
 
 from sipo_fast.pipeline import PipelineConfig, preset
-from sipo_fast.pipeline import stages as S
+from sipo_fast.pipeline.policies import Policies, load_policies
+from sipo_fast.pipeline.stages import filter as filter_stage
+from sipo_fast.pipeline.stages import finetune as finetune_stage
+from sipo_fast.pipeline.stages import refine as refine_stage
+from sipo_fast.pipeline.stages import sample as sample_stage
+from sipo_fast.pipeline.stages.generation import generate
 from sipo_fast.pipeline.context import Context, tokenizer_mismatch
-from sipo_fast.pipeline.rundir import Parts, RunDir, read_jsonl, write_jsonl
-from sipo_fast.pipeline.templates import RefinePrompts, clean_generation, default_templates
+from sipo_fast.pipeline.rundir.directory import RunDir
+from sipo_fast.pipeline.rundir.files import read_jsonl, write_jsonl
+from sipo_fast.pipeline.rundir.parts import Parts
+from sipo_fast.pipeline.stages.refine_prompts import RefinePrompts, clean_generation, default_templates
 
 
 def pku_rows(n, conflicting=True, prompt="How do I tell my neighbour to be quiet?"):
@@ -38,10 +45,16 @@ def make_ctx(tmp_path, rows=None, **overrides):
 
 
 class FakeDecoder:
-    """Greedy MOD stand-in: the text names its prompt."""
+    """Greedy MOD stand-in: the text names its prompt (its "tokens" are the text itself)."""
+
+    tokenizer = SimpleNamespace(decode=lambda tokens: tokens)
 
     def generate_text(self, prompts, *, weights, **kw):
         return [SimpleNamespace(text=f"y({p})") for p in prompts]
+
+    def generate(self, prompts, *, weights, **kw):  # weight sets [B, S, N]: row b·S + s is prompt b
+        rows = [f"y({p})" for p, ws in zip(prompts, weights) for _ in ws]
+        return SimpleNamespace(generated_ids=lambda r: rows[r])
 
 
 class FakePolicies:
@@ -86,11 +99,11 @@ def test_filter_keeps_exactly_the_strictly_dominating_candidates(tmp_path, monke
     table = {("p0", "a0"): [0, 1], ("p0", "b0"): [1, 0], ("p0", "c00"): [2, 2], ("p0", "c01"): [1.5, 3],
              ("p1", "a1"): [0, 0], ("p1", "b1"): [0, 0], ("p1", "c10"): [0, 5], ("p1", " "): [9, 9],
              ("p2", "a2"): [5, 5], ("p2", "b2"): [0, 0], ("p2", "c20"): [6, 6], ("p2", "c21"): [7, 5.5]}
-    monkeypatch.setattr(S, "rewards", table_rewards(table))
-    monkeypatch.setattr(S, "load_policies", lambda ctx, d: FakePolicies())
+    monkeypatch.setattr(filter_stage, "rewards", table_rewards(table))
+    monkeypatch.setattr(filter_stage, "load_policies", lambda ctx, d: FakePolicies())
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.FilterStage().run(ctx, Parts(work, "filter"), {"align": tmp_path / "align", "refine": refine})
+    summary = filter_stage.FilterStage().run(ctx, Parts(work, "filter"), {"align": tmp_path / "align", "refine": refine})
 
     assert summary["candidates"] == 6 and summary["survivors"] == 4 and summary["prompts_covered"] == 2
     assert summary["conflicting_prompts"] == 3 and summary["pairs"] == 4 and summary["rewrites_kept"] == 1
@@ -121,8 +134,8 @@ def test_filter_reward_models_include_one_soup_per_weight(tmp_path):
     cfg = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
     model = get_peft_model(base, cfg, adapter_name="helpful")
     model.add_adapter("harmless", cfg)
-    pol = S.Policies(model=model, names=["helpful", "harmless"])
-    (m, names), labels = S.FilterStage._reward_models(ctx, pol)
+    pol = Policies(model=model, names=["helpful", "harmless"])
+    (m, names), labels = filter_stage.FilterStage._reward_models(ctx, pol)
     assert names == labels == ["helpful", "harmless", "soup0", "soup1", "soup2"]
     from sipo_fast.merging import lora_deltas
 
@@ -165,12 +178,12 @@ def test_refine_keeps_the_rewrite_unless_the_original_is_at_least_as_good_everyw
 
     table = {("Q0", "orig00"): [1, 2], ("Q0", "new00"): [3, 2], ("Q1", "orig10"): [1, 2], ("Q1", "new10"): [1, 2],
              ("Q0", "orig01"): [5, 5], ("Q0", "new01"): [4, 6], ("Q1", "orig11"): [0, 0], ("Q1", ""): [9, 9]}
-    monkeypatch.setattr(S, "generate", fake_generate)
-    monkeypatch.setattr(S, "rewards", table_rewards(table))
-    monkeypatch.setattr(S, "load_policies", lambda ctx, d: FakePolicies())
+    monkeypatch.setattr(refine_stage, "generate", fake_generate)
+    monkeypatch.setattr(refine_stage, "rewards", table_rewards(table))
+    monkeypatch.setattr(refine_stage, "load_policies", lambda ctx, d: FakePolicies())
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.RefineStage().run(ctx, Parts(work, "refine"), _refine_inputs(tmp_path))
+    summary = refine_stage.RefineStage().run(ctx, Parts(work, "refine"), _refine_inputs(tmp_path))
 
     rows = {(r["pid"], r["weight_index"]): r for r in read_jsonl(work / "candidates.jsonl")}
     assert {k: r["rewritten"] for k, r in rows.items()} == {(0, 0): True, (1, 0): False, (0, 1): True, (1, 1): False}
@@ -190,11 +203,21 @@ def test_refine_disabled_passes_candidates_through(tmp_path):
     ctx = make_ctx(tmp_path, None, **{"refine.enabled": "false"})
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.RefineStage().run(ctx, Parts(work, "refine"), _refine_inputs(tmp_path))
+    summary = refine_stage.RefineStage().run(ctx, Parts(work, "refine"), _refine_inputs(tmp_path))
     rows = read_jsonl(work / "candidates.jsonl")
     assert summary == {"enabled": False, "candidates": 4, "rewrites_kept": 0}
     assert [r["candidate"] for r in rows] == ["orig00", "orig10", "orig01", "orig11"]
     assert not any(r["rewritten"] for r in rows)
+
+
+def test_refine_template_names_are_the_sets():
+    """config/sections.py checks refine.template against its list of names; each names a set of the stage's."""
+    from sipo_fast.pipeline.config.sections import REFINE_TEMPLATES
+    from sipo_fast.pipeline.stages.refine_prompts import TEMPLATE_SETS
+
+    assert tuple(TEMPLATE_SETS) == REFINE_TEMPLATES
+    with pytest.raises(ValueError, match="refine.template='nope': choose one of default, sipo-helpsteer"):
+        PipelineConfig.from_dict({"refine": {"template": "nope"}})
 
 
 def test_refine_templates():
@@ -234,7 +257,7 @@ def test_combined_adapter_reproduces_the_finetuned_policy(tmp_path):
                                                                                   "o_proj"], init_lora_weights=False))
     out = tmp_path / "combined"
     out.mkdir()
-    S.save_combined(ctx, tmp_path / "stage1", stage3, [{"loss": 1.0, "train_runtime": 3.0}], out)
+    finetune_stage.save_combined(ctx, tmp_path / "stage1", stage3, [{"loss": 1.0, "train_runtime": 3.0}], out)
     combined = PeftModel.from_pretrained(ctx.load_base(), out).eval()
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 8 and cfg["target_modules"] == sorted(cfg["target_modules"])
@@ -279,7 +302,7 @@ def test_finetune_trains_each_policy_with_the_sipo_loss(tmp_path, monkeypatch):
         {"pid": 0, "prompt": "Say hi.", "chosen": "Hello there, friend.", "rejected": "No."}])
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
+    summary = finetune_stage.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
     assert summary["pairs"] == 2 and summary["trained"]
     for obj in ("helpful", "harmless"):
         cfg = json.loads((work / "policies" / obj / "adapter_config.json").read_text())
@@ -300,7 +323,7 @@ def test_finetune_with_empty_dc_keeps_stage1_policies(tmp_path):
     write_jsonl(filt / "pairs.jsonl", [])
     work = tmp_path / "work"
     work.mkdir()
-    summary = S.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
+    summary = finetune_stage.FinetuneStage().run(ctx, Parts(work, "finetune"), {"align": align, "filter": filt})
     assert summary == {"pairs": 0, "trained": False, "metrics": {"helpful": {}, "harmless": {}}}
     for obj in ("helpful", "harmless"):
         for f in ("adapter_model.safetensors", "adapter_config.json"):
@@ -331,8 +354,8 @@ def test_holdout_keeps_stage2_prompts_out_of_stage1(tmp_path, monkeypatch):
     write_jsonl(align / "stage2.jsonl", split["stage2"])
     work = tmp_path / "work"
     work.mkdir()
-    monkeypatch.setattr(S, "load_policies", lambda ctx, d: FakePolicies())
-    summary = S.SampleStage().run(ctx, Parts(work, "sample"), {"align": align})
+    monkeypatch.setattr(sample_stage, "load_policies", lambda ctx, d: FakePolicies())
+    summary = sample_stage.SampleStage().run(ctx, Parts(work, "sample"), {"align": align})
     assert summary["conflicting_prompts"] == 3 and summary["candidates"] == 6
     assert [r["prompt"] for r in read_jsonl(work / "prompts.jsonl")] == [r["prompt"] for r in split["stage2"]]
 
@@ -474,18 +497,18 @@ def test_sample_decodes_all_weights_together_like_one_weight_at_a_time(tmp_path)
     align = _align_dir(ctx, tmp_path)
     write_jsonl(align / "train.jsonl", ctx.split["train"])
     parts = Parts(tmp_path / "work", "sample")
-    summary = S.SampleStage().run(ctx, parts, {"align": align})
+    summary = sample_stage.SampleStage().run(ctx, parts, {"align": align})
     rows = read_jsonl(parts.path("candidates.jsonl"))
     prompts = read_jsonl(parts.path("prompts.jsonl"))
     assert summary["candidates"] == len(rows) == 3 * len(prompts) and len(prompts) == 6
     assert [(r["pid"], r["weight_index"]) for r in rows] == [(p["pid"], wi) for p in prompts for wi in range(3)]
     assert not parts.path("parts").exists()
 
-    policies = S.load_policies(ctx, align / "policies")
+    policies = load_policies(ctx, align / "policies")
     decoder = policies.decoder(ctx)
     texts = [p["prompt"] for p in prompts]
     for wi, w in enumerate(ctx.config.sample.weights):
-        want = S.generate(ctx, decoder, texts, w, max_new_tokens=6, batch_size=2)
+        want = generate(ctx, decoder, texts, w, max_new_tokens=6, batch_size=2)
         assert [r["candidate"] for r in rows if r["weight_index"] == wi] == want
     assert len({r["candidate"] for r in rows}) > 3  # the weights and prompts really differ
 
@@ -497,7 +520,7 @@ def test_sample_decodes_all_weights_together_like_one_weight_at_a_time(tmp_path)
     first = [texts[i] for i in sorted(range(len(texts)), key=lambda i: lengths[i])[:2]]
     write_jsonl(again.path("parts/b0.jsonl"), [{"prompt": t, "weight_index": s, "candidate": f"kept {s}"}
                                                for t in first for s in range(3)])
-    S.SampleStage().run(ctx, again, {"align": align})
+    sample_stage.SampleStage().run(ctx, again, {"align": align})
     resumed = read_jsonl(again.path("candidates.jsonl"))
     by_prompt = {p["pid"]: p["prompt"] for p in prompts}
     for r, r0 in zip(resumed, rows):

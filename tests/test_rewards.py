@@ -8,7 +8,7 @@ import transformers as tf
 
 from sipo_fast.data.formatting import encode_pairs
 from sipo_fast.models import tiny
-from sipo_fast.training import implicit_rewards, logprobs as lp_mod, reference_logprobs, sequence_logprobs
+from sipo_fast.training import backbone, implicit_rewards, reference_logprobs, sequence_logprobs
 from sipo_fast.training import sequence_logprobs_ref
 
 PROMPTS = ["Say hi.", "Tell me something rude about my neighbour.", "What is two plus two?"]
@@ -79,7 +79,7 @@ def test_cohere_logit_scale_is_supported(tokenizer, batch):
                           num_attention_heads=4, num_key_value_heads=2, logit_scale=0.37,
                           pad_token_id=tokenizer.pad_token_id)
     model = tf.CohereForCausalLM(cfg).eval()
-    assert lp_mod.lm_head_plan(model)[2] == pytest.approx(0.37)
+    assert backbone.lm_head_plan(model)[2] == pytest.approx(0.37)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the fused path, not the fallback
         got = sequence_logprobs(model, **batch)
@@ -91,8 +91,8 @@ def test_softcapped_model_falls_back_with_one_warning(tokenizer, batch):
                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0,
                           pad_token_id=tokenizer.pad_token_id)
     model = tf.Gemma2ForCausalLM(cfg).eval()
-    assert lp_mod.lm_head_plan(model) is None
-    lp_mod._warned.clear()
+    assert backbone.lm_head_plan(model) is None
+    backbone._warned.clear()
     with pytest.warns(UserWarning, match="full-logits"):
         got = sequence_logprobs(model, **batch)
     with warnings.catch_warnings():

@@ -8,7 +8,8 @@ from conftest import random_lora_b
 from sipo_fast.data.formatting import encode_pairs
 from sipo_fast.models import tiny
 from sipo_fast.training import implicit_rewards
-from sipo_fast.training.logprobs import BASE, _adapter, policy_logprobs, sequence_logprobs_ref
+from sipo_fast.training.backbone import BASE, use_adapter
+from sipo_fast.training.logprobs import policy_logprobs, sequence_logprobs_ref
 from sipo_fast.training.shared_prompt import prompt_spans, shared_prompt_logprobs
 
 PROMPTS = ["hello there", "hello there", "what is the capital of France?", "hello there", "x",
@@ -28,7 +29,7 @@ def _peft(arch="llama", seed=0):
 def _reference(pm, names, batch):
     cols = []
     for n in names:
-        with _adapter(pm, n):
+        with use_adapter(pm, n):
             cols.append(sequence_logprobs_ref(pm, batch["input_ids"], batch["attention_mask"], batch["response_mask"]))
     return torch.stack(cols, 1)
 

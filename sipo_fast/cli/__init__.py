@@ -144,8 +144,8 @@ def _pipeline(args, config=None):
 def _status(args) -> int:
     """``sipo-fast status``: the run's own config.yaml unless --config/--preset is given."""
     from sipo_fast.pipeline import PipelineConfig
-    from sipo_fast.pipeline.lock import describe, holder
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.lock import describe, holder
+    from sipo_fast.pipeline.rundir.directory import RunDir
 
     out = _output_dir(args)
     if not out.exists():
@@ -172,9 +172,9 @@ def _status(args) -> int:
 
 
 def _repair(args) -> int:
-    from sipo_fast.pipeline.lock import RunLock
-    from sipo_fast.pipeline.repair import repair
-    from sipo_fast.pipeline.rundir import RunDir
+    from sipo_fast.pipeline.rundir.lock import RunLock
+    from sipo_fast.pipeline.rundir.repair import repair
+    from sipo_fast.pipeline.rundir.directory import RunDir
     from sipo_fast.pipeline.stages import STAGES
 
     run_dir = RunDir(args.output_dir)

@@ -4,7 +4,7 @@
     sipo-fast eval --run-dir runs/demo --methods sipo mod soups modpo dpo_lw --num-prompts 48
     sipo-fast eval --policies adapters/helpful adapters/harmless --model default --data demo --soups
 
-``--run-dir`` goes through :func:`sipo_fast.pipeline.compare.evaluate_run` (the run's config, artifacts and
+``--run-dir`` goes through :func:`sipo_fast.pipeline.baselines.compare.evaluate_run` (the run's config, artifacts and
 fingerprints); ``--policies`` needs no run directory: it loads the base model and the adapters by name
 (:mod:`sipo_fast.models`) and sweeps them with :mod:`sipo_fast.eval`'s functions.
 ``add_arguments(parser)`` and ``run(args)`` are what the main CLI wires in. Nothing heavy is imported until
@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")  # sipo_fast.pipeline.compare.METHODS
+METHOD_CHOICES = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")  # sipo_fast.pipeline.baselines.compare.METHODS
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -162,9 +162,9 @@ def _run(args: argparse.Namespace) -> int:
               "directory (--run-dir), whose sweeps are split over the processes", file=sys.stderr)
         return 2
     if args.run_dir:
-        from sipo_fast.pipeline.compare import DEFAULT_METHODS, evaluate_run
-        from sipo_fast.pipeline.lock import RunLock
-        from sipo_fast.pipeline.rundir import RunDir
+        from sipo_fast.pipeline.baselines.compare import DEFAULT_METHODS, evaluate_run
+        from sipo_fast.pipeline.rundir.lock import RunLock
+        from sipo_fast.pipeline.rundir.directory import RunDir
 
         # It writes into the run directory (comparison/, by default): one writer at a time, as for `run`.
         lock = RunLock(args.run_dir) if dist.is_main and RunDir(args.run_dir).is_run_dir() else None

@@ -70,7 +70,7 @@ def available_splits(source: str | os.PathLike) -> list[str] | None:
     path = Path(source)
     if path.is_file():
         return None
-    if not path.exists() and (_offline() or not _hub_reachable()):
+    if not path.exists() and (_offline() or not hub_reachable()):
         return None
     from datasets import get_dataset_split_names
 
@@ -100,7 +100,7 @@ def check_split(source: str | os.PathLike, split: str, what: str) -> None:
                          "of them, or point the source at a dataset that has it")
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One TCP connection to the hub's host: without it the hub client would retry with back-off for ~30 s."""
     import socket
     from urllib.parse import urlparse

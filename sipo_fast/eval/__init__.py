@@ -1,7 +1,7 @@
 """Pareto-front evaluation as a library: weight sweeps over given policies, scoring with a persistent cache,
 fronts, hypervolume, confidence intervals, average gain, the generators of MOD and DPO soups, and the Markdown +
 PNG report. It knows nothing of run directories: comparing SIPO with the baselines on a pipeline run (and
-training MODPO / DPO LW) is :func:`sipo_fast.pipeline.compare.evaluate_run`.
+training MODPO / DPO LW) is :func:`sipo_fast.pipeline.baselines.compare.evaluate_run`.
 
     from sipo_fast.eval import pareto_front, hypervolume
     pareto_front([[1, 3], [2, 2], [1, 1]])        # [0, 1]

@@ -1,8 +1,8 @@
 """Generators for :func:`sipo_fast.eval.run_eval`, one per way of turning a weight into responses.
 
 - :func:`mod_generator`: MOD over N policies (stage-1 policies → the "MOD" baseline; SIPO's fine-tuned
-  policies → "SIPO + MOD"). The whole sweep is one decoder call: every prompt is repeated once per weight,
-  prompt-major, with a per-row weight, so the decoder's prefix sharing prefills each prompt once.
+  policies → "SIPO + MOD"). Each decoder call takes a batch of prompts with the whole weight set
+  (:func:`weight_set_texts`, the decoder's [B, S, N] weights), so each prompt is prefilled once for all weights.
 - :func:`soup_generator`: DPO soups, θ(w) = Σ_i w_i θ_i (exact LoRA ΔW interpolation by default, the
   authors' A/B interpolation with ``exact=False``, or full-weight soups of separate models), one model per
   weight, decoded on its own.
@@ -43,17 +43,51 @@ def _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, te
     return kw
 
 
+def weight_set_texts(decoder, prompts: Sequence[str], weights, **generate_kwargs) -> list[list[str]]:
+    """[B][S] texts: each of the B prompts decoded at each of the S weight vectors ``weights`` [S, N], in one
+    :meth:`MODDecoder.generate` call with the weight set [B, S, N] (row b·S + s), so that the S rows of a prompt
+    share its prefill. ``generate_kwargs``: ``template``, ``max_new_tokens``, sampling options."""
+    S = len(weights)
+    sets = [[[float(x) for x in w] for w in weights]] * len(prompts)    # (B, S, N)
+    out = decoder.generate(list(prompts), weights=sets, **generate_kwargs)
+    texts = [decoder.tokenizer.decode(out.generated_ids(r)) for r in range(len(prompts) * S)]
+    return [texts[b * S:(b + 1) * S] for b in range(len(prompts))]
+
+
 def mod_generator(decoder, *, max_new_tokens: int, template: str = "chat", batch_size: int = 16,
                   do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, progress: bool = True):
-    """``generate(prompts, weights, seed)`` decoding with a :class:`MODDecoder` (or anything with its
-    ``generate_text(prompts, weights=[B, N], ...)``). Greedy by default, as in the paper."""
+    """``generate(prompts, weights, seed)`` decoding with a :class:`MODDecoder`. Greedy by default, as in the
+    paper. The prompts, sorted by length, go ``batch_size // |W|`` at a time (at least one) with the whole
+    weight set (:func:`weight_set_texts`), so a batch holds at most ``batch_size`` rows when |W| <= batch_size;
+    batch k of a sampled sweep is seeded ``batch_seed(seed, k)``."""
+    sampling = dict(do_sample=True, temperature=temperature, top_p=top_p) if do_sample else {}
+
     def generate(prompts: Sequence[str], weights: np.ndarray, seed: int | None = None) -> list[list[str]]:
-        W, P = len(weights), len(prompts)
-        rows = [p for p in prompts for _ in range(W)]                  # (P·W,), prompt-major
-        w = np.tile(np.asarray(weights, dtype=np.float64), (P, 1))     # (P·W, N): row p·W + i has weight i
-        outs = _texts(_generate_text(decoder, rows, weights=w, **_decode_kwargs(
-            max_new_tokens, template, batch_size, progress, do_sample, temperature, top_p, seed)))
-        return [[outs[p * W + i] for p in range(P)] for i in range(W)]  # (W, P)
+        from tqdm.auto import tqdm
+
+        from sipo_fast.data.formatting import encode_prompts
+        from sipo_fast.decoding.inputs import batch_seed
+        from sipo_fast.distributed import batched, current
+
+        P, S = len(prompts), len(weights)
+        lengths = [len(ids) for ids in encode_prompts(decoder.tokenizer, list(prompts), template)]
+        order = sorted(range(P), key=lengths.__getitem__)                # similar lengths batch together
+        per = max(1, batch_size // S)
+        bar = tqdm(total=P, desc="MOD decoding", unit="prompt", disable=not progress or not current().is_main)
+
+        def decode(start: int, stop: int) -> list[list[str]]:
+            texts = weight_set_texts(decoder, [prompts[i] for i in order[start:stop]], weights,
+                                     template=template, max_new_tokens=max_new_tokens,
+                                     seed=batch_seed(seed, start // per), **sampling)
+            bar.update(stop - start)
+            return texts
+        done = [t for chunk in batched(P, per, decode) for t in chunk]  # (P, S), prompts in length order
+        bar.close()
+        out = [[""] * P for _ in range(S)]
+        for j, i in enumerate(order):
+            for s in range(S):
+                out[s][i] = done[j][s]
+        return out                                                       # (W, P)
     return generate
 
 

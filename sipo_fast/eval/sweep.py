@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from sipo_fast.ops.mod import check_weights
+
 from .cache import CachedScorer, ScoreCache
 from .stats import mean_ci, to_maximisation
 
@@ -96,9 +98,8 @@ def sweep_weights(weights, n_objectives: int) -> np.ndarray:
     if w.ndim != 2 or w.shape[1] != n_objectives or w.shape[0] == 0:
         raise ValueError(f"weights must be [W, {n_objectives}] (one column per objective), got shape {w.shape}; "
                          "for two objectives a list of numbers w also works")
-    if not np.isfinite(w).all() or (w < -1e-9).any() or (np.abs(w.sum(1) - 1) > 1e-6).any():
-        raise ValueError(f"every weight row must be non-negative and sum to 1, got {w.tolist()}")
-    return np.clip(w, 0.0, None)
+    check_weights(w, n_objectives)  # raises ValueError naming the row off the simplex
+    return w + 0.0  # -0.0 -> 0.0
 
 
 def _check_scorers(scorers) -> list:

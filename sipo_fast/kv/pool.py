@@ -127,8 +127,9 @@ class SharedPagedKV:
     """
 
     def __init__(self, pools: Sequence[PagedKVPool], block_size: int, *, enable_prefix_caching: bool = False):
-        from sipo_fast.kv import BlockManager
+        from sipo_fast import _ext
 
+        BlockManager = _ext.require("sipo_fast.kv.BlockManager").BlockManager
         if not pools:
             raise ValueError("SharedPagedKV needs at least one pool (one per policy)")
         geometry = pools[0].geometry

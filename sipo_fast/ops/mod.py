@@ -42,12 +42,14 @@ def check_weights(weights, num_policies: int, batch_size: int | None = None) -> 
     """Validate MOD weights and return them as a float32 [B, N] tensor (or [1, N] when B is None).
 
     ``weights`` is [N] (one vector for all rows) or [B, N] (one per row); every row must be non-negative
-    and sum to 1 within 1e-6. Raises ValueError before any work otherwise.
+    and sum to 1 within ``WEIGHT_TOL``. Raises ValueError before any work otherwise. This is the project's one
+    simplex check: the pipeline's config (``resolve_weights``) and the evaluation's sweeps call it too.
     """
     w = torch.as_tensor(weights)
     if w.dtype == torch.bool or w.is_complex():
         raise ValueError(f"weights must be real numbers, got dtype {w.dtype}")
-    w = w.detach().to(dtype=torch.float64)
+    # A Python list is judged as written (float64), not after torch's default float32 rounding.
+    w = w.detach().double() if isinstance(weights, torch.Tensor) else torch.as_tensor(weights, dtype=torch.float64)
     if w.dim() == 1:
         w = w.unsqueeze(0)
     if w.dim() != 2 or w.shape[1] != num_policies:

@@ -1,4 +1,5 @@
-"""What every stage shares: the config, the tokenizer, model loading, the data split and the fail-fast checks.
+"""What every stage shares: the config, the tokenizer, model loading, the data split, the held-out prompts and
+the fail-fast checks.
 
 Model names: ``"default"`` is the embedded SmolLM2-135M-Instruct (``sipo_fast.models.load_default``),
 ``"tiny"`` / ``"tiny:<arch>"`` a small random model with the same tokenizer (``sipo_fast.models.tiny``), and
@@ -14,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from .config import PipelineConfig
+from .config.pipeline_config import PipelineConfig
 from .datacheck import check_rows, check_utf8, read_jsonl_rows
-from .rundir import RunDir
+from .rundir.directory import RunDir
 
 log = logging.getLogger("sipo_fast.pipeline")
 _NAME_OK = re.compile(r"^[A-Za-z][A-Za-z0-9_\-]*$")
@@ -121,13 +122,13 @@ class Context:
         and pref_<objective> for each objective.
         """
         cfg = self.config.data
-        ds, where = self._load_preferences()
+        ds, where = self.load_preferences()
         rows, held = self._rows(ds, where), None
         if cfg.eval_split is not None:  # the authors' HelpSteer: held-out pairs from the dataset's validation split
             from sipo_fast.data.prompts import check_split
 
             check_split(cfg.source, cfg.eval_split, "data.eval_split")
-            held = self._rows(*self._load_preferences(cfg.eval_split))
+            held = self._rows(*self.load_preferences(cfg.eval_split))
         elif cfg.split_method == "datasets":  # the authors' PKU split (src/data/preprocess/PKUSafeRLHF.py)
             parts = ds.add_column("_row", list(range(len(ds)))).train_test_split(test_size=cfg.eval_fraction,
                                                                                  seed=cfg.split_seed)
@@ -173,7 +174,7 @@ class Context:
         check_rows(rows, where, [f"pref_{o}" for o in cfg.objectives])
         return rows
 
-    def _load_preferences(self, split: str = "train"):
+    def load_preferences(self, split: str = "train"):
         """(dataset, where) for ``split`` of the data source: "demo", PKU-SafeRLHF or HelpSteer (``sipo_fast.data``),
         or a local .jsonl already in the normalised schema (prompt, response_0, response_1, pref_<objective>...),
         which is how data with more than two objectives comes in. ``where(i)`` names row i in messages
@@ -274,13 +275,21 @@ class Context:
                                  f"of {ctx_len} tokens (longest prompt: {max(over)}); lower sample.max_new_tokens")
         return rows
 
+    def heldout_prompts(self, num_prompts: int | None = None) -> list[str]:
+        """The evaluation's held-out prompts: eval.prompt_source (or data.source), eval.prompt_split,
+        eval.prompt_select, eval.num_prompts of them (or ``num_prompts``). A data.source that is one file has no
+        held-out split (its rows are the training data): the prompts must then come from an eval.prompt_source of
+        their own."""
+        from sipo_fast.eval.inputs import heldout_prompts
+
+        cfg, e = self.config, self.config.eval
+        if e.prompt_source is None and Path(str(cfg.data.source)).is_file():
+            raise ValueError(f"{cfg.data.source}: a single file has no held-out split to evaluate on (its rows are "
+                             "the training data); set eval.prompt_source to a file or dataset of held-out prompts")
+        return heldout_prompts(e.prompt_source or cfg.data.source, num_prompts or e.num_prompts,
+                               split=e.prompt_split, select=e.prompt_select)
+
     # -- fail fast ----------------------------------------------------------------------------------------
-    def preflight(self, stages=None):
-        """Every input a run needs, resolved without writing (:mod:`.preflight`): a ``Findings``."""
-        from .preflight import check_inputs
-
-        return check_inputs(self, stages)
-
     def validate(self) -> None:
         """Every check that can fail before any training: names, data, conflicts, tokenizers, lengths."""
         cfg = self.config

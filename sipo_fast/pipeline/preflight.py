@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -81,14 +80,14 @@ def check_inputs(ctx, stages=None) -> Findings:
     if tok is not None:
         out.guard("data", lambda: _data(ctx, out))
     else:  # no tokenizer for the length checks; still load the data, so that its own problems are listed too
-        out.guard("data", ctx._load_preferences)
+        out.guard("data", ctx.load_preferences)
     modules = out.guard(label, lambda: _linear_layers(ctx)) if tok is not None else None
     if modules is not None:
         out.guard("align.target_modules", lambda: _lora(ctx, modules, out))
     if ctx.config.eval.enabled and (stages is None or "eval" in stages):
         out.guard("eval.scorers", lambda: _scorers(ctx.config, out))
         if tok is not None:
-            out.guard("eval prompts", lambda: _eval_prompts(ctx.config, out))
+            out.guard("eval prompts", lambda: _eval_prompts(ctx, out))
     return out
 
 
@@ -102,21 +101,6 @@ def _hub_names(config) -> list[str]:
         if source is not None and source != "demo" and not Path(str(source)).exists() and str(source) not in names:
             names.append(str(source))
     return names
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can this machine open a connection to the hub's endpoint? (False in offline mode.)"""
-    from urllib.parse import urlparse
-
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return False
-    try:
-        socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def go_offline() -> None:
@@ -135,8 +119,12 @@ def go_offline() -> None:
 
 
 def _offline_if_unreachable(ctx, out: Findings) -> None:
+    from huggingface_hub import constants
+
+    from sipo_fast.data.prompts import hub_reachable
+
     names = _hub_names(ctx.config)
-    if names and not hub_reachable():
+    if names and (constants.HF_HUB_OFFLINE or not hub_reachable()):
         go_offline()
         out.facts.append(f"the Hugging Face hub is unreachable: {names} are resolved from the local cache only")
 
@@ -233,14 +221,12 @@ def _scorers(config, out: Findings) -> None:
     out.facts.append(f"scorers {list(specs)}")
 
 
-def _eval_prompts(config, out: Findings) -> None:
+def _eval_prompts(ctx, out: Findings) -> None:
     """The held-out prompts the evaluation stage will score (the same call it makes), so that a data source
     without a usable test split fails now rather than after every training stage."""
-    from .compare import config_prompts
-
-    prompts = config_prompts(config)
-    e = config.eval
-    out.facts.append(f"evaluation: {len(prompts)} held-out prompts of {e.prompt_source or config.data.source} "
+    prompts = ctx.heldout_prompts()
+    e = ctx.config.eval
+    out.facts.append(f"evaluation: {len(prompts)} held-out prompts of {e.prompt_source or ctx.config.data.source} "
                      f"(split {e.prompt_split!r}, {e.prompt_select})")
 
 
@@ -271,11 +257,11 @@ def existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes: int, held: bool = False) -> Findings:
+def check_output(run_dir, *, force: bool, identity: dict, estimate_bytes: int, held: bool = False) -> Findings:
     """The run directory: a directory (or creatable), sipo_fast's, free (unless this caller ``held`` its lock
     already), compatible, writable, with room."""
-    from .lock import describe, holder
-    from .rundir import ManifestError
+    from .rundir.directory import ManifestError
+    from .rundir.lock import describe, holder
 
     out, root = Findings(), run_dir.root
     label = f"--output-dir {root}"
@@ -295,12 +281,9 @@ def check_output(run_dir, *, force: bool, identity: dict | None, estimate_bytes:
                                 + "choose an empty or new directory")
             return out
         try:
-            data = run_dir.manifest()
-            old = data.get("identity")
-            if not force and old and identity and old != identity and (data.get("stages") or (root / ".work").is_dir()):
-                diff = sorted(k for k in identity if old.get(k) != identity[k])
-                out.problems.append(f"{label}: made by an incompatible config (differs in {diff}); use a new "
-                                    "--output-dir, or pass --force to move that run aside and start over")
+            why = None if force else run_dir.identity_conflict(identity)
+            if why is not None:
+                out.problems.append(f"{label}: {why}")
         except ManifestError:
             out.facts.append(f"{root / 'manifest.json'} is unreadable: the run will rebuild it from the stages' "
                              "stage.json (sipo-fast repair)")

@@ -1,12 +1,12 @@
 """``SIPOPipeline``: runs the stages in order inside one run directory, resuming what is already done.
 
 For each stage the runner computes its fingerprint (config values it reads + content hashes of the upstream
-artifacts it consumes, see :mod:`.rundir`), skips it when the manifest says that fingerprint finished and the
-files still match, and otherwise says why it runs (never run, config keys changed, an input changed,
+artifacts it consumes, see :mod:`.rundir.directory`), skips it when the manifest says that fingerprint finished
+and the files still match, and otherwise says why it runs (never run, config keys changed, an input changed,
 files changed on disk) and runs it into a work directory whose finished parts survive a crash.
 
-Under several processes (``accelerate launch`` / ``torchrun``, see :mod:`.distributed`) every rank runs every
-stage; rank 0 alone opens the run directory, decides what runs, writes the manifest, config and artifacts,
+Under several processes (``accelerate launch`` / ``torchrun``, see :mod:`sipo_fast.distributed`) every rank runs
+every stage; rank 0 alone opens the run directory, decides what runs, writes the manifest, config and artifacts,
 and the others follow its decisions, so the artifacts are those of a single process.
 """
 from __future__ import annotations
@@ -17,14 +17,18 @@ import shutil
 import time
 from pathlib import Path
 
-from .config import PipelineConfig
 from sipo_fast.distributed import current
-from .lock import LOCK, RunLock
-from .parts import Parts, crash_point
-from .preflight import PreflightError, check_output
-from .repair import identity, read_record, rebuild, repair  # noqa: F401 - identity re-exported
-from .rundir import ManifestError, RunDir, atomic_write_json, atomic_write_text, file_records, stable_hash
-from .stages import STAGES, Context, Stage
+
+from .config.pipeline_config import PipelineConfig
+from .context import Context
+from .preflight import Findings, PreflightError, check_inputs, check_output
+from .rundir.directory import ManifestError, RunDir, identity
+from .rundir.files import atomic_write_json, atomic_write_text, file_records, stable_hash
+from .rundir.lock import LOCK, RunLock
+from .rundir.parts import Parts, crash_point
+from .rundir.repair import read_record, rebuild, repair
+from .stages import STAGES
+from .stages.stage import Stage
 
 log = logging.getLogger("sipo_fast.pipeline")
 
@@ -131,10 +135,15 @@ class SIPOPipeline:
         """Fail fast, before any training: data, objectives, conflicts, tokenizers, context length."""
         self.context().validate()
 
+    def check_inputs(self, stages: list[str] | None = None) -> Findings:
+        """Config, data, model, LoRA targets, scorers and world (:func:`.preflight.check_inputs`), without
+        writing."""
+        return check_inputs(self.context(), stages)
+
     def preflight(self, stages: list[str] | None = None) -> list[str]:
         """Resolve every input and the output directory (:mod:`.preflight`) without writing; returns the facts.
         Raises :class:`PreflightError` with one line per problem."""
-        found = self.context().preflight(stages)
+        found = self.check_inputs(stages)
         # The output directory is rank 0's (it alone locks and writes it): its findings hold for every rank.
         out = current().on_main(lambda: check_output(self.run_dir, force=self.force, identity=identity(self.config),
                                                      estimate_bytes=found.estimate_bytes, held=bool(self._locks)))

@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import importlib
 
+from sipo_fast.training.backbone import final_hidden_states, lm_head_plan
 from sipo_fast.training.logprobs import (
-    final_hidden_states,
     implicit_rewards,
-    lm_head_plan,
     policy_logprobs,
     reference_logprobs,
     sequence_logprobs,

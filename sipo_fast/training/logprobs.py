@@ -11,61 +11,13 @@ the exact input of the LM head. The fused op then scores every response position
 """
 from __future__ import annotations
 
-import contextlib
-import warnings
 import torch
 import torch.nn as nn
 
 from sipo_fast.ops.backend import canonical
 from sipo_fast.ops.logprobs import token_logprobs
 
-BASE = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
-_warned: set[str] = set()
-
-
-def _warn_once(key: str, msg: str) -> None:
-    if key not in _warned:
-        _warned.add(key)
-        warnings.warn(msg, stacklevel=3)
-
-
-def _is_peft(model) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _unwrap(model):
-    """The HF ``PreTrainedModel`` under DDP/accelerate wrappers and PEFT."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / DataParallel
-        model = model.module
-    if _is_peft(model):
-        model = model.get_base_model()
-    return model
-
-
-def lm_head_plan(model) -> tuple[torch.Tensor, torch.Tensor | None, float] | None:
-    """``(weight [V,H], bias or None, hidden scale)`` for the fused path, or None when the model needs the plain
-    forward (a soft-capped head, an adapter on the head, or an unknown logit multiplier).
-
-    Tied embeddings need nothing special: the head's weight *is* the embedding matrix, so its gradient reaches
-    the shared parameter. A Cohere-style ``logit_scale`` s gives logits s·(W h) = W (s·h), so scaling h is exact.
-    """
-    base = _unwrap(model)
-    cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-    head = base.get_output_embeddings()
-    weight = getattr(head, "weight", None)
-    if head is None or type(head) is not nn.Linear or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        return None  # e.g. a LoRA layer on lm_head, or a quantised head
-    if getattr(cfg, "final_logit_softcapping", None) is not None:
-        return None  # cap · tanh(z / cap) is not a linear map of h
-    for name in ("output_multiplier", "lm_head_multiplier", "logits_scaling"):
-        if getattr(cfg, name, None) not in (None, 1, 1.0):
-            return None  # conventions differ per family (multiply vs divide): use the model's own forward
-    scale = getattr(cfg, "logit_scale", None)
-    return weight, head.bias, 1.0 if scale is None else float(scale)
+from .backbone import BASE, eval_mode, final_hidden_states, is_peft, lm_head_plan, unwrap, use_adapter, warn_once
 
 
 def _shifted_labels(input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
@@ -85,35 +37,6 @@ def _validate_batch(input_ids, attention_mask, response_mask) -> None:
     if bool(((response_mask != 0) & (attention_mask == 0)).any()):
         raise ValueError("response_mask marks padding positions (attention_mask == 0); build batches with "
                          "sipo_fast.data.formatting.encode_pairs")
-
-
-def backbone_call(model, **call_kwargs):
-    """``(backbone output [B, T, H], the model's output)`` of one ``model(**call_kwargs)`` call: a forward hook
-    on the backbone captures the exact input of the LM head."""
-    backbone = _unwrap(model).base_model
-    captured = []
-    handle = backbone.register_forward_hook(lambda mod, args, out: captured.append(out[0]))
-    try:
-        out = model(**call_kwargs)
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(backbone).__name__} (the backbone) did not run during the forward pass")
-    return captured[-1], out
-
-
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs):
-    """[B, T, H] input of the LM head, from a normal ``model(...)`` call that projects only the last position."""
-    kw = dict(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
-    try:
-        return backbone_call(model, logits_to_keep=1, **kw)[0]
-    except TypeError as exc:
-        if "logits_to_keep" not in str(exc):
-            raise
-        _warn_once(f"keep:{type(_unwrap(model)).__name__}",
-                   f"{type(_unwrap(model)).__name__}.forward has no logits_to_keep: its LM head still projects "
-                   "every position once (the log-probs themselves stay fused)")
-        return backbone_call(model, **kw)[0]
 
 
 def sequence_logprobs_ref(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -143,8 +66,8 @@ def sequence_logprobs(model, input_ids: torch.Tensor, attention_mask: torch.Tens
     canonical(backend, "sequence_logprobs")
     plan = lm_head_plan(model)
     if plan is None:
-        _warn_once(f"fallback:{type(_unwrap(model)).__name__}",
-                   f"{type(_unwrap(model)).__name__}: its LM head is soft-capped, scaled in a model-specific way or "
+        warn_once(f"fallback:{type(unwrap(model)).__name__}",
+                   f"{type(unwrap(model)).__name__}: its LM head is soft-capped, scaled in a model-specific way or "
                    "adapted, so sequence_logprobs uses the plain full-logits forward (more memory, same result)")
         return sequence_logprobs_ref(model, input_ids, attention_mask, response_mask, **forward_kwargs)
     weight, bias, scale = plan
@@ -166,7 +89,7 @@ def _as_scorers(policies) -> list[tuple[nn.Module, str | None]]:
     if isinstance(policies, tuple) and len(policies) == 2 and isinstance(policies[0], nn.Module) \
             and isinstance(policies[1], (list, tuple)):
         model, names = policies
-        if not _is_peft(model):
+        if not is_peft(model):
             raise ValueError("(model, [adapter names]) needs a peft.PeftModel holding those adapters")
         policies = [(model, str(n)) for n in names]
     if isinstance(policies, nn.Module):
@@ -176,7 +99,7 @@ def _as_scorers(policies) -> list[tuple[nn.Module, str | None]]:
         if isinstance(p, nn.Module):
             out.append((p, None))
         elif isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], nn.Module) and (
-                p[1] is None or (isinstance(p[1], str) and _is_peft(p[0]))):
+                p[1] is None or (isinstance(p[1], str) and is_peft(p[0]))):
             out.append((p[0], p[1]))  # (model, None) = the model as it is
         else:
             raise ValueError(f"each policy must be a model or a (peft_model, adapter_name) pair, got {type(p).__name__}")
@@ -188,33 +111,6 @@ def _as_scorers(policies) -> list[tuple[nn.Module, str | None]]:
     return out
 
 
-@contextlib.contextmanager
-def _eval_mode(model):
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
-@contextlib.contextmanager
-def _adapter(model, name: str | None):
-    """Run ``model`` with one adapter active (``BASE``: adapters disabled; None: as it is)."""
-    if name is None:
-        yield
-    elif name == BASE:
-        with model.disable_adapter():
-            yield
-    else:
-        prev = model.active_adapter
-        model.set_adapter(name)
-        try:
-            yield
-        finally:
-            model.set_adapter(prev)
-
-
 def _group_logprobs(model, names: list[str | None], batch: dict, chunk_size, backend) -> torch.Tensor:
     """[b, len(names)] log-probs of one base model under several adapters. Adapters of one PEFT model share one
     forward over the batch repeated per adapter (PEFT's mixed-adapter batch): the base weights are read once
@@ -223,18 +119,18 @@ def _group_logprobs(model, names: list[str | None], batch: dict, chunk_size, bac
     b = ids.shape[0]
     if len(names) > 1 and all(n is not None for n in names):
         try:
-            with _eval_mode(model):
+            with eval_mode(model):
                 rep = lambda t: t.repeat(len(names), 1)  # noqa: E731  (b, T) -> (K*b, T), adapter-major
                 adapter_names = [n for n in names for _ in range(b)]
                 lp = sequence_logprobs(model, rep(ids), rep(attn), rep(resp), chunk_size=chunk_size,
                                        backend=backend, adapter_names=adapter_names)
             return lp.view(len(names), b).t()  # (b, K)
         except (ValueError, TypeError) as exc:
-            _warn_once(f"mixed:{type(exc).__name__}", f"mixed-adapter batch not possible ({exc}); scoring adapters "
+            warn_once(f"mixed:{type(exc).__name__}", f"mixed-adapter batch not possible ({exc}); scoring adapters "
                        "one forward each")
     cols = []
     for n in names:
-        with _adapter(model, n):
+        with use_adapter(model, n):
             cols.append(sequence_logprobs(model, ids, attn, resp, chunk_size=chunk_size, backend=backend))
     return torch.stack(cols, 1)  # (b, K)
 
@@ -259,7 +155,7 @@ def policy_logprobs(policies, batch: dict, *, batch_size: int | None = None, pro
     without a shared prompt, and models it cannot serve, take the plain path."""
     from tqdm.auto import tqdm
 
-    from .shared_prompt import shared_prompt_logprobs
+    from .shared_prompt import shared_prompt_logprobs  # imports transformers' cache classes: only when scoring
 
     scorers = _as_scorers(policies)
     _validate_batch(batch["input_ids"], batch["attention_mask"], batch["response_mask"])

@@ -13,7 +13,7 @@ which is the plain path's causal computation split in two, so the log-probs agre
 (tests/test_shared_prompt.py checks them against the full-logits reference). transformers' ``generate`` shares
 a prefix the same way for beams, but has no scoring entry point for given responses, hence this module.
 
-It needs what it can check: a fused LM head (:func:`lm_head_plan`), right-padded rows whose response is one
+It needs what it can check: a fused LM head (:func:`~.backbone.lm_head_plan`), right-padded rows whose response is one
 contiguous run after a non-empty prompt (``encode_pairs``' layout), and a model that takes position ids and
 returns a cache. Batches
 that do not qualify, or in which no two rows share a prompt, return None and the caller uses the plain path.
@@ -25,7 +25,7 @@ import torch
 from sipo_fast.kv.hf import cache_kwarg
 from sipo_fast.ops.logprobs import token_logprobs
 
-from .logprobs import _adapter, _eval_mode, _unwrap, _warn_once, backbone_call, lm_head_plan
+from .backbone import backbone_call, eval_mode, lm_head_plan, unwrap, use_adapter, warn_once
 
 
 def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -52,7 +52,7 @@ def prompt_spans(input_ids: torch.Tensor, attention_mask: torch.Tensor,
 def _hidden_and_cache(model, ids, attn, pos, past, names):
     """(backbone output [b, t, H], its KV cache) from one ``model(...)`` call projecting only the last position."""
     kw = {} if names is None else {"adapter_names": names}
-    kw[cache_kwarg(_unwrap(model))] = past
+    kw[cache_kwarg(unwrap(model))] = past
     hidden, out = backbone_call(model, input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True,
                                 logits_to_keep=1, **kw)
     cache = getattr(out, "cache", None)
@@ -126,20 +126,20 @@ def shared_prompt_logprobs(model, names: list[str | None], batch: dict, *, chunk
     responses = [ids[i, a:e].tolist() for i, (a, e) in enumerate(spans)]
     args = (prompts, responses, group_of, plan, chunk_size, backend)
     try:
-        with _eval_mode(model):
+        with eval_mode(model):
             if len(names) > 1 and all(n is not None for n in names):
                 try:
                     return _score_groups(model, list(names), *args).float().cpu()
                 except ValueError as exc:  # PEFT refuses a mixed batch: one adapter at a time
-                    _warn_once(f"shared-mixed:{type(exc).__name__}", f"mixed-adapter batch not possible ({exc}); "
+                    warn_once(f"shared-mixed:{type(exc).__name__}", f"mixed-adapter batch not possible ({exc}); "
                                "scoring adapters one forward each")
             cols = []
             for n in names:
-                with _adapter(model, n):
+                with use_adapter(model, n):
                     cols.append(_score_groups(model, None, *args)[:, 0].float().cpu())
             out = torch.stack(cols, 1)
     except TypeError as exc:  # no cache / no logits_to_keep / no position_ids in this model's forward
-        _warn_once(f"shared:{type(_unwrap(model)).__name__}", f"{type(_unwrap(model)).__name__}: prompt sharing "
+        warn_once(f"shared:{type(unwrap(model)).__name__}", f"{type(unwrap(model)).__name__}: prompt sharing "
                    f"not possible ({exc}); scoring every row in full")
         return None
     return out

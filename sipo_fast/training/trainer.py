@@ -38,7 +38,8 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import use_adapter
 
 from sipo_fast.data.formatting import encode_prompts
-from sipo_fast.training.logprobs import _is_peft, sequence_logprobs
+from sipo_fast.training.backbone import is_peft
+from sipo_fast.training.logprobs import sequence_logprobs
 from sipo_fast.training.losses import dpo_loss, dpo_lw_loss, modpo_loss, sipo_loss
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class FusedDPOTrainer(DPOTrainer):
             raise ValueError("FusedDPOTrainer needs args=FusedDPOConfig(...)")
         if processing_class is None:
             raise ValueError("FusedDPOTrainer needs processing_class=<tokenizer>")
-        if (ref_model is None and not _is_peft(model) and kwargs.get("peft_config") is None
+        if (ref_model is None and not is_peft(model) and kwargs.get("peft_config") is None
                 and not args.precompute_ref_log_probs):
             ref_model = copy.deepcopy(model).eval().requires_grad_(False)
         if data_collator is None:
@@ -184,7 +185,7 @@ class FusedDPOTrainer(DPOTrainer):
     @torch.no_grad()
     def _ref_logps(self, inputs) -> torch.Tensor:
         with disable_gradient_checkpointing(self.model, self.args.gradient_checkpointing_kwargs):
-            if self.ref_model is None and _is_peft(self.accelerator.unwrap_model(self.model)):
+            if self.ref_model is None and is_peft(self.accelerator.unwrap_model(self.model)):
                 peft_model = self.accelerator.unwrap_model(self.model)
                 # New adapter: the base is the reference; re-trained adapter: TRL made a frozen copy named "ref".
                 with use_adapter(peft_model, adapter_name="ref" if "ref" in peft_model.peft_config else None):

@@ -1,4 +1,5 @@
-"""Named presets (the gpt-fast ``ModelArgs.from_name`` pattern): a table of overrides on the defaults.
+"""Named presets (the gpt-fast ``ModelArgs.from_name`` pattern): a table of overrides on the defaults, resolved
+by :func:`~.pipeline_config.preset`.
 
 - ``smoke``: every stage on the tiny random model in well under 2 minutes on 2 CPU cores (tests use it).
 - ``demo``: the whole pipeline and the evaluation on the embedded SmolLM2-135M and the shipped demo data,
@@ -12,8 +13,6 @@
 from __future__ import annotations
 
 import copy
-
-from .config import PipelineConfig
 
 # The authors' optimiser and checkpoint cadence (TrainingArguments in scripts/baselines/dpo.py and
 # scripts/SIPO/Iterative_DPO.py): cosine schedule, warm-up, weight decay 0.05, evaluate and save every 25% of the
@@ -112,7 +111,3 @@ def preset_dict(name: str) -> dict:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
 
-
-def preset(name: str) -> PipelineConfig:
-    """The resolved :class:`PipelineConfig` of a named preset."""
-    return PipelineConfig.from_dict(preset_dict(name))

@@ -161,9 +161,9 @@ class RefinePrompts:
     def for_config(cls, objectives: list[str], review: str | None, rewrite: str | None,
                    name: str = "default") -> "RefinePrompts":
         """The named set (``refine.template``), with ``review``/``rewrite`` bodies replacing its own if given."""
-        if name not in REFINE_TEMPLATES:
-            raise ValueError(f"refine.template={name!r}: choose one of {', '.join(REFINE_TEMPLATES)}")
-        base = REFINE_TEMPLATES[name](objectives)
+        if name not in TEMPLATE_SETS:
+            raise ValueError(f"refine.template={name!r}: choose one of {', '.join(TEMPLATE_SETS)}")
+        base = TEMPLATE_SETS[name](objectives)
         return cls(review or base.review, rewrite or base.rewrite, base.review_prefix, base.stops)
 
     def review_prompt(self, question: str, response: str) -> str:
@@ -190,8 +190,8 @@ def _sipo_helpsteer_set(objectives: list[str]) -> RefinePrompts:
     return RefinePrompts(_SIPO_REVIEW_BODY, _SIPO_REWRITE_BODY, _SIPO_REVIEW_PREFIX, ("Question:",))
 
 
-# refine.template names -> the set for the objectives.
-REFINE_TEMPLATES = {"default": _default_set, "sipo-helpsteer": _sipo_helpsteer_set}
+# refine.template names (config/sections.py lists them for its check) -> the set for the objectives.
+TEMPLATE_SETS = {"default": _default_set, "sipo-helpsteer": _sipo_helpsteer_set}
 
 
 _PLACEHOLDER = re.compile(r"\{(question|response|review)\}")

@@ -1,4 +1,4 @@
-"""The run directory: atomic writes, ``manifest.json`` of finished stages, fingerprints, resumable parts.
+"""The run directory: ``manifest.json`` of finished stages, the run's identity, stage and work directories.
 
 Layout of a run directory::
 
@@ -7,168 +7,36 @@ Layout of a run directory::
     <stage>/                a finished stage's artifact (datasets, adapters, stage.json; logs/ not hashed)
     .work/<stage>/          a stage in progress: finished parts survive a crash and are reused on resume
 
-A stage's **fingerprint** is the hash of the config values it reads plus the content hashes of the upstream
-artifacts it consumes. A stage is up to date when the manifest holds its fingerprint and its directory still
-hashes to the recorded content hash; otherwise it (and, through the changed hashes, what consumes it) runs
-again. Everything is written to a temporary name first and moved into place with ``os.replace`` /
-``os.rename``, so a killed process leaves either the old file or the new one, never half of one.
+A stage's **fingerprint** is the hash of its name, its ``version``, the config values it reads and the content
+hashes of the upstream artifacts it consumes (never a module path: moving code leaves run directories valid).
+A stage is up to date when the manifest holds its fingerprint and its directory still hashes to the recorded
+content hash; otherwise it (and, through the changed hashes, what consumes it) runs again. The files
+themselves are written atomically (:mod:`.files`).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+
+from .files import STAGE_JSON, atomic_write_json, atomic_write_text, dir_hash, is_scratch
 
 MANIFEST = "manifest.json"
-STAGE_JSON = "stage.json"
 FORMAT = 1
 WORK = ".work"
-# Every temporary name the project writes ends in TMP_SUFFIX, so a file left by a kill -9 between creating and
-# renaming it is recognisably ours: directory scans and artifact hashes skip it (see is_scratch).
-TMP_SUFFIX = ".sipo-tmp"
 
 
-def is_scratch(name: str) -> bool:
-    """Is ``name`` one of the project's own lock or temporary files (never user data, never an artifact)?"""
-    return name == ".lock" or (name.startswith(".") and name.endswith(TMP_SUFFIX))
-UNHASHED_DIRS = ("logs",)  # timings and trainer logs vary run to run; they are not part of an artifact's identity
-# The evaluation report renders the hashed sweeps (eval/sweeps/*.json) and stamps the time it was generated;
-# scores.sqlite is the scorers' cache.
-UNHASHED_FILES = ("report.md", "report.png", "scores.sqlite")
-
-
-def stable_hash(obj: Any) -> str:
-    """sha256 of the canonical JSON of ``obj`` (sorted keys), first 16 hex digits."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def hashed_files(path: Path, include: Callable[[Path], bool] | None = None) -> list[tuple[Path, Path]]:
-    """(relative path, path) of the files that make up an artifact, sorted: every file except under ``logs/``,
-    the rendered report (``report.md``/``report.png``, which carry a timestamp) and the score cache."""
-    out = []
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        rel = f.relative_to(path)
-        if rel.parts[0] in UNHASHED_DIRS or rel.as_posix() in UNHASHED_FILES:
-            continue
-        if include is None or include(rel):
-            out.append((rel, f))
-    return out
-
-
-def _feed(h, path: Path) -> None:
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-
-
-def dir_hash(path: Path, include: Callable[[Path], bool] | None = None) -> str:
-    """Content hash of a directory: relative paths and bytes of its :func:`hashed_files`.
-    ``include(relative_path)``, if given, further restricts the files hashed. Files are read in chunks."""
-    h = hashlib.sha256()
-    for rel, f in hashed_files(path, include):
-        h.update(str(rel.as_posix()).encode() + b"\0")
-        _feed(h, f)
-        h.update(b"\0")
-    return h.hexdigest()[:16]
-
-
-def _recorded(rel: Path) -> bool:
-    # stage.json holds the records; .fingerprint stamps a work directory and is removed when it commits
-    return rel.as_posix() not in (STAGE_JSON, ".fingerprint")
-
-
-def file_records(path: Path) -> dict[str, dict]:
-    """{relative path: {"size", "sha256"}} of an artifact's hashed files, ``stage.json`` excepted (it holds
-    these records). Kept in ``stage.json`` so that an artifact can be checked file by file without the
-    manifest (adoption after a crash, ``sipo-fast repair``)."""
-    out = {}
-    for rel, f in hashed_files(path, _recorded):
-        h = hashlib.sha256()
-        _feed(h, f)
-        out[rel.as_posix()] = {"size": f.stat().st_size, "sha256": h.hexdigest()}
-    return out
-
-
-def check_records(path: Path, records) -> str | None:
-    """Why the files under ``path`` do not match ``records`` (:func:`file_records`), or None if they do.
-    Sizes first (cheap: catches truncated files), then hashes."""
-    if not isinstance(records, dict):
-        return "its stage.json records no file sizes and hashes (written by an older version)"
-    have = {rel.as_posix(): f for rel, f in hashed_files(path, _recorded)}
-    missing, extra = sorted(set(records) - set(have)), sorted(set(have) - set(records))
-    if missing or extra:
-        return f"files missing {missing[:3]} / unexpected {extra[:3]}"
-    for rel, rec in records.items():
-        if not isinstance(rec, dict) or have[rel].stat().st_size != rec.get("size"):
-            return f"{rel} has {have[rel].stat().st_size} bytes, stage.json recorded {rec.get('size')}"
-    for rel, rec in records.items():
-        h = hashlib.sha256()
-        _feed(h, have[rel])
-        if h.hexdigest() != rec.get("sha256"):
-            return f"{rel} does not match its recorded sha256"
-    return None
-
-
-def _umask() -> int:
-    """The process umask, read without changing it (``os.umask`` can only be read by setting it)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except OSError:
-        pass
-    old = os.umask(0o022)
-    os.umask(old)
-    return old
-
-
-def follow_umask(path, *, directory: bool = False) -> None:
-    """``tempfile`` makes private files (0600) and directories (0700); a run directory shared between users
-    or nodes needs the permissions the umask gives ordinary files (0644 / 0755 with umask 022)."""
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file in the same directory and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
-    try:
-        follow_umask(tmp)
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
-    """Rows as JSON lines, atomically (one row per line, keys sorted so equal rows give equal bytes)."""
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True, ensure_ascii=False) + "\n" for r in rows))
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path) as fh:
-        return [json.loads(line) for line in fh if line.strip()]
+def identity(config) -> dict:
+    """What makes a run directory what it is; a config that differs here needs its own directory."""
+    return {"model": config.model.name, "data": config.data.source, "objectives": list(config.data.objectives),
+            "use_lora": config.align.use_lora}
 
 
 class ManifestError(ValueError):
     """``manifest.json`` cannot be read or has the wrong shape. Nothing is lost: every finished stage keeps
-    its own ``stage.json``, from which ``sipo_fast.pipeline.repair`` rebuilds the manifest."""
+    its own ``stage.json``, from which :mod:`.repair` rebuilds the manifest."""
 
 
 def manifest_problem(data) -> str | None:
@@ -191,8 +59,8 @@ class RunDir:
     """One run directory and its manifest.
 
     ``identity`` holds the config values that make a run directory what it is (model, objectives, data
-    source); a directory made with a different identity is refused rather than silently mixed. Callers hold
-    the directory's lock (:mod:`.lock`) while they write.
+    source, :func:`identity`); a directory made with a different identity is refused rather than silently
+    mixed. Callers hold the directory's lock (:mod:`.lock`) while they write.
     """
 
     def __init__(self, root: str | os.PathLike):
@@ -261,15 +129,25 @@ class RunDir:
         if data.get("format") != FORMAT:
             raise ValueError(f"{self.root} was made by manifest format {data.get('format')}, this version writes "
                              f"{FORMAT}; use a new --output-dir, or pass --force to start this one over")
-        old = data.get("identity")
-        if old == identity:
+        if data.get("identity") == identity:
             return
-        if old is not None and (data["stages"] or (self.root / WORK).is_dir()):
-            diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
-            raise ValueError(f"{self.root} was made by an incompatible config (differs in {sorted(diff)}: "
-                             f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }); use a new --output-dir, "
-                             f"or pass --force to discard that run")
+        why = self.identity_conflict(identity, data)
+        if why is not None:
+            raise ValueError(f"{self.root} was {why}")
         self._save_manifest({**data, "format": FORMAT, "identity": identity})
+
+    def identity_conflict(self, identity: dict, data: dict | None = None) -> str | None:
+        """Why a run with ``identity`` may not use this directory (it holds work made for another identity), or
+        None. A manifest whose identity is unknown (rebuilt) or that holds no work yet takes any identity.
+        ``data``: the manifest, if already read."""
+        data = self.manifest() if data is None else data
+        old = data.get("identity")
+        if old is None or old == identity or not (data.get("stages") or (self.root / WORK).is_dir()):
+            return None
+        diff = {k: (old.get(k), v) for k, v in identity.items() if old.get(k) != v}
+        return (f"made by an incompatible config (differs in {sorted(diff)}: "
+                f"{ {k: f'{a!r} -> {b!r}' for k, (a, b) in diff.items()} }); use a new --output-dir, or pass "
+                "--force to move that run aside and start over")
 
     def move_aside(self) -> Path | None:
         """``--force``: rename an existing run directory to ``<dir>.old-<time>`` (returned; the caller deletes it
@@ -349,12 +227,3 @@ class RunDir:
         shutil.rmtree(old, ignore_errors=True)
         return final
 
-
-def __getattr__(name: str):
-    """``Parts`` and ``crash_point`` live in :mod:`.parts` (which builds on the writers above); they are still
-    importable from here, where they were first defined."""
-    if name in ("Parts", "crash_point"):
-        from . import parts
-
-        return getattr(parts, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

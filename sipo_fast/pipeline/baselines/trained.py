@@ -43,8 +43,8 @@ def modpo_margins(ctx, align_dir: Path, k: int, cache_dir: Path) -> dict[str, li
     from sipo_fast.data.formatting import encode_pairs
     from sipo_fast.training import implicit_rewards, with_reference
 
-    from .policies import load_policies, preference_pairs, stage1_reference
-    from .rundir import atomic_write_json, read_jsonl
+    from ..policies import load_policies, preference_pairs, stage1_reference
+    from ..rundir.files import atomic_write_json, read_jsonl
 
     path = cache_dir / f"margins_k{k}.json"
     cached = current().on_main(lambda: json.loads(path.read_text()) if path.exists() else None)
@@ -82,17 +82,16 @@ def dpo_lw_pairs(rows: list[dict], objectives: list[str]) -> list[dict]:
              "objective_signs": [1 if r[f"pref_{o}"] == r[first] else -1 for o in objectives]} for r in rows]
 
 
-def _train_lora(ctx, train_rows: list[dict], held: list[dict], out: Path, scratch: Path, *, objective: str,
-                loss: str, **trainer_kw) -> Path:
-    """Train one LoRA adapter from π_ref with stage 1's recipe and save it to ``out`` (rank 0, atomically)."""
-    from .policies import optimiser_args, train
+def _train_lora(ctx, train_rows: list[dict], held: list[dict], out: Path, scratch: Path, **fields) -> Path:
+    """Train one LoRA adapter from π_ref with stage 1's recipe and save it to ``out`` (rank 0, atomically).
+    ``fields``: the run's loss and weights (``FusedDPOConfig`` fields)."""
+    from ..policies import train, training_args
 
-    a = ctx.config.align
-    model, _ = train(ctx, ctx.load_base(), train_rows, objective=objective, loss=loss, beta=a.beta, alpha=0.0,
-                     lr=a.learning_rate, epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size,
-                     grad_accum=a.grad_accum, max_length=a.max_length, use_lora=True,
-                     eval_pairs=held if a.select_best and held else None, select_best=a.select_best,
-                     eval_steps=a.eval_steps, scratch=scratch, optim=optimiser_args(a), **trainer_kw)
+    if not ctx.config.align.use_lora:
+        raise ValueError("the MODPO and DPO LW baselines are implemented for LoRA runs (align.use_lora=true)")
+    held = held if ctx.config.align.select_best and held else None
+    args = training_args(ctx, ctx.config.align, scratch, evaluate=bool(held), **fields)
+    model, _ = train(ctx, ctx.load_base(), train_rows, args=args, eval_pairs=held)
 
     def save() -> None:  # rank 0 writes (the trainer ran data-parallel on every rank)
         tmp = out.with_name(out.name + ".tmp")
@@ -117,21 +116,21 @@ def train_modpo(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch:
     data = modpo_margins(ctx, align_dir, k, out.parent)
     log.info("modpo: w=%s, objective %r with margins %s, %d pairs", list(w), objectives[k],
              [objectives[j] for j in others], len(data["train"]))
-    return _train_lora(ctx, data["train"], data["eval"], out, scratch, objective=objectives[k], loss="modpo",
-                       modpo_weight=float(w[k]), modpo_margin_weights=[float(w[j]) for j in others],
+    return _train_lora(ctx, data["train"], data["eval"], out, scratch, loss_type=["modpo"], modpo_weight=float(w[k]),
+                       modpo_margin_weights=[float(w[j]) for j in others],
                        objective_names=[objectives[j] for j in [k, *others]])
 
 
 def train_dpo_lw(ctx, align_dir: Path, w: Sequence[float], out: Path, *, scratch: Path) -> Path:
     """Train one DPO LW policy at weight ``w`` (SIPO.md §4): Σ_i w_i · DPO_i on every stage-1 training pair, the
     best checkpoint chosen by the same weighted loss on stage 1's held-out pairs; save its adapter to ``out``."""
-    from .rundir import read_jsonl
+    from ..rundir.files import read_jsonl
 
     objectives = list(ctx.config.data.objectives)
     train_rows = dpo_lw_pairs(read_jsonl(align_dir / "train.jsonl"), objectives)
     held = dpo_lw_pairs(read_jsonl(align_dir / "eval.jsonl"), objectives)
     log.info("dpo_lw: w=%s on %d pairs", list(w), len(train_rows))
-    return _train_lora(ctx, train_rows, held, out, scratch, objective="weighted", loss="dpo_lw",
+    return _train_lora(ctx, train_rows, held, out, scratch, loss_type=["dpo_lw"], objective_names=["weighted"],
                        dpo_lw_weights=[float(x) for x in w])
 
 
@@ -141,7 +140,8 @@ _TRAINERS = {"modpo": train_modpo, "dpo_lw": train_dpo_lw}
 def trained_key(ctx, run_dir: Path) -> str:
     """The trained baselines belong to one set of stage-1 data/policies and one training config: a re-run stage 1
     gets a fresh key (directory) instead of reusing models trained against the old one."""
-    from .rundir import RunDir, stable_hash
+    from ..rundir.directory import RunDir
+    from ..rundir.files import stable_hash
 
     return stable_hash({"align": RunDir(run_dir).entry("align")["artifact"], "config": ctx.config.get("align"),
                         "seed": ctx.config.seed, "template": ctx.config.model.template})

@@ -13,15 +13,10 @@ import json
 import logging
 import time
 
-from .rundir import FORMAT, MANIFEST, STAGE_JSON, ManifestError, RunDir, atomic_write_json, check_records, dir_hash
+from .directory import FORMAT, MANIFEST, ManifestError, RunDir, identity
+from .files import STAGE_JSON, atomic_write_json, check_records, dir_hash
 
 log = logging.getLogger("sipo_fast.pipeline")
-
-
-def identity(config) -> dict:
-    """What makes a run directory what it is; a config that differs here needs its own directory."""
-    return {"model": config.model.name, "data": config.data.source, "objectives": list(config.data.objectives),
-            "use_lora": config.align.use_lora}
 
 
 def entry_from_record(record: dict, artifact: str) -> dict:
@@ -53,7 +48,7 @@ def _old_identity(run_dir: RunDir) -> dict | None:
         pass
     config_file = run_dir.root / "config.yaml"
     if config_file.is_file():
-        from .config import PipelineConfig
+        from ..config.pipeline_config import PipelineConfig
 
         try:
             return identity(PipelineConfig.from_yaml(config_file.read_text()))

@@ -1,4 +1,4 @@
-"""Resumable parts of a stage in progress (see :mod:`.rundir` for the run directory around them)."""
+"""Resumable parts of a stage in progress, in its work directory (:meth:`.directory.RunDir.work_dir`)."""
 from __future__ import annotations
 
 import os
@@ -6,15 +6,18 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from .rundir import TMP_SUFFIX, follow_umask, write_jsonl
+from .files import TMP_SUFFIX, follow_umask, write_jsonl
 
 
 class Parts:
     """Resumable units of a stage (one objective's adapter, one weight's candidates): each part is a file
     or directory in the work directory, written atomically; a part that exists is finished.
 
-    Under several processes (``dist``, see :mod:`.distributed`) only rank 0 writes; every write ends at a
-    barrier, so that when a ``save_*``/``write_jsonl`` call returns on any rank the file is in place, and
+    ``save_part_jsonl`` / ``save_part_dir`` write a part (it counts towards the crash point of the resume
+    tests); ``write_jsonl`` writes any other file of the stage (a merged file, a copy), which is not a part.
+
+    Under several processes (``dist``, see :mod:`sipo_fast.distributed`) only rank 0 writes; every write ends at
+    a barrier, so that when a ``save_part_*``/``write_jsonl`` call returns on any rank the file is in place, and
     ``done`` answers rank 0's view on every rank, so all ranks skip (or run) the same parts together."""
 
     def __init__(self, work: Path, stage: str, crash_after: int | None = None, dist=None):
@@ -32,7 +35,7 @@ class Parts:
         return self.dist.on_main(lambda: self.path(name).exists())
 
     def write_jsonl(self, name: str, rows: list[dict]) -> None:
-        """Write a file of the stage (not a resumable part: no crash point)."""
+        """Write a file of the stage that is not a resumable part (no crash point)."""
         self.dist.on_main(lambda: write_jsonl(self.path(name), rows))
 
     def remove(self, name: str) -> None:
@@ -41,29 +44,14 @@ class Parts:
         self.dist.on_main(lambda: shutil.rmtree(self.path(name)) if self.path(name).is_dir()
                           else self.path(name).unlink(missing_ok=True))
 
-    def save_jsonl(self, name: str, rows: list[dict]) -> None:
+    def save_part_jsonl(self, name: str, rows: list[dict]) -> None:
+        """Save a finished part as JSON lines."""
         self.dist.on_main(lambda: write_jsonl(self.path(name), rows))
         self._mark()
 
-    def save_file(self, name: str, writer) -> None:
-        """``writer(tmp_path)`` writes a temporary file, which is then renamed to the part's name."""
-        def run() -> None:
-            final = self.path(name)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=TMP_SUFFIX, dir=final.parent)
-            os.close(fd)
-            try:
-                follow_umask(tmp)
-                writer(Path(tmp))
-                os.replace(tmp, final)
-            except BaseException:
-                Path(tmp).unlink(missing_ok=True)
-                raise
-        self.dist.on_main(run)
-        self._mark()
-
-    def save_dir(self, name: str, writer) -> None:
-        """``writer(tmp_dir)`` fills a temporary directory, which is then renamed to the part's name."""
+    def save_part_dir(self, name: str, writer) -> None:
+        """Save a finished part as a directory: ``writer(tmp_dir)`` fills a temporary directory, which is then
+        renamed to the part's name."""
         def run() -> None:
             final = self.path(name)
             final.parent.mkdir(parents=True, exist_ok=True)

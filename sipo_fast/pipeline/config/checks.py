@@ -1,4 +1,5 @@
-"""Value checks shared by the config sections: types from the field annotations, positive numbers, weights.
+"""Field checks shared by the config sections (:mod:`.sections`): types from the field annotations, positive
+numbers, weights, and the :class:`Section` base that runs them.
 
 YAML and ``section.key=value`` overrides hand the config whatever the user typed, so every field is checked
 against its annotation before a section's own rules run (``check_types``):
@@ -12,13 +13,10 @@ against its annotation before a section's own rules run (``check_types``):
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import fields
-
 import math
 import re
 from dataclasses import fields
 
-SIMPLEX_TOL = 1e-6
 _KINDS = {"bool": "true or false", "int": "a whole number", "float": "a number", "str": "a string",
           "list": "a list, e.g. [a, b]"}
 
@@ -90,9 +88,12 @@ def positive(name: str, value, *, allow_none: bool = False, allow_zero: bool = F
 def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[float]]:
     """Turn ``weights`` (numbers for N=2, or vectors of length N) into a list of simplex vectors.
 
-    Raises ValueError for an empty list, a vector of the wrong length, a negative entry or a sum that is
-    not 1 (within 1e-6), naming the offending entry and ``where`` it came from.
+    Raises ValueError for an empty list, a vector of the wrong length, or one off the simplex (the MOD ops'
+    :func:`sipo_fast.ops.mod.check_weights`: entries >= 0 summing to 1 within its ``WEIGHT_TOL``), naming the
+    offending entry and ``where`` it came from.
     """
+    from sipo_fast.ops.mod import check_weights
+
     if not isinstance(weights, (list, tuple)) or len(weights) == 0:
         raise ValueError(f"{where}: give a non-empty list of weights, e.g. [0.2, 0.4, 0.6, 0.8] for two objectives")
     out = []
@@ -109,21 +110,22 @@ def resolve_weights(weights: list, n_objectives: int, where: str) -> list[list[f
         if len(vec) != n_objectives:
             raise ValueError(f"{where}: weight {list(w)} has {len(vec)} entries but there are {n_objectives} "
                              "objectives")
-        if any(not math.isfinite(x) or x < -SIMPLEX_TOL for x in vec) or abs(sum(vec) - 1.0) > SIMPLEX_TOL:
-            raise ValueError(f"{where}: weight {w!r} -> {vec} is off the simplex; every entry must be >= 0 and the "
-                             f"entries must sum to 1")
-        out.append([max(0.0, x) for x in vec])
+        try:
+            check_weights(vec, n_objectives)
+        except ValueError as exc:
+            raise ValueError(f"{where}: weight {w!r} -> {vec} is off the simplex: {exc}") from None
+        out.append([x + 0.0 for x in vec])  # -0.0 -> 0.0, so that equal weights hash equal
     return out
 
 
-# Class name -> section name ("AlignConfig" -> "align"), filled by config.py; error messages name the section.
+# Class name -> section name ("AlignConfig" -> "align"), filled by sections.py; error messages name the section.
 SECTION_NAMES: dict[str, str] = {}
 
 
 class Section:
     """Shared dict conversion for the section dataclasses (strict about unknown keys), and type checks: every
     section's ``__post_init__`` is wrapped so that the fields are checked against their annotations first
-    (``config_checks.check_types``), whether the section comes from YAML, an override or Python."""
+    (:func:`check_types`), whether the section comes from YAML, an override or Python."""
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)

@@ -37,31 +37,21 @@ import numpy as np
 
 from sipo_fast.distributed import current
 from sipo_fast.eval.cache import ScoreCache, TextCache
-from sipo_fast.eval.inputs import DEFAULT_SCORERS, build_scorers, heldout_prompts
+from sipo_fast.eval.inputs import DEFAULT_SCORERS, build_scorers
 from sipo_fast.eval.report import diagnostics_markdown, write_report
 from sipo_fast.eval.stats import to_maximisation, weight_grid
 from sipo_fast.eval.sweep import SweepResult, run_eval, score_responses, sweep_weights
 
-from .rundir import RunDir, dir_hash, read_jsonl, stable_hash
-from .trained import TRAINED, train_modpo, trained_key, trained_policy_for  # noqa: F401 (train_modpo: re-export)
+from ..context import Context
+from ..rundir.directory import RunDir
+from ..rundir.files import dir_hash, read_jsonl, stable_hash
+from .trained import TRAINED, trained_key, trained_policy_for
 
 log = logging.getLogger("sipo_fast.eval")
 METHODS = ("sipo", "mod", "soups", "soups_ab", "modpo", "dpo_lw")
 DEFAULT_METHODS = ("sipo", "mod", "soups")
 _NEEDS = {"sipo": ("finetune",), "mod": ("align",), "soups": ("align",), "soups_ab": ("align",), "modpo": ("align",),
           "dpo_lw": ("align",)}
-
-
-def config_prompts(config, num_prompts: int | None = None) -> list[str]:
-    """The run's held-out prompts: eval.prompt_source (or data.source), eval.prompt_split, eval.prompt_select.
-    A data.source that is one file has no held-out split (its rows are the training data): the prompts must then
-    come from an eval.prompt_source of their own."""
-    e = config.eval
-    if e.prompt_source is None and Path(str(config.data.source)).is_file():
-        raise ValueError(f"{config.data.source}: a single file has no held-out split to evaluate on (its rows are the "
-                         "training data); set eval.prompt_source to a file or dataset of held-out prompts")
-    return heldout_prompts(e.prompt_source or config.data.source, num_prompts or e.num_prompts, split=e.prompt_split,
-                           select=e.prompt_select)
 
 
 def default_weights(config) -> np.ndarray:
@@ -121,7 +111,7 @@ class EvalRun:
 
 
 def _load_config(run_dir: Path):
-    from .config import PipelineConfig
+    from ..config.pipeline_config import PipelineConfig
 
     path = run_dir / "config.yaml"
     if not path.exists():
@@ -180,7 +170,7 @@ def _raw_generator(ctx, run_dir: Path, method: str, out_dir: Path, settings: dic
     """Models load lazily, on the first call: a sweep served from the text cache loads nothing."""
     from sipo_fast.eval.methods import mod_generator, per_weight_generator, soup_generator
 
-    from .policies import load_policies
+    from ..policies import load_policies
 
     kw = dict(max_new_tokens=settings["max_new_tokens"], template=settings["template"],
               batch_size=settings["batch_size"], progress=ctx.progress)
@@ -214,11 +204,9 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
     """Sweep ``methods`` on a finished pipeline run and write the comparison report.
 
     Defaults come from the run's config: weights = ``sample.weights`` plus the endpoints 0 and 1, prompts =
-    ``eval.num_prompts`` held-out prompts (:func:`config_prompts`), ``eval.max_new_tokens``, ``eval.batch_size``, ``eval.scorers`` (or
-    the data source's defaults). Decoding is greedy; the run's seed labels the results.
+    ``eval.num_prompts`` held-out prompts (:meth:`~..context.Context.heldout_prompts`), ``eval.max_new_tokens``,
+    ``eval.batch_size``, ``eval.scorers`` (or the data source's defaults). Decoding is greedy; the run's seed labels the results.
     """
-    from .context import Context
-
     dist = current()  # several processes: each decodes and scores a share, rank 0 decides and writes
     run_dir = Path(run_dir)
     config = _load_config(run_dir)
@@ -243,12 +231,12 @@ def evaluate_run(run_dir: str | os.PathLike, *, methods: Sequence[str] = DEFAULT
         raise ValueError(f"give one scorer per objective {config.data.objectives} (e.g. --scorers relevance "
                          f"harmlessness); got {specs}")
     scorer_objs = build_scorers(specs)
-    prompts = config_prompts(config, num_prompts)
+    ctx = Context(config, RunDir(run_dir), progress=progress and dist.is_main)
+    prompts = ctx.heldout_prompts(num_prompts)
     settings = {"max_new_tokens": max_new_tokens or config.eval.max_new_tokens,
                 "batch_size": batch_size or config.eval.batch_size, "template": config.model.template}
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "comparison"
     cache = ScoreCache(out_dir / "scores.sqlite" if dist.is_main else None)
-    ctx = Context(config, RunDir(run_dir), progress=progress and dist.is_main)
     _place_scorers(scorer_objs, ctx)
     results = {}
     # MOD first: its stage-1 endpoints seed the text cache that the other methods' endpoints reuse.
