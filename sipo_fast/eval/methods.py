@@ -46,10 +46,11 @@ def _decode_kwargs(max_new_tokens, template, batch_size, progress, do_sample, te
 def weight_set_texts(decoder, prompts: Sequence[str], weights, **generate_kwargs) -> list[list[str]]:
     """[B][S] texts: each of the B prompts decoded at each of the S weight vectors ``weights`` [S, N], in one
     :meth:`MODDecoder.generate` call with the weight set [B, S, N] (row b·S + s), so that the S rows of a prompt
-    share its prefill. ``generate_kwargs``: ``template``, ``max_new_tokens``, sampling options."""
+    share its prefill. ``generate_kwargs``: ``template``, ``max_new_tokens``, sampling options. The policies' own
+    ``generation_config`` is not read (``use_model_defaults=False``): the caller's settings alone decide."""
     S = len(weights)
     sets = [[[float(x) for x in w] for w in weights]] * len(prompts)    # (B, S, N)
-    out = decoder.generate(list(prompts), weights=sets, **generate_kwargs)
+    out = decoder.generate(list(prompts), weights=sets, use_model_defaults=False, **generate_kwargs)
     texts = [decoder.tokenizer.decode(out.generated_ids(r)) for r in range(len(prompts) * S)]
     return [texts[b * S:(b + 1) * S] for b in range(len(prompts))]
 

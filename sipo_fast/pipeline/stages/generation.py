@@ -27,7 +27,7 @@ def generate(ctx: Context, decoder, prompts: list[str], weights: list[float], *,
     todo = list(prompts) if do_sample else list(dict.fromkeys(prompts))
     log.info("%s: %d prompts, up to %d new tokens", desc, len(todo), max_new_tokens)
     kwargs = dict(weights=weights, max_new_tokens=max_new_tokens, template=template or ctx.config.model.template,
-                  batch_size=batch_size, progress=ctx.progress)
+                  batch_size=batch_size, progress=ctx.progress, use_model_defaults=False)  # the config decides
     if do_sample:
         kwargs.update(do_sample=True, temperature=temperature, top_p=top_p, seed=seed)
     texts = [o.text for o in generate_text(decoder, todo, **kwargs)]
