@@ -273,3 +273,30 @@ def get_scorer(name: str, **kwargs) -> Scorer:
     if name not in _CACHE:
         _CACHE[name] = _REGISTRY[name]()
     return _CACHE[name]
+
+
+class ToneScorer(Scorer):
+    """Harmlessness stand-in: the tone of the response, (compound + 1) / 2 of VADER sentiment, in [0, 1].
+
+    VADER (``vadersentiment``, a rule-based scorer with its lexicon inside the wheel) reads words of hostility,
+    threat and contempt as negative and words of calm, thanks and apology as positive, so it grades every
+    response, not only those with swear words. It is a stand-in for a harmlessness (cost) model, not one: it
+    reacts to wording, not to intent (a polite plan for revenge scores well). Prompt-independent.
+    """
+
+    name = "tone"
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as exc:
+            raise ModuleNotFoundError("ToneScorer needs vadersentiment: `pip install vadersentiment`") from exc
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        _check(prompts, responses)
+        compound = [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+        return (torch.tensor(compound, dtype=torch.float32) + 1.0) / 2.0
+
+
+_REGISTRY["tone"] = ToneScorer
