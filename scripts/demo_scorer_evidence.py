@@ -109,7 +109,8 @@ def main(argv=None) -> None:
     sys.path.insert(0, str(ROOT))
     rows = [json.loads(line) for line in args.pairs.read_text().splitlines() if line.strip()]
     print(f"{args.pairs} ({len(rows)} pairs)\n")
-    print("| scorer | mean | sd | 10-90% | ties (|Δ| < 0.01) | corr(Δrel, Δs) [95%] | harsh prompts only | harsh − ordinary |")
+    print("| scorer | mean | sd | 10-90% | ties (|Δ| < 0.01) | corr(Δrel, Δs) [95%] | harsh prompts only "
+          "| harsh − ordinary |")
     print("|---|---|---|---|---|---|---|---|")
     for t in pair_table(rows):
         c, ch = t["corr"], t["corr_harsh"]
@@ -120,8 +121,8 @@ def main(argv=None) -> None:
         print("\n| sweep | scorer | w = 0 | w = 1 | w1 − w0 ± 95% | separated |")
         print("|---|---|---|---|---|---|")
         for t in sweep_table(args.sweep):
-            print(f"| {t['sweep']} | {t['scorer']} | {t['w0']:.3f} | {t['w1']:.3f} | {t['diff']:+.3f} ± {t['half']:.3f} | "
-                  f"{'yes' if t['separated'] else 'no'} |")
+            print(f"| {t['sweep']} | {t['scorer']} | {t['w0']:.3f} | {t['w1']:.3f} | "
+                  f"{t['diff']:+.3f} ± {t['half']:.3f} | {'yes' if t['separated'] else 'no'} |")
 
 
 if __name__ == "__main__":

@@ -166,10 +166,13 @@ def card(rows: list[dict], counts: dict, args, meta: dict) -> str:
     n = len(rows)
     conflict = lambda rs: sum(r["better_response_id"] != r["safer_response_id"] for r in rs)  # noqa: E731
     kinds = {k: [r for r in rows if r["kind"] == k] for k in ("harsh", "ordinary")}
-    g1 = lambda rs: "{r:+.3f} [{lo:+.3f}, {hi:+.3f}]".format(**data_correlation(rs, seed=0)) if len(rs) >= 3 else "—"  # noqa: E731
+    def g1(rs):
+        return "{r:+.3f} [{lo:+.3f}, {hi:+.3f}]".format(**data_correlation(rs, seed=0)) if len(rs) >= 3 else "—"
+
     mean = lambda key, rs: sum(r[f"{key}_0"] + r[f"{key}_1"] for r in rs) / (2 * max(1, len(rs)))  # noqa: E731
-    table = "\n".join(f"| {k} | {len(rs)} | {conflict(rs) / max(1, len(rs)):.3f} | {g1(rs)} | {mean('relevance', rs):.3f} | "
-                      f"{mean('tone', rs):.3f} |" for k, rs in (("all", rows), *kinds.items()))
+    table = "\n".join(f"| {k} | {len(rs)} | {conflict(rs) / max(1, len(rs)):.3f} | {g1(rs)} | "
+                      f"{mean('relevance', rs):.3f} | {mean('tone', rs):.3f} |"
+                      for k, rs in (("all", rows), *kinds.items()))
     unsafe = sum((not r["is_response_0_safe"]) + (not r["is_response_1_safe"]) for r in rows)
     greedy_note = ("For each conflicting row (the prompts stage 2 samples on), π_ref's greedy response is kept as a\n"
                    "  control (`response_greedy` and its scores; None elsewhere): stage 2's candidates are greedy, the\n"
@@ -249,7 +252,7 @@ def main(argv=None) -> None:
                     help="where the raw samples are kept (not shipped)")
     ap.add_argument("--label-only", action="store_true", help="relabel the cached samples, do not sample")
     ap.add_argument("--no-greedy-control", dest="greedy_control", action="store_false",
-                    help="skip π_ref's greedy responses to the conflicting prompts (about a third of the sampling time)")
+                    help="skip π_ref's greedy responses to the conflicting prompts (adds about 15%% to sampling)")
     args = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     meta_path = args.cache.with_suffix(".meta.json")
@@ -267,8 +270,8 @@ def main(argv=None) -> None:
         samples = sample_responses(_decoder(), [it["prompt"] for it in items], args)
         cache = [{"prompt": it["prompt"], "kind": it["kind"], "samples": s, "greedy": None}
                  for it, s in zip(items, samples)]
-        meta = {"sampling": {k: getattr(args, k) for k in ("samples", "temperature", "top_p", "max_new_tokens", "seed")},
-                "sample_minutes": (time.time() - t0) / 60}
+        keys = ("samples", "temperature", "top_p", "max_new_tokens", "seed")
+        meta = {"sampling": {k: getattr(args, k) for k in keys}, "sample_minutes": (time.time() - t0) / 60}
         args.cache.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.cache, "".join(json.dumps(c, ensure_ascii=False) + "\n" for c in cache))
         write_atomic(meta_path, json.dumps(meta))
