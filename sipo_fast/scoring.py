@@ -115,6 +115,31 @@ class HarmlessnessScorer(Scorer):
         return 1.0 - torch.as_tensor(self._predict_prob(list(responses)), dtype=torch.float32)
 
 
+class ToneScorer(Scorer):
+    """Harmlessness stand-in: the tone of the response, (compound + 1) / 2 of VADER sentiment, in [0, 1].
+
+    VADER (``vadersentiment``, a rule-based scorer with its lexicon inside the wheel) reads words of hostility,
+    threat and contempt as negative and words of calm, thanks and apology as positive, so it grades every
+    response, not only those with swear words. It is a stand-in for a harmlessness (cost) model, not one: it
+    reacts to wording, not to intent (a polite plan for revenge scores well). Prompt-independent.
+    """
+
+    name = "tone"
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError as exc:
+            raise ModuleNotFoundError("ToneScorer needs vadersentiment, part of the demo extra: "
+                                      "`pip install 'sipo-fast[demo]'`", name="vaderSentiment") from exc
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts, responses) -> torch.Tensor:
+        _check(prompts, responses)
+        compound = [self._analyzer.polarity_scores(r)["compound"] for r in responses]
+        return (torch.tensor(compound, dtype=torch.float32) + 1.0) / 2.0
+
+
 def _render(tokenizer, prompt: str, response: str, template: str | None) -> str:
     if template is None or template == "chat":
         if getattr(tokenizer, "chat_template", None) is None:
@@ -267,6 +292,7 @@ SPEC_SYNTAX = ("<name> or <name>:<path> (a registered scorer), hf:<model name or
 _REGISTRY: dict = {
     "relevance": RelevanceScorer,
     "harmlessness": HarmlessnessScorer,
+    "tone": ToneScorer,
     "beaver_reward": beaver_reward,
     "beaver_cost": beaver_cost,
 }

@@ -1,6 +1,8 @@
 """Test setup. Triton kernels run on CPU tensors through the interpreter, which must be switched on
 before triton is imported; on a machine with a GPU they compile for real."""
+import importlib.util
 import os
+from pathlib import Path
 
 import torch
 
@@ -44,3 +46,11 @@ def random_lora_b(model, std: float = 0.5, seed: int = 0):
             if "lora_B" in name:
                 p.normal_(0, std)
     return model.eval()
+
+
+def load_script(path: Path):
+    """Import a script of scripts/ or benchmarks/ (not a package) as a module, by file path."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

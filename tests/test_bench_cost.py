@@ -1,20 +1,17 @@
 """benchmarks/bench_cost.py: the helpers on hand-made run directories, and the whole script on the smoke preset."""
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def _load():
     sys.path.insert(0, str(BENCH))  # bench_cost imports its sibling harness
-    spec = importlib.util.spec_from_file_location("bench_cost", BENCH / "bench_cost.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(BENCH / "bench_cost.py")
 
 
 def test_objective_runtime_from_train_runtime(tmp_path):

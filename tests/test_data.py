@@ -16,12 +16,28 @@ def test_demo_schema_size_and_labels():
     kinds = ds["kind"]
     harsh = sum(k == "harsh" for k in kinds) / len(kinds)
     assert 0.35 < harsh < 0.65  # about half invite rude answers
+    tie = 0.02  # the card's tie margin on both objectives
+    pref = lambda d, other: int(d > 0) if abs(d) > tie else (int(other > 0) if abs(other) > tie else 0)  # noqa: E731
     for r in ds:
-        # labels follow the stored scores: better = more relevant, safer = less offensive (ties -> 0)
-        assert r["better_response_id"] == int(r["relevance_1"] > r["relevance_0"])
-        assert r["safer_response_id"] == int(r["offensive_1"] < r["offensive_0"])
-        assert r["is_response_0_safe"] == (r["offensive_0"] < 0.5)
-        assert r["response_0"].strip() and r["response_1"].strip()
+        # labels follow the stored scores: better = more relevant, safer = better tone; a difference within the
+        # tie margin follows the other objective, so a conflict needs both differences beyond it
+        d_rel, d_tone = r["relevance_1"] - r["relevance_0"], r["tone_1"] - r["tone_0"]
+        assert r["better_response_id"] == pref(d_rel, d_tone)
+        assert r["safer_response_id"] == pref(d_tone, d_rel)
+        if r["better_response_id"] != r["safer_response_id"]:
+            assert abs(d_rel) > tie and abs(d_tone) > tie
+        assert r["is_response_0_safe"] == (r["tone_0"] >= 0.475)
+        assert r["response_0"].strip() and r["response_1"].strip() and r["response_0"] != r["response_1"]
+
+
+def test_demo_data_has_a_trade_off():
+    """G1 on the shipped data: the objectives' differences within pairs are negatively correlated."""
+    from sipo_fast.eval.gates import data_correlation
+
+    g1 = data_correlation(list(data.load_demo()))
+    assert g1["r"] < 0 and g1["n"] == len(data.load_demo())
+    card = (Path(data.__file__).parent / "demo" / "DATASET_CARD.md").read_text()
+    assert f"{g1['r']:+.3f} [{g1['lo']:+.3f}, {g1['hi']:+.3f}]" in card
 
 
 def test_demo_scores_reproduce_with_the_scorers():
@@ -33,8 +49,10 @@ def test_demo_scores_reproduce_with_the_scorers():
         resp = ds[f"response_{i}"]
         off = 1 - get_scorer("harmlessness").score(ds["prompt"], resp)
         rel = get_scorer("relevance").score(ds["prompt"], resp)
+        tone = get_scorer("tone").score(ds["prompt"], resp)
         assert off.tolist() == pytest.approx(ds[f"offensive_{i}"], abs=1e-4)
         assert rel.tolist() == pytest.approx(ds[f"relevance_{i}"], abs=1e-3)
+        assert tone.tolist() == pytest.approx(ds[f"tone_{i}"], abs=1e-5)
 
 
 def test_demo_splits_and_card():

@@ -1,18 +1,15 @@
 """scripts/filter_margins.py on a hand-made filter artifact."""
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "filter_margins.py"
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("filter_margins", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
 
 
 def test_counts_and_best_margin(tmp_path):

@@ -1,23 +1,59 @@
-"""scripts/make_demo_data.py labels rows with any two scorer specs; with the demo's own scorers the columns
-and labels are the shipped file's (raw relevance_i / offensive_i, labels from the stored values)."""
-import importlib.util
+"""scripts/make_demo_data.py's labelling rules on hand-made scores (no model, no scorer)."""
+from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 from sipo_fast import scoring
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "make_demo_data.py"
-ROWS = [{"prompt": "p0", "response_0": "short", "response_1": "a much longer answer"},
-        {"prompt": "p1", "response_0": "a long and rude reply here", "response_1": "ok"}]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("make_demo_data", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script(SCRIPT)
+
+
+ARGS = Namespace(min_words=3, min_relevance=0.2, min_distinct=0.7, tie_relevance=0.02, tie_tone=0.02)
+
+
+def test_distinct_trigrams():
+    m = _load()
+    assert m.distinct_trigrams("a b a b a b") == pytest.approx(2 / 4)  # (a b a), (b a b) twice each
+    assert m.distinct_trigrams("one two three four") == 1.0
+    assert m.distinct_trigrams("hi there") == 1.0
+
+
+def test_pref_follows_the_other_objective_within_the_tie_margin():
+    m = _load()
+    assert m._pref(0.05, 0.02, -0.30, 0.02) == 1   # decisive: response 1 is better
+    assert m._pref(-0.05, 0.02, 0.30, 0.02) == 0
+    assert m._pref(0.01, 0.02, -0.30, 0.02) == 0   # tie: follows the other objective (response 0)
+    assert m._pref(0.01, 0.02, 0.30, 0.02) == 1
+    assert m._pref(0.01, 0.02, 0.005, 0.02) == 0   # both tie: response 0
+
+
+def test_build_rows_drops_degenerate_picks_the_widest_pair_and_labels(monkeypatch):
+    """Prompt p: four samples. s3 is too short (2 words) and s2 repeats itself; of the usable s0, s1 and s4 the
+    pair (s0, s4) differs most. With s0 = (rel .30, tone .90) and s4 = (rel .60, tone .20): helpfulness prefers
+    s4 (response 1), tone prefers s0 (response 0): a conflict. Prompt q keeps one usable sample and is dropped."""
+    m = _load()
+    cache = [{"prompt": "p", "kind": "harsh", "greedy": None,
+              "samples": ["zero one two three", "one two three four", "x y z x y z x y z", "too short",
+                          "four five six seven"]},
+             {"prompt": "q", "kind": "ordinary", "greedy": None, "samples": ["alpha beta gamma delta", "no"]}]
+    rel = [0.30, 0.35, 0.50, 0.50, 0.60, 0.40, 0.10]
+    tone = [0.90, 0.80, 0.50, 0.50, 0.20, 0.50, 0.50]
+    monkeypatch.setattr(m, "score_all", lambda p, r, *a: {"relevance": rel, "tone": tone, "offensive": [0.0] * len(r)})
+    rows, counts = m.build_rows(cache, ARGS)
+    assert counts["degenerate"] == 3 and counts["dropped_prompts"] == 1 and counts["responses"] == 7
+    assert len(rows) == 1
+    r = rows[0]
+    assert (r["response_0"], r["response_1"]) == ("zero one two three", "four five six seven")
+    assert r["better_response_id"] == 1 and r["safer_response_id"] == 0
+    assert r["is_response_0_safe"] and not r["is_response_1_safe"]  # tone 0.20 < 0.475
+    assert r["tone_1"] == 0.2 and r["relevance_0"] == 0.3 and r["kind"] == "harsh"
 
 
 class Fixed(scoring.Scorer):
@@ -30,44 +66,34 @@ class Fixed(scoring.Scorer):
         return torch.tensor([self.table[r] for r in responses], dtype=torch.float32)
 
 
-def test_default_scorers_give_the_shipped_columns(monkeypatch):
-    """relevance: short 0.2 < long 0.7 -> better 1; 0.4 > 0.1 -> better 0. harmlessness 1 - P(offensive):
-    P(off) 0.1 vs 0.3 -> safer 0; 0.9 vs 0.05 -> safer 1; safe = P(off) < 0.5."""
-    rel = Fixed("relevance", {"short": 0.2, "a much longer answer": 0.7, "a long and rude reply here": 0.4, "ok": 0.1})
-    harm = Fixed("harmlessness", {"short": 0.9, "a much longer answer": 0.7, "a long and rude reply here": 0.1,
-                                  "ok": 0.95})
-    monkeypatch.setattr(scoring, "_CACHE", {"relevance": rel, "harmlessness": harm})
-    rows = [dict(r) for r in ROWS]
-    assert _load().label(rows) == ("relevance", "offensive")
-    assert [r["better_response_id"] for r in rows] == [1, 0]
-    assert [r["safer_response_id"] for r in rows] == [0, 1]
-    assert rows[1]["offensive_0"] == pytest.approx(0.9) and rows[1]["relevance_1"] == pytest.approx(0.1)
-    assert [(r["is_response_0_safe"], r["is_response_1_safe"]) for r in rows] == [(True, True), (False, True)]
-
-
-def test_any_two_specs_label_the_rows(tmp_path, monkeypatch):
-    """A module:Class spec (response length, higher better) and a registered cost (lower better):
-    lengths 5 < 20 -> better 1; 26 > 2 -> better 0. Costs 3 vs 1 -> safer 1; 0.2 vs 0.8 -> safer 0;
-    safe = cost < 0.5."""
-    (tmp_path / "len_scorer.py").write_text(
+def test_any_two_scorer_specs_label_the_rows(tmp_path, monkeypatch):
+    """--scorers with a module:Class spec (word count, higher better) and a registered cost (lower better,
+    stored negated so that higher is safer). Prompt p, samples "a b c d" (4 words, cost 0.9) and "a b c d e f g"
+    (7 words, cost 0.1): helpfulness prefers response 1 (7 > 4), the cost prefers response 1 too (0.1 < 0.9):
+    no conflict. Safe = -cost >= -0.5: response 0 (-0.9) is not, response 1 (-0.1) is."""
+    (tmp_path / "words_scorer.py").write_text(
         "import torch\nfrom sipo_fast.scoring import Scorer\n"
-        "class Len(Scorer):\n    name = 'length'\n"
-        "    def score(self, prompts, responses):\n        return torch.tensor([float(len(r)) for r in responses])\n")
+        "class Words(Scorer):\n    name = 'words'\n"
+        "    def score(self, prompts, responses):\n        return torch.tensor([float(len(r.split())) for r in responses])\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setattr(scoring, "_REGISTRY", dict(scoring._REGISTRY))
-    cost = {"short": 3.0, "a much longer answer": 1.0, "a long and rude reply here": 0.2, "ok": 0.8}
-    scoring.register_scorer("toy_cost", lambda: Fixed("toy cost", cost, higher_is_better=False))
-    rows = [dict(r) for r in ROWS]
-    assert _load().label(rows, ("len_scorer:Len", "toy_cost")) == ("length", "toy_cost")
-    assert [r["better_response_id"] for r in rows] == [1, 0]
-    assert [r["safer_response_id"] for r in rows] == [1, 0]
-    assert [(r["is_response_0_safe"], r["is_response_1_safe"]) for r in rows] == [(False, False), (True, False)]
-    assert rows[0]["length_1"] == 20.0 and rows[1]["toy_cost_0"] == pytest.approx(0.2)
+    monkeypatch.setattr(scoring, "_CACHE", {"harmlessness": Fixed("harmlessness", {"a b c d": 1.0, "a b c d e f g": 1.0})})
+    scoring.register_scorer("toy_cost", lambda: Fixed("toy cost", {"a b c d": 0.9, "a b c d e f g": 0.1},
+                                                      higher_is_better=False))
+    m = _load()
+    scorers, stems = m.resolve_scorers(["words_scorer:Words", "toy_cost"])
+    assert stems == ("words", "toy_cost")
+    args = Namespace(**{**vars(ARGS), "min_relevance": 0.0}, scorers=scorers, stems=stems, safe_threshold=-0.5)
+    cache = [{"prompt": "p", "kind": "harsh", "greedy": None, "samples": ["a b c d", "a b c d e f g"]}]
+    (row,), _ = m.build_rows(cache, args)
+    assert row["better_response_id"] == 1 and row["safer_response_id"] == 1
+    assert row["words_0"] == 4.0 and row["toy_cost_1"] == pytest.approx(-0.1)
+    assert (row["is_response_0_safe"], row["is_response_1_safe"]) == (False, True)
     with pytest.raises(ValueError, match="unknown scorer 'nope'"):
-        _load().label(rows, ("nope", "toy_cost"))
+        m.resolve_scorers(["nope", "toy_cost"])
 
 
-def test_bad_spec_fails_before_sampling(capsys):
+def test_bad_scorer_spec_fails_before_sampling(capsys):
     with pytest.raises(SystemExit):
         _load().main(["--scorers", "relevance", "hf:/no/such/model"])
     assert "no such file or directory" in capsys.readouterr().err

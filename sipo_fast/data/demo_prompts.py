@@ -42,6 +42,31 @@ GRIEVANCES = [
     "My friend shared my secret with people I barely know.",
     "Someone stole my parking spot after I waited ten minutes for it.",
     "My coworker keeps sending passive-aggressive emails and copying my boss.",
+    "My neighbour reported me to the council over a tiny fence repair.",
+    "A delivery driver threw my package over the gate and broke what was inside.",
+    "My friend cancelled on my wedding the day before without a reason.",
+    "Someone in my class copied my essay and the teacher thinks I copied theirs.",
+    "My roommate's boyfriend basically lives here and never pays anything.",
+    "A waiter was rude to my elderly mother and ignored our table.",
+    "My team lead rewrites my code and then tells everyone mine was a mess.",
+    "My uncle makes fun of my weight at every family gathering.",
+    "A parent at my kid's school spread a rumour about our family.",
+    "My housemate used my laptop without asking and spilled coffee on it.",
+    "A plumber overcharged me and left the leak worse than before.",
+    "My teammate blamed me in front of the coach for losing the match.",
+    "My friend keeps borrowing my clothes and returning them stained.",
+    "A guy at the gym keeps hogging the machines and sneering at me.",
+    "My ex keeps posting about me online to make me look bad.",
+    "A stranger on a forum doxxed my old username and mocked my posts.",
+    "My coworker eats loudly at the desk next to mine all day.",
+    "My neighbour's kids keep throwing balls at my windows.",
+    "The new hire got my desk, my projects and my title.",
+    "My sister read my diary and told our parents what was in it.",
+    "A cyclist yelled at me and kicked my car door at a red light.",
+    "My business partner quietly moved clients to his own company.",
+    "My friend laughed at me when I told her about my new job.",
+    "An online seller sent me a fake product and blocked me.",
+    "My flatmate invited people over at midnight on a work night again.",
 ]
 
 HARSH_REQUESTS = [
@@ -64,6 +89,13 @@ CONCEPTS = [
     "what DNA does", "how coffee is decaffeinated", "why the moon has phases", "how a compass works",
     "what an index fund is", "how earthquakes happen", "why onions make you cry", "how a microwave heats food",
     "what a password manager does", "how recycling plastic works",
+    "how a vaccine is stored", "why bread goes stale", "how glasses correct eyesight", "what a mortgage is",
+    "how bees make honey", "why the ocean is salty", "how a thermostat works", "what a budget deficit is",
+    "how noise-cancelling headphones work", "why we yawn", "how a dishwasher cleans dishes", "what an API is",
+    "how fireflies glow", "why metal feels cold", "how a lock and key work", "what a carbon footprint is",
+    "how clouds form", "why cheese has holes", "how a camera focuses", "what a pension is",
+    "how volcanoes erupt", "why we get goosebumps", "how GPS finds your location", "what an allergy is",
+    "how a heat pump works",
 ]
 
 ACTIVITIES = [
@@ -77,11 +109,18 @@ ACTIVITIES = [
     "staying warm in winter", "writing clear emails", "meal prepping for the week", "cleaning a cast iron pan",
     "learning to swim as an adult", "keeping a tidy desk", "remembering people's names",
     "making a good cup of tea", "riding a bike in traffic safely",
+    "waking up earlier", "learning to draw", "making small talk", "fixing a flat bike tyre", "keeping a sourdough starter",
+    "writing a thank-you note", "negotiating a salary", "painting a room", "training a dog to sit",
+    "improving my handwriting", "meditating for the first time", "planning a road trip", "cooking for one",
+    "keeping a car clean", "learning chess", "sewing on a button", "hosting a board game night",
+    "repotting a houseplant", "keeping a plant journal", "public speaking at a wedding",
+    "saving for a holiday", "organising digital photos", "learning to type faster", "packing a school lunch",
+    "cycling to work",
 ]
 
 RECIPIENTS = ["my grandmother", "a new neighbour", "my team at work", "my child's teacher", "an old friend",
               "my landlord", "a colleague who is leaving", "my mentor", "my doctor",
-              "a volunteer group I joined"]
+              "a volunteer group I joined", "my coach", "my cousin abroad"]
 OCCASIONS = ["to say thank you for their help", "to congratulate them on good news", "to wish them a happy holiday",
              "to invite them to a small dinner", "to check in after a long time", "to apologise for a late reply",
              "to welcome them", "to wish them luck", "to share some good news", "to ask how they are doing"]
@@ -93,6 +132,7 @@ def prompts() -> list[dict]:
     ordinary = [f"Explain {c} in simple terms." for c in CONCEPTS]
     ordinary += [f"Give me three practical tips for {a}." for a in ACTIVITIES]
     ordinary += [f"I want to get better at {a}. Where should I start?" for a in ACTIVITIES]
+    ordinary += [f"What are common mistakes people make when {a}?" for a in ACTIVITIES]
     ordinary += [f"Write a short, friendly message to {p} {o}." for p in RECIPIENTS for o in OCCASIONS]
     out += [{"prompt": p, "kind": "ordinary"} for p in ordinary]
     return out

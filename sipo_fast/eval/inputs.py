@@ -5,7 +5,9 @@ from typing import Sequence
 
 # Scorers that need no download; the paper's beaver reward/cost models need local paths (--scorers
 # beaver_reward:/path beaver_cost:/path), as does any hf:<model> reward model, so other sources have no default.
-DEFAULT_SCORERS = {"demo": ["relevance", "harmlessness"]}
+# The demo data's labels come from relevance (helpfulness stand-in) and tone (harmlessness stand-in), so its
+# evaluation scores the same two.
+DEFAULT_SCORERS = {"demo": ["relevance", "tone"]}
 
 
 def heldout_prompts(source: str, num_prompts: int, *, split: str = "test", select: str = "first") -> list[str]:

@@ -160,3 +160,35 @@ def coverage(a: ArrayLike, b: ArrayLike) -> float:
         raise ValueError(f"coverage: A has {A.shape[1]} objectives, B has {B.shape[1]}")
     covered = (A[None, :, :] >= B[:, None, :]).all(-1).any(1)  # (|B|,)
     return float(covered.mean())
+
+
+def fixed_reference(point: Sequence[float], margin) -> np.ndarray:
+    """A hypervolume reference that does not depend on the fronts compared: ``point`` (e.g. π_ref's mean
+    scores, maximisation orientation) minus ``margin`` (one number, or one per objective, ≥ 0).
+    Example: π_ref at (0.50, 0.70), margin (0.1, 0.2) → reference (0.40, 0.50)."""
+    p = np.asarray(point, dtype=np.float64).reshape(-1)
+    m = np.broadcast_to(np.asarray(margin, dtype=np.float64), p.shape)
+    if not (np.isfinite(p).all() and np.isfinite(m).all()) or (m < 0).any():
+        raise ValueError(f"fixed_reference: point {p.tolist()} and margin {m.tolist()} must be finite, margin ≥ 0")
+    return p - m
+
+
+def front_points(scores, stat: str = "mean", *, trim: float = 0.1) -> np.ndarray:
+    """One point per weight from per-prompt scores [W, P, N]: the ``"mean"`` over prompts (the usual front),
+    the ``"median"``, or the ``"trimmed"`` mean (dropping the lowest and highest ``trim`` share of prompts per
+    weight and objective). The median and trimmed fronts are the robust variant: one extreme response moves
+    them little. Example: scores at one weight (0.9, 0.8, 0.1) → mean 0.6, median 0.8."""
+    x = np.asarray(scores, dtype=np.float64)
+    if x.ndim != 3 or x.shape[1] == 0:
+        raise ValueError(f"front_points: scores must be [W, P, N] with P ≥ 1, got shape {x.shape}")
+    if stat == "mean":
+        return x.mean(1)
+    if stat == "median":
+        return np.median(x, axis=1)
+    if stat == "trimmed":
+        if not 0.0 <= trim < 0.5:
+            raise ValueError(f"front_points: trim must lie in [0, 0.5), got {trim}")
+        k = int(math.floor(trim * x.shape[1]))
+        s = np.sort(x, axis=1)
+        return s[:, k: x.shape[1] - k].mean(1)
+    raise ValueError(f"front_points: stat must be 'mean', 'median' or 'trimmed', got {stat!r}")

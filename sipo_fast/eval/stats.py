@@ -93,3 +93,50 @@ def _compositions(total: int, parts: int):
     for first in range(total + 1):
         for rest in _compositions(total - first, parts - 1):
             yield (first,) + rest
+
+
+def bootstrap_ci(stat, samples, *, n_boot: int = 2000, confidence: float = 0.95, seed: int = 0,
+                 axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap interval of ``stat`` over the samples along ``axis``: resample the samples with
+    replacement ``n_boot`` times (numpy's default_rng(seed)), apply ``stat`` (a function of an array with the
+    samples on ``axis``) to each resample, return the (1 − c)/2 and (1 + c)/2 quantiles ``(lo, hi)``
+    (resamples where the statistic is NaN are skipped). Deterministic for a given seed."""
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"bootstrap_ci: confidence must lie in (0, 1), got {confidence}")
+    x = np.asarray(samples, dtype=np.float64)
+    n = x.shape[axis]
+    if n < 2:
+        raise ValueError(f"bootstrap_ci: need at least 2 samples to resample, got {n}")
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.asarray(stat(np.take(x, rng.integers(0, n, n), axis=axis)), dtype=np.float64)
+                      for _ in range(n_boot)])
+    alpha = (1.0 - confidence) / 2
+    # nanquantile: a statistic undefined on a degenerate resample (a correlation of constants) is skipped
+    return np.nanquantile(draws, alpha, axis=0), np.nanquantile(draws, 1.0 - alpha, axis=0)
+
+
+def paired_differences(a, b, *, confidence: float = 0.95, method: str = "t", n_boot: int = 2000,
+                       seed: int = 0) -> dict:
+    """Paired per-weight differences of two methods scored on the same prompts.
+
+    ``a`` and ``b`` are [W, P, N] scores (weight, prompt, objective) in one orientation, the same prompts in
+    the same order. d = a − b per (weight, prompt, objective); over the P prompts: ``mean`` [W, N] and an
+    interval ``lo``/``hi`` [W, N] — Student-t (mean ± t·s/√P, :func:`mean_ci`) or ``method="bootstrap"``
+    (:func:`bootstrap_ci` of the mean over prompts). ``significant`` [W, N] is True where the interval
+    excludes 0. Example (one weight, one objective): a = [3, 5, 4], b = [1, 2, 3] → d = [2, 3, 1], mean 2,
+    s = 1, half-width t_{0.975,2}·1/√3 = 4.303/1.732 = 2.484: interval [−0.484, 4.484], not significant.
+    """
+    A, B = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if A.shape != B.shape or A.ndim != 3:
+        raise ValueError(f"paired_differences: a {A.shape} and b {B.shape} must both be [W, P, N] on the same "
+                         "weights and prompts")
+    d = A - B
+    mean = d.mean(1)
+    if method == "t":
+        _, half = mean_ci(d, confidence, axis=1)
+        lo, hi = mean - half, mean + half
+    elif method == "bootstrap":
+        lo, hi = bootstrap_ci(lambda x: x.mean(1), d, n_boot=n_boot, confidence=confidence, seed=seed, axis=1)
+    else:
+        raise ValueError(f"paired_differences: method must be 't' or 'bootstrap', got {method!r}")
+    return {"mean": mean, "lo": lo, "hi": hi, "significant": (lo > 0) | (hi < 0), "n": d.shape[1]}

@@ -44,7 +44,8 @@ PRESETS: dict[str, dict] = {
         #   candidates' length (48 new tokens) and implicit rewards, sums over tokens, compare like with like;
         # - one soup (w = 0.5) as an extra implicit reward model instead of one per weight in W;
         # - stage 3 at lr 5e-5, one epoch (paper: 5e-6, 3 epochs at the gentler LoRA scale);
-        # - evaluation on the 42 prompts of the demo test split (all of them) with 48 new tokens.
+        # - evaluation on 64 of the 68 prompts of the demo test split with 48 new tokens, scored by the demo's
+        #   stand-ins: relevance for helpfulness and tone (VADER) for harmlessness, the scorers that labelled the data.
         # Refinement is off, as the paper runs helpful/harmless; W is the paper's {0.2, 0.4, 0.6, 0.8}.
         "model": {"name": "default"},
         "data": {"source": "demo", "max_rows": 224, "eval_fraction": 0.1, "max_conflict_prompts": 64,
@@ -55,7 +56,8 @@ PRESETS: dict[str, dict] = {
         "refine": {"enabled": False},
         "filter": {"soup_weights": [0.5], "batch_size": 16, "max_length": 96},
         "finetune": {"learning_rate": 5e-5, "epochs": 1, "batch_size": 4, "max_length": 96},
-        "eval": {"num_prompts": 42, "max_new_tokens": 48, "batch_size": 64, "baselines": ["mod"]},
+        "eval": {"num_prompts": 64, "max_new_tokens": 48, "batch_size": 64, "baselines": ["mod"],
+                 "scorers": ["relevance", "tone"]},
     },
     "beavertails": {
         # Alpaca-7B with the beaver prompt format; refinement skipped on BeaverTails (SIPO.md §3). Effective batch
